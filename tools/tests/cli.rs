@@ -1,0 +1,215 @@
+//! The command-line contract: exit codes, one-line errors, and recovery from an interrupted run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Output};
+
+const SHARD: &str = env!("CARGO_BIN_EXE_shard-imagenet");
+const MAKE: &str = env!("CARGO_BIN_EXE_make-imagenet-like");
+
+fn run(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin);
+    c.args(args);
+    for (k, v) in envs {
+        c.env(k, v);
+    }
+    c.output().expect("running the binary")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn make(dir: &Path, extra: &[&str]) -> String {
+    let src = dir.join("src").to_string_lossy().into_owned();
+    let mut args = vec![
+        src.as_str(),
+        "--classes",
+        "3",
+        "--per-class",
+        "10",
+        "--seed",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let out = run(MAKE, &args, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    src
+}
+
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &[]);
+    let dst = dir.path().join("dst");
+    let dst_s = dst.to_string_lossy().into_owned();
+    let args = [
+        src.as_str(),
+        dst_s.as_str(),
+        "--shard-bytes",
+        "300000",
+        "-q",
+    ];
+
+    // Abort (no unwinding, no cleanup) in the middle of the third shard.
+    let out = run(
+        SHARD,
+        &args,
+        &[("SHARD_IMAGENET_ABORT_AFTER_SAMPLES", "14")],
+    );
+    assert!(!out.status.success());
+    let files = tree(&dst);
+    let finished: Vec<&String> = files.keys().filter(|k| k.ends_with(".tar")).collect();
+    let partial: Vec<&String> = files.keys().filter(|k| k.ends_with(".tar.tmp")).collect();
+    assert!(!finished.is_empty(), "{:?}", files.keys());
+    assert_eq!(partial.len(), 1, "{:?}", files.keys());
+    assert!(!files.contains_key("manifest.json"));
+    let partial_final = partial[0].trim_end_matches(".tmp");
+    assert!(
+        !files.contains_key(partial_final),
+        "{partial_final} must not exist yet"
+    );
+
+    // Nothing passes verify: there is no manifest to vouch for any shard.
+    let out = run(SHARD, &["verify", &dst_s], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("shard-imagenet: error: ") && err.contains("manifest.json"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // The same command again finishes the job, reusing the finished shards.
+    let out = run(SHARD, &args, &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("shards reused from an earlier run"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(SHARD, &["verify", &dst_s], &[]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).starts_with("ok: "),
+        "{}",
+        text(&out.stdout)
+    );
+
+    // And the result is byte for byte what an uninterrupted run writes.
+    let clean = dir.path().join("clean");
+    let clean_s = clean.to_string_lossy().into_owned();
+    let out = run(
+        SHARD,
+        &[
+            src.as_str(),
+            clean_s.as_str(),
+            "--shard-bytes",
+            "300000",
+            "-q",
+        ],
+        &[],
+    );
+    assert!(out.status.success());
+    assert_eq!(tree(&dst), tree(&clean));
+}
+
+#[test]
+fn skipped_files_fail_the_run_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &["--oddities"]);
+    let dst = dir.path().join("dst").to_string_lossy().into_owned();
+    let out = run(SHARD, &[&src, &dst, "-q"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("shard-imagenet: 1 files skipped (listed in ")
+            && err
+                .trim_end()
+                .ends_with("rerun with --allow-skips to accept them and write the manifest"),
+        "{err}"
+    );
+    let out = run(SHARD, &[&src, &dst, "-q", "--allow-skips"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("converted 2, resized 0, skipped 1; greyscale 1, progressive 1"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn errors_are_one_line_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope").to_string_lossy().into_owned();
+    let dst = dir.path().join("dst").to_string_lossy().into_owned();
+    let out = run(SHARD, &[&missing, &dst], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!("shard-imagenet: error: {missing}: found neither train/ nor val/ (nor ILSVRC/Data/CLS-LOC/): expected an ImageNet folder")
+    );
+
+    // A flat val/ without a label file says what to pass.
+    let src = make(dir.path(), &[]);
+    std::fs::remove_file(Path::new(&src).join("LOC_val_solution.csv")).unwrap();
+    let out = run(SHARD, &[&src, &dst], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("flat validation folder (6 files) but no label file: pass --val-labels FILE"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+}
+
+#[test]
+fn verify_reports_problems_with_exit_code_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &[]);
+    let dst = dir.path().join("dst");
+    let dst_s = dst.to_string_lossy().into_owned();
+    assert!(run(SHARD, &[&src, &dst_s, "-q"], &[]).status.success());
+    let idx = dst.join("val/val-000000.idx");
+    let mut bytes = std::fs::read(&idx).unwrap();
+    bytes[8] = 3;
+    std::fs::write(&idx, bytes).unwrap();
+    let out = run(SHARD, &["verify", &dst_s], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("{}: SHA-256 is", idx.display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{}: index format version 3, this reader supports version 1",
+            idx.display()
+        )),
+        "{stdout}"
+    );
+}
