@@ -717,7 +717,7 @@ fn write_shards(
                         counts.samples += 1;
                         counts.stored_bytes += p.bytes.len() as u64;
                         writer
-                            .append(&s.key, &p.bytes, s.label)
+                            .append_owned(&s.key, p.bytes, s.label)
                             .with_context(|| format!("writing {}", s.rel))?;
                         written_total += 1;
                         if abort_after == Some(written_total) {
