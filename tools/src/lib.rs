@@ -4,7 +4,6 @@
 pub mod convert;
 pub mod photos;
 pub mod progress;
-pub mod rng;
 pub mod sharding;
 pub mod sniff;
 pub mod source;

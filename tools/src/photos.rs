@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::convert::{self, Pixels};
-use crate::rng::Rng;
+use loader::rng::Rng;
 use crate::synth::wnid;
 
 /// What to make.

@@ -22,7 +22,7 @@ use shards::{Manifest, ShardInfo, ShardWriter, SplitInfo};
 
 use crate::convert;
 use crate::progress::Progress;
-use crate::rng::Rng;
+use loader::rng::Rng;
 use crate::sniff::{sniff, Kind};
 use crate::source::{scan, ScanOptions, Source, SourceSample};
 

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::rng::Rng;
+use loader::rng::Rng;
 
 /// How the validation split is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

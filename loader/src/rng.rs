@@ -1,5 +1,5 @@
-//! A small deterministic random number generator (SplitMix64), so generated data and shuffles
-//! depend only on the seed, never on a crate's version or on thread scheduling.
+//! A small deterministic random number generator (SplitMix64), so shuffles, augmentations and
+//! generated data depend only on the seed, never on a crate's version or on thread scheduling.
 
 /// SplitMix64 (Steele, Lea, Flood 2014): 64-bit state, full period, good enough statistical
 /// quality for shuffles and image synthesis.
@@ -113,4 +113,11 @@ mod tests {
         assert_eq!(s, (0..100).collect::<Vec<_>>());
         assert_ne!(v, s);
     }
+}
+
+/// The generator of one sample's random draws: a function of (seed, epoch, position in the
+/// epoch's global order) only, so the bytes of a batch do not depend on which thread, or how
+/// many, produced it.
+pub fn sample_rng(seed: u64, epoch: u64, position: u64) -> Rng {
+    Rng::for_item(seed, &[0x5341_4d50, epoch, position])
 }
