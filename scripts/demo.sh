@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-data/demo}
 
-command -v cargo >/dev/null || { echo "demo: cargo not found: install Rust (rustup) first" >&2; exit 2; }
+scripts/setup.sh
 cargo build --release --locked -p tools
 bin=target/release
 

@@ -10,6 +10,7 @@ out=${1:-data/photos}
 train=${2:-5000}
 val=${3:-500}
 
+scripts/setup.sh
 cargo build --release --locked -p tools
 bin=$PWD/target/release
 work=$(mktemp -d)

@@ -2,7 +2,7 @@
 # The project's tests, CPU only, as CI runs them. Ends with one summary line over all suites.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "test: cargo not found: install Rust (rustup) first" >&2; exit 2; }
+scripts/setup.sh
 command -v tar >/dev/null || { echo "test: tar not found (apt-get install tar)" >&2; exit 2; }
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -55,7 +55,11 @@ impl<S: HostStorage> Batch<S> {
     /// The images, `len * size * size * 3` bytes.
     pub fn images(&self) -> &[u8] {
         let n = self.len * (self.size as usize).pow(2) * 3;
-        &self.storage.as_ref().expect("storage present until drop").bytes()[..n]
+        &self
+            .storage
+            .as_ref()
+            .expect("storage present until drop")
+            .bytes()[..n]
     }
 
     /// The whole storage (for example to start a device copy from it).

@@ -86,7 +86,8 @@ pub struct Decoder {
 /// Image size from the JPEG headers, or an error saying why the bytes are not a usable JPEG.
 pub fn jpeg_size(bytes: &[u8]) -> Result<(u32, u32), String> {
     let mut d = zune_jpeg::JpegDecoder::new(zune_jpeg::zune_core::bytestream::ZCursor::new(bytes));
-    d.decode_headers().map_err(|e| format!("bad JPEG header: {e}"))?;
+    d.decode_headers()
+        .map_err(|e| format!("bad JPEG header: {e}"))?;
     let (w, h) = d.dimensions().ok_or("bad JPEG header: no frame size")?;
     Ok((w as u32, h as u32))
 }
@@ -127,8 +128,10 @@ impl Decoder {
     pub fn size(&mut self, bytes: &[u8]) -> Result<(u32, u32), String> {
         #[cfg(feature = "turbojpeg")]
         if let Some(t) = &mut self.turbo {
-            if let Ok(h) = t.header(bytes) {
-                return Ok((h.width, h.height));
+            match t.header(bytes) {
+                Ok(h) => return Ok((h.width, h.height)),
+                Err(turbo::TurboError::Failed(e)) => return Err(e),
+                Err(turbo::TurboError::Unsupported) => {}
             }
         }
         jpeg_size(bytes)
@@ -136,7 +139,9 @@ impl Decoder {
 
     /// Decodes `bytes` to RGB8 in `out` (resized as needed): the whole image, or, given `crop`
     /// and the output `size`, as little of it as covers the crop at no less than `size` pixels
-    /// across. CMYK and other files libjpeg-turbo cannot convert to RGB fall back to zune-jpeg.
+    /// across. CMYK JPEGs, which libjpeg-turbo will not convert to RGB, go to zune-jpeg; any
+    /// other libjpeg-turbo error is returned (libjpeg-turbo warnings, such as extra bytes after
+    /// the image, are not errors).
     pub fn decode(
         &mut self,
         bytes: &[u8],
@@ -148,8 +153,9 @@ impl Decoder {
         if let Some(t) = &mut self.turbo {
             match t.decode(bytes, crop, opts, out) {
                 Ok(r) => return Ok(r),
-                Err(e) if std::env::var_os("LOADER_DEBUG").is_some() => eprintln!("turbo: {e}"),
-                Err(_) => {}
+                Err(turbo::TurboError::Failed(e)) => return Err(e),
+                // CMYK: libjpeg-turbo will not convert it to RGB; zune-jpeg does.
+                Err(turbo::TurboError::Unsupported) => {}
             }
         }
         let _ = opts;
@@ -172,11 +178,10 @@ fn decode_zune(
         zune_jpeg::zune_core::bytestream::ZCursor::new(bytes),
         options,
     );
-    d.decode_headers().map_err(|e| format!("cannot decode JPEG: {e}"))?;
+    d.decode_headers()
+        .map_err(|e| format!("cannot decode JPEG: {e}"))?;
     let (w, h) = d.dimensions().ok_or("cannot decode JPEG: no frame size")?;
-    let channels = d
-        .output_colorspace()
-        .map_or(3, |c| c.num_components());
+    let channels = d.output_colorspace().map_or(3, |c| c.num_components());
     out.resize(w * h * channels, 0);
     d.decode_into(out)
         .map_err(|e| format!("cannot decode JPEG: {e}"))?;
@@ -228,6 +233,13 @@ mod turbo {
     // long as one thread uses it at a time, which `&mut self` on every call guarantees.
     unsafe impl Send for Turbo {}
 
+    pub enum TurboError {
+        /// A JPEG libjpeg-turbo cannot turn into RGB (CMYK, YCCK).
+        Unsupported,
+        /// Anything else, with libjpeg-turbo's message.
+        Failed(String),
+    }
+
     #[derive(Clone, Copy)]
     pub struct Header {
         pub width: u32,
@@ -253,15 +265,17 @@ mod turbo {
                 .ok_or_else(|| "cannot initialise libjpeg-turbo".to_owned())
         }
 
-        fn error(&self) -> String {
+        fn error(&self) -> TurboError {
             // SAFETY: the handle is valid; tj3GetErrorStr returns a NUL-terminated string owned
             // by the handle (or a static one), valid until the next call on it.
             let s = unsafe { CStr::from_ptr(raw::tj3GetErrorStr(self.handle.as_ptr())) };
-            format!("cannot decode JPEG: {}", s.to_string_lossy())
+            TurboError::Failed(format!("cannot decode JPEG: {}", s.to_string_lossy()))
         }
 
-        fn check(&self, rc: i32) -> Result<(), String> {
-            if rc == 0 {
+        fn check(&self, rc: i32) -> Result<(), TurboError> {
+            // SAFETY: valid handle.
+            let code = unsafe { raw::tj3GetErrorCode(self.handle.as_ptr()) };
+            if rc == 0 || code == raw::TJERR_TJERR_WARNING as i32 {
                 Ok(())
             } else {
                 Err(self.error())
@@ -273,7 +287,7 @@ mod turbo {
             unsafe { raw::tj3Get(self.handle.as_ptr(), param as i32) }
         }
 
-        pub fn header(&mut self, bytes: &[u8]) -> Result<Header, String> {
+        pub fn header(&mut self, bytes: &[u8]) -> Result<Header, TurboError> {
             let id = (bytes.as_ptr() as usize, bytes.len());
             if let Some((p, n, h)) = self.current {
                 if (p, n) == id {
@@ -287,8 +301,9 @@ mod turbo {
             };
             self.check(rc)?;
             let colorspace = self.get(raw::TJPARAM_TJPARAM_COLORSPACE);
-            if colorspace == raw::TJCS_TJCS_CMYK as i32 || colorspace == raw::TJCS_TJCS_YCCK as i32 {
-                return Err("CMYK JPEG: left to zune-jpeg".into());
+            if colorspace == raw::TJCS_TJCS_CMYK as i32 || colorspace == raw::TJCS_TJCS_YCCK as i32
+            {
+                return Err(TurboError::Unsupported);
             }
             let h = Header {
                 width: self.get(raw::TJPARAM_TJPARAM_JPEGWIDTH) as u32,
@@ -305,14 +320,17 @@ mod turbo {
             crop: Option<(CropBox, u32)>,
             opts: DecodeOptions,
             out: &mut Vec<u8>,
-        ) -> Result<DecodedRegion, String> {
+        ) -> Result<DecodedRegion, TurboError> {
             let h = self.header(bytes)?;
             let m = match crop {
                 Some((c, size)) if opts.dct_scaling => scale_for(&c, size),
                 _ => 8,
             };
             // libjpeg-turbo lists its factors in lowest terms (1/1, 3/4, 1/2, ...).
-            let g = [8u32, 4, 2, 1].into_iter().find(|g| m % g == 0).unwrap_or(1);
+            let g = [8u32, 4, 2, 1]
+                .into_iter()
+                .find(|g| m % g == 0)
+                .unwrap_or(1);
             let sf = raw::tjscalingfactor {
                 num: (m / g) as i32,
                 denom: (8 / g) as i32,
@@ -324,15 +342,23 @@ mod turbo {
             let s = m as f64 / 8.0;
             // The region: the crop scaled, rounded outwards, left edge aligned to the scaled iMCU.
             let (x0, y0, x1, y1) = match crop {
-                Some((c, _)) if opts.region => {
+                Some((c, size)) if opts.region => {
                     let mcu = MCU_WIDTH
                         .get(h.subsamp as usize)
                         .map_or(8, |&w| (w * m).div_ceil(8));
-                    let x0 = ((c.left * s).floor() as u32).min(sw.saturating_sub(1));
+                    // A margin around the crop, so that pixels near its edges come out as in a
+                    // full decode: the resize filter's reach when resizing in place (support 2
+                    // source pixels per output pixel for bicubic), plus one iMCU for the chroma
+                    // upsampling, which treats a region's edge as the image's edge.
+                    let reach = 2.0 * (c.width / size as f64).max(1.0) + 16.0;
+                    let margin = reach * s;
+                    let x0 =
+                        (((c.left * s) - margin).max(0.0).floor() as u32).min(sw.saturating_sub(1));
                     let x0 = x0 / mcu * mcu;
-                    let y0 = ((c.top * s).floor() as u32).min(sh.saturating_sub(1));
-                    let x1 = (((c.left + c.width) * s).ceil() as u32).clamp(x0 + 1, sw);
-                    let y1 = (((c.top + c.height) * s).ceil() as u32).clamp(y0 + 1, sh);
+                    let y0 =
+                        (((c.top * s) - margin).max(0.0).floor() as u32).min(sh.saturating_sub(1));
+                    let x1 = (((c.left + c.width) * s + margin).ceil() as u32).clamp(x0 + 1, sw);
+                    let y1 = (((c.top + c.height) * s + margin).ceil() as u32).clamp(y0 + 1, sh);
                     (x0, y0, x1, y1)
                 }
                 _ => (0, 0, sw, sh),
@@ -348,10 +374,19 @@ mod turbo {
             // decoded 15 % slower as regions.
             let area = |x: u32, y: u32| x as f64 * y as f64;
             let small = area(x1 - x0, y1 - y0) <= REGION_MAX_FRACTION * area(sw, sh);
-            let (x0, y0, x1, y1) = if small { (x0, y0, x1, y1) } else { (0, 0, sw, sh) };
+            let (x0, y0, x1, y1) = if small {
+                (x0, y0, x1, y1)
+            } else {
+                (0, 0, sw, sh)
+            };
             let whole = (x0, y0, x1, y1) == (0, 0, sw, sh);
             let region = if whole {
-                raw::tjregion { x: 0, y: 0, w: 0, h: 0 }
+                raw::tjregion {
+                    x: 0,
+                    y: 0,
+                    w: 0,
+                    h: 0,
+                }
             } else {
                 region
             };

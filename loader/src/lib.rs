@@ -18,7 +18,9 @@ pub mod transform;
 
 pub use batch::{Batch, HostStorage, SkippedSample};
 pub use decode::{DecodeOptions, DecoderKind};
-pub use pipeline::{EpochRun, EpochSummary, Loader, LoaderConfig, LoaderState, OnCorrupt, StageSeconds};
+pub use pipeline::{
+    EpochRun, EpochSummary, Loader, LoaderConfig, LoaderState, OnCorrupt, StageSeconds,
+};
 pub use plan::{EpochPlan, PlanConfig, PlannedSample};
 pub use sample::{Augment, Transform};
 

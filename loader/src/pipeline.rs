@@ -54,15 +54,24 @@ pub struct LoaderConfig {
 }
 
 impl LoaderConfig {
-    /// Defaults: all cores, prefetch 2, fastest decoder, shortcuts on, fail on corrupt samples.
+    /// Defaults: all cores, prefetch 2, fastest decoder, fail on corrupt samples; decoding
+    /// shortcuts on for training, region decoding only for evaluation (DCT scaling would move
+    /// eval outputs away from timm's, and eval crops are too large for regions to pay anyway).
     pub fn new(transform: Transform, plan: PlanConfig) -> Self {
+        let decode = match transform {
+            Transform::Train { .. } => DecodeOptions::default(),
+            Transform::Eval { .. } => DecodeOptions {
+                dct_scaling: false,
+                region: true,
+            },
+        };
         LoaderConfig {
             transform,
             plan,
             num_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             prefetch: 2,
             decoder: DecoderKind::fastest(),
-            decode: DecodeOptions::default(),
+            decode,
             on_corrupt: OnCorrupt::Fail,
         }
     }
@@ -339,16 +348,22 @@ fn fill<S: HostStorage>(
                 read_ns += t1.elapsed().as_nanos() as u64;
                 collate_ns += (t1 - t0).as_nanos() as u64;
                 let k = labels.len();
-                proc.process(s.jpeg, seed, job.epoch, ps.position, &mut out[k * slot..(k + 1) * slot])
-                    .map(|()| s.label)
-                    .map_err(|reason| {
-                        format!(
-                            "{}: sample {:?} at byte offset {}: {reason}",
-                            s.shard.display(),
-                            s.key,
-                            s.offset
-                        )
-                    })
+                proc.process(
+                    s.jpeg,
+                    seed,
+                    job.epoch,
+                    ps.position,
+                    &mut out[k * slot..(k + 1) * slot],
+                )
+                .map(|()| s.label)
+                .map_err(|reason| {
+                    format!(
+                        "{}: sample {:?} at byte offset {}: {reason}",
+                        s.shard.display(),
+                        s.key,
+                        s.offset
+                    )
+                })
             });
         match result {
             Ok(label) => {
@@ -379,7 +394,9 @@ fn fill<S: HostStorage>(
     stats.collate_ns.fetch_add(collate_ns, Ordering::Relaxed);
     stats.decode_ns.fetch_add(ns(d.decode_s), Ordering::Relaxed);
     stats.resize_ns.fetch_add(ns(d.resize_s), Ordering::Relaxed);
-    stats.augment_ns.fetch_add(ns(d.augment_s), Ordering::Relaxed);
+    stats
+        .augment_ns
+        .fetch_add(ns(d.augment_s), Ordering::Relaxed);
     Done {
         epoch: job.epoch,
         batch_id: job.batch_id,

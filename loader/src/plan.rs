@@ -82,7 +82,10 @@ impl PlanConfig {
             return Err("repeats must be at least 1 (1 = no repeated augmentation)".into());
         }
         if self.num_samples > u32::MAX as u64 {
-            return Err(format!("{} samples: at most 2^32 - 1 are supported", self.num_samples));
+            return Err(format!(
+                "{} samples: at most 2^32 - 1 are supported",
+                self.num_samples
+            ));
         }
         Ok(())
     }
@@ -222,15 +225,34 @@ mod tests {
         let q = EpochPlan::new(&cfg, 1).unwrap();
         assert_ne!(p.samples(), q.samples());
         assert_eq!(p.samples(), EpochPlan::new(&cfg, 0).unwrap().samples());
-        let drop = EpochPlan::new(&PlanConfig { drop_last: true, ..cfg }, 0).unwrap();
+        let drop = EpochPlan::new(
+            &PlanConfig {
+                drop_last: true,
+                ..cfg
+            },
+            0,
+        )
+        .unwrap();
         assert_eq!(drop.num_batches(), 31);
     }
 
     #[test]
     fn ranks_partition_the_epoch() {
-        let base = PlanConfig { world_size: 4, ..PlanConfig::new(1002, 16) };
+        let base = PlanConfig {
+            world_size: 4,
+            ..PlanConfig::new(1002, 16)
+        };
         let plans: Vec<_> = (0..4)
-            .map(|r| EpochPlan::new(&PlanConfig { rank: r, ..base.clone() }, 3).unwrap())
+            .map(|r| {
+                EpochPlan::new(
+                    &PlanConfig {
+                        rank: r,
+                        ..base.clone()
+                    },
+                    3,
+                )
+                .unwrap()
+            })
             .collect();
         // 1002 padded to 1004: two indices appear twice, as in DistributedSampler.
         let c = counts(&plans);
@@ -248,7 +270,16 @@ mod tests {
             ..PlanConfig::new(2000, 64)
         };
         let plans: Vec<_> = (0..4)
-            .map(|r| EpochPlan::new(&PlanConfig { rank: r, ..base.clone() }, 0).unwrap())
+            .map(|r| {
+                EpochPlan::new(
+                    &PlanConfig {
+                        rank: r,
+                        ..base.clone()
+                    },
+                    0,
+                )
+                .unwrap()
+            })
             .collect();
         for p in &plans {
             assert_eq!(p.samples().len(), 448);
@@ -264,7 +295,11 @@ mod tests {
             let mut u = ranks.clone();
             u.sort();
             u.dedup();
-            assert_eq!(u.len(), ranks.len(), "copies of {idx} share a rank: {ranks:?}");
+            assert_eq!(
+                u.len(),
+                ranks.len(),
+                "copies of {idx} share a rank: {ranks:?}"
+            );
             assert!(ranks.len() <= 3);
         }
         // Most images are seen 3 times (the epoch keeps 1792 of 6000 positions: ~597 images).

@@ -160,11 +160,16 @@ impl SampleProcessor {
             &mut self.scratch,
         )?;
         let t1 = Instant::now();
+        let mode = match self.transform {
+            Transform::Train { .. } => CropMode::Isolated,
+            Transform::Eval { .. } => CropMode::InImage,
+        };
         resize_into(
             &mut self.resizer,
             &self.scratch,
             (region.width, region.height),
             region.crop,
+            mode,
             g.interpolation,
             g.size,
             out,
@@ -194,13 +199,28 @@ impl SampleProcessor {
     }
 }
 
+/// How a crop relates to the image around it when resizing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CropMode {
+    /// PIL's `img.crop(box).resize(..)` (RandomResizedCrop): the crop is an image of its own,
+    /// and the filter never reads pixels outside it.
+    Isolated,
+    /// Resize the whole image, then crop (the eval transform): the filter reads the pixels
+    /// around the box like anywhere else in the image.
+    InImage,
+}
+
 /// Resizes the `crop` region of `src` (RGB8, `src_size`) to `size` x `size` into `out`, with
 /// PIL-style antialiasing (fast_image_resize's convolution follows Pillow's resampling).
+/// [`CropMode::Isolated`] needs an integer box; a fractional one (after DCT scaling) is
+/// resized as [`CropMode::InImage`], which differs only in the filter taps at the crop's edges.
+#[allow(clippy::too_many_arguments)]
 pub fn resize_into(
     resizer: &mut fr::Resizer,
     src: &[u8],
     src_size: (u32, u32),
     crop: crate::transform::CropBox,
+    mode: CropMode,
     interpolation: Interpolation,
     size: u32,
     out: &mut [u8],
@@ -214,12 +234,30 @@ pub fn resize_into(
         // PIL's BICUBIC is the cubic convolution with a = -0.5, i.e. Catmull-Rom.
         Interpolation::Bicubic => fr::FilterType::CatmullRom,
     };
-    let opts = fr::ResizeOptions::new()
-        .crop(crop.left, crop.top, crop.width, crop.height)
-        .resize_alg(fr::ResizeAlg::Convolution(filter));
-    resizer
-        .resize(&src, &mut dst, &opts)
-        .map_err(|e| format!("resize: {e}"))
+    let alg = fr::ResizeAlg::Convolution(filter);
+    let integral = [crop.left, crop.top, crop.width, crop.height]
+        .iter()
+        .all(|v| v.fract() == 0.0);
+    if mode == CropMode::Isolated && integral {
+        let view = fr::images::CroppedImage::new(
+            &src,
+            crop.left as u32,
+            crop.top as u32,
+            crop.width as u32,
+            crop.height as u32,
+        )
+        .map_err(|e| format!("resize: crop {crop:?}: {e}"))?;
+        resizer
+            .resize(&view, &mut dst, &fr::ResizeOptions::new().resize_alg(alg))
+            .map_err(|e| format!("resize: {e}"))
+    } else {
+        let opts = fr::ResizeOptions::new()
+            .crop(crop.left, crop.top, crop.width, crop.height)
+            .resize_alg(alg);
+        resizer
+            .resize(&src, &mut dst, &opts)
+            .map_err(|e| format!("resize: {e}"))
+    }
 }
 
 /// Mirrors a square RGB8 image of side `size` left to right, in place.

@@ -246,7 +246,10 @@ mod tests {
             let h = 20 + (seed * 104_729 % 600) as u32;
             let (b, fb) = rrc_box(w, h, &cfg, &mut rng);
             assert!(b.left >= 0.0 && b.top >= 0.0, "{b:?}");
-            assert!(b.left + b.width <= w as f64 && b.top + b.height <= h as f64, "{w}x{h} {b:?}");
+            assert!(
+                b.left + b.width <= w as f64 && b.top + b.height <= h as f64,
+                "{w}x{h} {b:?}"
+            );
             assert_eq!(b.left.fract(), 0.0);
             assert_eq!(b.width.fract(), 0.0);
             if fb {
@@ -260,7 +263,10 @@ mod tests {
                 assert!(area >= 0.08 - slack && area <= 1.0 + slack, "area {area}");
                 let r = b.width / b.height;
                 let rs = 0.5 / b.height.min(b.width) * 2.5;
-                assert!(r >= 0.75 * (1.0 - rs) && r <= 4.0 / 3.0 * (1.0 + rs), "ratio {r} {b:?}");
+                assert!(
+                    r >= 0.75 * (1.0 - rs) && r <= 4.0 / 3.0 * (1.0 + rs),
+                    "ratio {r} {b:?}"
+                );
             }
         }
         // Very elongated images force the fallback sometimes; most draws succeed.
@@ -269,7 +275,10 @@ mod tests {
 
     #[test]
     fn fallback_clamps_aspect() {
-        let cfg = RrcConfig { scale: (2.0, 3.0), ..RrcConfig::default() };
+        let cfg = RrcConfig {
+            scale: (2.0, 3.0),
+            ..RrcConfig::default()
+        };
         let mut rng = Rng::new(1);
         let (b, fb) = rrc_box(1000, 100, &cfg, &mut rng);
         assert!(fb);

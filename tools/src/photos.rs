@@ -13,8 +13,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::convert::{self, Pixels};
-use loader::rng::Rng;
 use crate::synth::wnid;
+use loader::rng::Rng;
 
 /// What to make.
 #[derive(Clone, Debug)]

@@ -22,9 +22,9 @@ use shards::{Manifest, ShardInfo, ShardWriter, SplitInfo};
 
 use crate::convert;
 use crate::progress::Progress;
-use loader::rng::Rng;
 use crate::sniff::{sniff, Kind};
 use crate::source::{scan, ScanOptions, Source, SourceSample};
+use loader::rng::Rng;
 
 /// Name of the report file in DST.
 pub const REPORT_FILE: &str = "report.json";

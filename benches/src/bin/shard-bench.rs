@@ -64,7 +64,8 @@ fn main() -> Result<()> {
         // Baseline: plain copy of the same bytes into one file.
         let copy_path = a.work.join("copy.bin");
         let t = Instant::now();
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&copy_path)?);
+        let mut out =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&copy_path)?);
         let mut bytes = 0u64;
         for f in &files {
             let data = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;

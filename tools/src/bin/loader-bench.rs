@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use loader::decode::{DecodeOptions, DecoderKind};
 use loader::rng::sample_rng;
-use loader::sample::{resize_into, SampleProcessor};
+use loader::sample::{resize_into, CropMode, SampleProcessor};
 use loader::{Loader, LoaderConfig, PlanConfig, Transform};
 use serde_json::json;
 
@@ -118,7 +118,9 @@ fn main() -> Result<()> {
     });
     let emit = |extra: serde_json::Value| {
         let mut v = base.clone();
-        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         println!("{v}");
     };
 
@@ -145,8 +147,15 @@ fn main() -> Result<()> {
                         } else {
                             Transform::eval(a.size)
                         };
-                        let (s, st) =
-                            run_loader(&split, images, *t, transform, a.batch_size, decoder, decode_opts)?;
+                        let (s, st) = run_loader(
+                            &split,
+                            images,
+                            *t,
+                            transform,
+                            a.batch_size,
+                            decoder,
+                            decode_opts,
+                        )?;
                         (s, Some(st))
                     }
                     other => bail!("unknown transform {other:?}: expected decode, train or eval"),
@@ -178,11 +187,15 @@ fn main() -> Result<()> {
         }
     }
     for t in &threads {
-        let Some(dec) = per_core.get(&("decode".to_owned(), *t)) else { continue };
+        let Some(dec) = per_core.get(&("decode".to_owned(), *t)) else {
+            continue;
+        };
         for tr in ["train", "eval"] {
             if let Some(x) = per_core.get(&(tr.to_owned(), *t)) {
-                emit(json!({ "ratio": format!("{tr}_over_decode"), "threads": t, "size": a.size,
-                    "per_core_ratio": x / dec }));
+                emit(
+                    json!({ "ratio": format!("{tr}_over_decode"), "threads": t, "size": a.size,
+                    "per_core_ratio": x / dec }),
+                );
             }
         }
     }
@@ -191,22 +204,34 @@ fn main() -> Result<()> {
 }
 
 /// Full decodes of the first `images` samples on `threads` threads; returns seconds.
-fn decode_only(split: &shards::Split, images: usize, threads: usize, decoder: DecoderKind) -> Result<f64> {
+fn decode_only(
+    split: &shards::Split,
+    images: usize,
+    threads: usize,
+    decoder: DecoderKind,
+) -> Result<f64> {
     let next = std::sync::atomic::AtomicUsize::new(0);
     let start = Instant::now();
     std::thread::scope(|s| -> Result<()> {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> Result<()> {
-                    let mut p = SampleProcessor::new(Transform::train(224), decoder, DecodeOptions::default(), None)
-                        .map_err(anyhow::Error::msg)?;
+                    let mut p = SampleProcessor::new(
+                        Transform::train(224),
+                        decoder,
+                        DecodeOptions::default(),
+                        None,
+                    )
+                    .map_err(anyhow::Error::msg)?;
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         if i >= images {
                             return Ok(());
                         }
                         let s = split.get(i as u64)?;
-                        p.decode_only(s.jpeg).map_err(anyhow::Error::msg).with_context(|| s.key.to_owned())?;
+                        p.decode_only(s.jpeg)
+                            .map_err(anyhow::Error::msg)
+                            .with_context(|| s.key.to_owned())?;
                     }
                 })
             })
@@ -259,8 +284,16 @@ fn fidelity(
     emit: &dyn Fn(serde_json::Value),
 ) -> Result<()> {
     let transform = Transform::train(size);
-    let full = SampleProcessor::new(transform.clone(), decoder, DecodeOptions { dct_scaling: false, region: false }, None)
-        .map_err(anyhow::Error::msg)?;
+    let full = SampleProcessor::new(
+        transform.clone(),
+        decoder,
+        DecodeOptions {
+            dct_scaling: false,
+            region: false,
+        },
+        None,
+    )
+    .map_err(anyhow::Error::msg)?;
     let mut dec_full = loader::decode::Decoder::new(decoder).map_err(anyhow::Error::msg)?;
     let mut dec_fast = loader::decode::Decoder::new(decoder).map_err(anyhow::Error::msg)?;
     let mut resizer = fast_image_resize::Resizer::new();
@@ -273,20 +306,54 @@ fn fidelity(
         let s = split.get(i as u64)?;
         let (w, h) = dec_full.size(s.jpeg).map_err(anyhow::Error::msg)?;
         let g = full.geometry(w, h, &mut sample_rng(0, 0, i as u64));
-        let ra = dec_full.decode(s.jpeg, Some((g.crop, size)), DecodeOptions { dct_scaling: false, region: false }, &mut sa)
+        let ra = dec_full
+            .decode(
+                s.jpeg,
+                Some((g.crop, size)),
+                DecodeOptions {
+                    dct_scaling: false,
+                    region: false,
+                },
+                &mut sa,
+            )
             .map_err(anyhow::Error::msg)?;
-        let rb = dec_fast.decode(s.jpeg, Some((g.crop, size)), opts, &mut sb).map_err(anyhow::Error::msg)?;
+        let rb = dec_fast
+            .decode(s.jpeg, Some((g.crop, size)), opts, &mut sb)
+            .map_err(anyhow::Error::msg)?;
         scales[rb.scale_num as usize] += 1;
-        resize_into(&mut resizer, &sa, (ra.width, ra.height), ra.crop, g.interpolation, size, &mut a)
-            .map_err(anyhow::Error::msg)?;
-        resize_into(&mut resizer, &sb, (rb.width, rb.height), rb.crop, g.interpolation, size, &mut b)
-            .map_err(anyhow::Error::msg)?;
+        resize_into(
+            &mut resizer,
+            &sa,
+            (ra.width, ra.height),
+            ra.crop,
+            CropMode::Isolated,
+            g.interpolation,
+            size,
+            &mut a,
+        )
+        .map_err(anyhow::Error::msg)?;
+        resize_into(
+            &mut resizer,
+            &sb,
+            (rb.width, rb.height),
+            rb.crop,
+            CropMode::Isolated,
+            g.interpolation,
+            size,
+            &mut b,
+        )
+        .map_err(anyhow::Error::msg)?;
         for (x, y) in a.iter().zip(&b) {
             hist[x.abs_diff(*y) as usize] += 1;
         }
     }
     let total: u64 = hist.iter().sum();
-    let mean = hist.iter().enumerate().map(|(d, c)| d as f64 * *c as f64).sum::<f64>() / total as f64;
+    let mean = hist
+        .iter()
+        .enumerate()
+        .map(|(d, c)| d as f64 * *c as f64)
+        .sum::<f64>()
+        / total as f64;
     let pct = |q: f64| {
         let mut acc = 0;
         for (d, c) in hist.iter().enumerate() {
