@@ -254,8 +254,14 @@ mod tests {
             assert_eq!(b.width.fract(), 0.0);
             if fb {
                 fallbacks += 1;
+                // The aspect is clamped to [3/4, 4/3], up to rounding the other side to a pixel.
                 let r = b.width / b.height;
-                assert!((0.74..=1.34).contains(&r) || b.width == w as f64 && b.height == h as f64);
+                let slack = 1.0 / b.height.min(b.width);
+                assert!(
+                    (0.75 - slack..=4.0 / 3.0 + slack).contains(&r)
+                        || (b.width == w as f64 && b.height == h as f64),
+                    "{w}x{h}: fallback {b:?}"
+                );
             } else {
                 // Rounded sides: area and ratio within the ranges up to rounding by half a pixel.
                 let area = b.width * b.height / (w as f64 * h as f64);
@@ -269,8 +275,9 @@ mod tests {
                 );
             }
         }
-        // Very elongated images force the fallback sometimes; most draws succeed.
-        assert!(fallbacks > 0 && fallbacks < 2000, "{fallbacks}");
+        // Sides drawn independently from 20..620 px make many very elongated images, where 10
+        // attempts can fail (about 11 % here); most draws succeed.
+        assert!(fallbacks > 0 && fallbacks < 4000, "{fallbacks}");
     }
 
     #[test]
@@ -284,8 +291,15 @@ mod tests {
         assert!(fb);
         assert_eq!((b.width, b.height), (133.0, 100.0));
         assert_eq!((b.left, b.top), (433.0, 0.0));
+        // 300x200 is wider than 4/3: 267x200 in the middle (266.67 rounded).
         let (b, _) = rrc_box(300, 200, &cfg, &mut rng);
-        assert_eq!((b.left, b.top, b.width, b.height), (0.0, 0.0, 300.0, 200.0));
+        assert_eq!(
+            (b.left, b.top, b.width, b.height),
+            (16.0, 0.0, 267.0, 200.0)
+        );
+        // Inside the ratio range the whole image is the crop.
+        let (b, _) = rrc_box(300, 250, &cfg, &mut rng);
+        assert_eq!((b.left, b.top, b.width, b.height), (0.0, 0.0, 300.0, 250.0));
     }
 
     #[test]
