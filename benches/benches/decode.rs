@@ -2,7 +2,7 @@
 //! crop's region decode.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use loader::decode::{DecodeOptions, Decoder, DecoderKind};
+use loader::decode::{CropRequest, DecodeOptions, Decoder, DecoderKind};
 use loader::rng::Rng;
 use loader::transform::{rrc_box, RrcConfig};
 
@@ -32,8 +32,17 @@ fn decode(c: &mut Criterion) {
                     let (w, h) = d.size(j).unwrap();
                     let (crop, _) = rrc_box(w, h, &RrcConfig::default(), &mut rng);
                     black_box(
-                        d.decode(j, Some((crop, 224)), DecodeOptions::default(), &mut out)
-                            .unwrap(),
+                        d.decode(
+                            j,
+                            Some(CropRequest {
+                                crop,
+                                size: 224,
+                                in_image: false,
+                            }),
+                            DecodeOptions::default(),
+                            &mut out,
+                        )
+                        .unwrap(),
                     );
                 }
             })

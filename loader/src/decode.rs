@@ -63,6 +63,18 @@ impl Default for DecodeOptions {
     }
 }
 
+/// The part of an image a sample needs: its crop, the output size it will be resized to, and
+/// whether the resize reads pixels around the crop ([`crate::sample::CropMode::InImage`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CropRequest {
+    /// The crop in full-size source pixels.
+    pub crop: CropBox,
+    /// Output side in pixels.
+    pub size: u32,
+    /// The resize filter reads beyond the crop (eval): decode its reach around the crop too.
+    pub in_image: bool,
+}
+
 /// What [`Decoder::decode`] put in the output buffer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodedRegion {
@@ -145,7 +157,7 @@ impl Decoder {
     pub fn decode(
         &mut self,
         bytes: &[u8],
-        crop: Option<(CropBox, u32)>,
+        crop: Option<CropRequest>,
         opts: DecodeOptions,
         out: &mut Vec<u8>,
     ) -> Result<DecodedRegion, String> {
@@ -159,7 +171,7 @@ impl Decoder {
             }
         }
         let _ = opts;
-        decode_zune(bytes, crop.map(|c| c.0), out)
+        decode_zune(bytes, crop.map(|c| c.crop), out)
     }
 }
 
@@ -219,7 +231,7 @@ mod turbo {
 
     use turbojpeg_sys as raw;
 
-    use super::{scale_for, DecodeOptions, DecodedRegion};
+    use super::{scale_for, CropRequest, DecodeOptions, DecodedRegion};
     use crate::transform::CropBox;
 
     pub struct Turbo {
@@ -246,9 +258,6 @@ mod turbo {
         pub height: u32,
         subsamp: i32,
     }
-
-    /// Largest share of the (scaled) image decoded as a region; above it, the whole image.
-    const REGION_MAX_FRACTION: f64 = 0.6;
 
     /// iMCU width per subsampling (turbojpeg.h `tjMCUWidth`).
     const MCU_WIDTH: [u32; 7] = [8, 16, 16, 8, 8, 32, 8];
@@ -317,13 +326,13 @@ mod turbo {
         pub fn decode(
             &mut self,
             bytes: &[u8],
-            crop: Option<(CropBox, u32)>,
+            crop: Option<CropRequest>,
             opts: DecodeOptions,
             out: &mut Vec<u8>,
         ) -> Result<DecodedRegion, TurboError> {
             let h = self.header(bytes)?;
             let m = match crop {
-                Some((c, size)) if opts.dct_scaling => scale_for(&c, size),
+                Some(r) if opts.dct_scaling => scale_for(&r.crop, r.size),
                 _ => 8,
             };
             // libjpeg-turbo lists its factors in lowest terms (1/1, 3/4, 1/2, ...).
@@ -342,15 +351,24 @@ mod turbo {
             let s = m as f64 / 8.0;
             // The region: the crop scaled, rounded outwards, left edge aligned to the scaled iMCU.
             let (x0, y0, x1, y1) = match crop {
-                Some((c, size)) if opts.region => {
+                Some(CropRequest {
+                    crop: c,
+                    size,
+                    in_image,
+                }) if opts.region => {
                     let mcu = MCU_WIDTH
                         .get(h.subsamp as usize)
                         .map_or(8, |&w| (w * m).div_ceil(8));
                     // A margin around the crop, so that pixels near its edges come out as in a
-                    // full decode: the resize filter's reach when resizing in place (support 2
-                    // source pixels per output pixel for bicubic), plus one iMCU for the chroma
-                    // upsampling, which treats a region's edge as the image's edge.
-                    let reach = 2.0 * (c.width / size as f64).max(1.0) + 16.0;
+                    // full decode: 4 pixels for the chroma upsampling (which treats a region's
+                    // edge as the image's edge and reads one chroma sample beyond), plus, when
+                    // the resize reads around the crop, the filter's reach (bicubic support:
+                    // 2 source pixels per output pixel when downscaling).
+                    let reach = if in_image {
+                        2.0 * (c.width / size as f64).max(1.0) + 4.0
+                    } else {
+                        4.0
+                    };
                     let margin = reach * s;
                     let x0 =
                         (((c.left * s) - margin).max(0.0).floor() as u32).min(sw.saturating_sub(1));
@@ -368,16 +386,6 @@ mod turbo {
                 y: y0 as i32,
                 w: (x1 - x0) as i32,
                 h: (y1 - y0) as i32,
-            };
-            // A region that is most of the image costs more (libjpeg-turbo's cropped path) than it
-            // saves: decode those whole. Measured on the photo set, eval crops (90 % of the image)
-            // decoded 15 % slower as regions.
-            let area = |x: u32, y: u32| x as f64 * y as f64;
-            let small = area(x1 - x0, y1 - y0) <= REGION_MAX_FRACTION * area(sw, sh);
-            let (x0, y0, x1, y1) = if small {
-                (x0, y0, x1, y1)
-            } else {
-                (0, 0, sw, sh)
             };
             let whole = (x0, y0, x1, y1) == (0, 0, sw, sh);
             let region = if whole {
@@ -412,7 +420,7 @@ mod turbo {
             self.current = None;
             self.check(rc)?;
             let crop = match crop {
-                Some((c, _)) => CropBox {
+                Some(CropRequest { crop: c, .. }) => CropBox {
                     left: c.left * s - x0 as f64,
                     top: c.top * s - y0 as f64,
                     width: c.width * s,

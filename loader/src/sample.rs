@@ -7,7 +7,7 @@ use std::time::Instant;
 use fast_image_resize as fr;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::{DecodeOptions, Decoder, DecoderKind};
+use crate::decode::{CropRequest, DecodeOptions, Decoder, DecoderKind};
 use crate::rng::{self, Rng};
 use crate::transform::{
     eval_geometry, train_geometry, Interpolation, RrcConfig, SampleGeometry, TrainInterpolation,
@@ -153,17 +153,19 @@ impl SampleProcessor {
         let t0 = Instant::now();
         let (w, h) = self.decoder.size(jpeg)?;
         let g = self.geometry(w, h, &mut rng);
-        let region = self.decoder.decode(
-            jpeg,
-            Some((g.crop, g.size)),
-            self.decode_opts,
-            &mut self.scratch,
-        )?;
-        let t1 = Instant::now();
         let mode = match self.transform {
             Transform::Train { .. } => CropMode::Isolated,
             Transform::Eval { .. } => CropMode::InImage,
         };
+        let request = CropRequest {
+            crop: g.crop,
+            size: g.size,
+            in_image: mode == CropMode::InImage,
+        };
+        let region =
+            self.decoder
+                .decode(jpeg, Some(request), self.decode_opts, &mut self.scratch)?;
+        let t1 = Instant::now();
         resize_into(
             &mut self.resizer,
             &self.scratch,

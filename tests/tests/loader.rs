@@ -471,3 +471,49 @@ fn decoding_shortcuts_stay_close_to_full_decode() {
     let mean = sum / n as f64;
     assert!(mean < 1.0, "mean difference {mean:.3} levels");
 }
+
+/// Greyscale, progressive and CMYK JPEGs all come out as RGB: greyscale with equal channels,
+/// CMYK (which libjpeg-turbo will not convert) through zune-jpeg, with the right colour.
+#[test]
+fn greyscale_progressive_and_cmyk_decode_to_rgb() {
+    let (w, h) = (96u16, 80u16);
+    let encode = |pixels: &[u8], ct, progressive| {
+        let mut out = Vec::new();
+        let mut e = jpeg_encoder::Encoder::new(&mut out, 95);
+        e.set_progressive(progressive);
+        e.encode(pixels, w, h, ct).unwrap();
+        out
+    };
+    let n = w as usize * h as usize;
+    let gray = encode(&vec![77u8; n], jpeg_encoder::ColorType::Luma, false);
+    let prog = encode(
+        &[200u8, 60, 30].repeat(n),
+        jpeg_encoder::ColorType::Rgb,
+        true,
+    );
+    // CMYK of RGB (200, 60, 30): k = 55, c = 0, m = 178, y = 217 (r = (255 - c)(255 - k) / 255).
+    let cmyk = encode(
+        &[0u8, 178, 217, 55].repeat(n),
+        jpeg_encoder::ColorType::Cmyk,
+        false,
+    );
+    for kind in [DecoderKind::Turbo, DecoderKind::Zune] {
+        let mut d = Decoder::new(kind).unwrap();
+        let mut out = Vec::new();
+        for (name, jpeg, want) in [
+            ("grey", &gray, [77u8, 77, 77]),
+            ("progressive", &prog, [200, 60, 30]),
+            ("cmyk", &cmyk, [200, 60, 30]),
+        ] {
+            let r = d
+                .decode(jpeg, None, DecodeOptions::default(), &mut out)
+                .unwrap();
+            assert_eq!((r.width, r.height), (96, 80), "{kind:?} {name}");
+            assert_eq!(out.len(), n * 3);
+            let mid = &out[(40 * 96 + 48) * 3..][..3];
+            for (g, w) in mid.iter().zip(want) {
+                assert!(g.abs_diff(w) <= 3, "{kind:?} {name}: {mid:?} vs {want:?}");
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use loader::decode::{DecodeOptions, DecoderKind};
+use loader::decode::{CropRequest, DecodeOptions, DecoderKind};
 use loader::rng::sample_rng;
 use loader::sample::{resize_into, CropMode, SampleProcessor};
 use loader::{Loader, LoaderConfig, PlanConfig, Transform};
@@ -58,12 +58,14 @@ struct Args {
     repeats: usize,
 }
 
-fn rss_mb() -> f64 {
+/// Resident memory in MiB: `VmRSS` (including the memory-mapped shards' cached pages) or
+/// `RssAnon` (the process's own allocations: buffers, decoders).
+fn rss_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<f64>().ok())
         })
@@ -109,12 +111,18 @@ fn main() -> Result<()> {
         dct_scaling: !a.no_dct_scaling,
         region: !a.no_region,
     };
+    // Without flags, each transform runs with the loader's default shortcuts (eval: no DCT
+    // scaling), as `train` will.
+    let override_opts = (a.no_dct_scaling || a.no_region).then_some(decode_opts);
     let base = json!({
         "git_rev": std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
         "cpu_model": cpu_model(), "cores": cores, "data": a.data.display().to_string(),
         "split": a.split, "decoder": format!("{decoder:?}").to_lowercase(),
-        "dct_scaling": decode_opts.dct_scaling, "region": decode_opts.region,
+        "shortcuts": match override_opts {
+            Some(o) => format!("dct_scaling={} region={}", o.dct_scaling, o.region),
+            None => "loader default (train: dct_scaling + region; eval: region)".to_owned(),
+        },
     });
     let emit = |extra: serde_json::Value| {
         let mut v = base.clone();
@@ -132,7 +140,7 @@ fn main() -> Result<()> {
     for i in 0..images {
         std::hint::black_box(split.get(i as u64)?.jpeg.iter().step_by(4096).count());
     }
-    let rss_start = rss_mb();
+    let (rss_start, anon_start) = (rss_mb("VmRSS:"), rss_mb("RssAnon:"));
     let mut per_core: std::collections::BTreeMap<(String, usize), f64> = Default::default();
     for t in &threads {
         for tr in &a.transform {
@@ -147,16 +155,16 @@ fn main() -> Result<()> {
                         } else {
                             Transform::eval(a.size)
                         };
-                        let (s, st) = run_loader(
+                        let (s, st, anon) = run_loader(
                             &split,
                             images,
                             *t,
                             transform,
                             a.batch_size,
                             decoder,
-                            decode_opts,
+                            override_opts,
                         )?;
-                        (s, Some(st))
+                        (s, Some((st, anon)))
                     }
                     other => bail!("unknown transform {other:?}: expected decode, train or eval"),
                 };
@@ -169,14 +177,15 @@ fn main() -> Result<()> {
             let mut line = json!({
                 "transform": tr, "size": if tr == "decode" { 0 } else { a.size }, "threads": t,
                 "images": images, "seconds": secs, "images_per_s": ips,
-                "images_per_s_per_core": ips / *t as f64, "rss_mb": rss_mb(),
+                "images_per_s_per_core": ips / *t as f64, "rss_anon_mb": rss_mb("RssAnon:"),
             });
-            if let Some(st) = stages {
+            if let Some((st, (anon_first, anon_last))) = stages {
                 let ms = |s: f64| s * 1e3 / images as f64;
                 line.as_object_mut().unwrap().extend(
                     json!({
                         "read_ms_per_image": ms(st.read_s), "decode_ms_per_image": ms(st.decode_s),
                         "resize_ms_per_image": ms(st.resize_s), "collate_ms_per_image": ms(st.collate_s),
+                        "rss_anon_mb_first_batch": anon_first, "rss_anon_mb_last_batch": anon_last,
                     })
                     .as_object()
                     .unwrap()
@@ -199,7 +208,10 @@ fn main() -> Result<()> {
             }
         }
     }
-    emit(json!({ "memory": "rss", "rss_mb_start": rss_start, "rss_mb_end": rss_mb() }));
+    emit(
+        json!({ "memory": "rss", "rss_mb_start": rss_start, "rss_mb_end": rss_mb("VmRSS:"),
+        "rss_anon_mb_start": anon_start, "rss_anon_mb_end": rss_mb("RssAnon:") }),
+    );
     Ok(())
 }
 
@@ -252,25 +264,32 @@ fn run_loader(
     transform: Transform,
     batch_size: usize,
     decoder: DecoderKind,
-    decode: DecodeOptions,
-) -> Result<(f64, loader::StageSeconds)> {
+    decode: Option<DecodeOptions>,
+) -> Result<(f64, loader::StageSeconds, (f64, f64))> {
     let mut plan = PlanConfig::new(images as u64, batch_size);
     plan.shuffle = false;
     let mut cfg = LoaderConfig::new(transform, plan);
     cfg.num_workers = threads;
     cfg.decoder = decoder;
-    cfg.decode = decode;
+    if let Some(d) = decode {
+        cfg.decode = d;
+    }
     let mut l = Loader::new(split.clone(), cfg)?;
     let start = Instant::now();
     let mut seen = 0;
+    let mut anon_first = 0.0;
     for b in l.epoch(0)? {
         let b = b?;
+        if seen == 0 {
+            anon_first = rss_mb("RssAnon:");
+        }
         seen += b.len;
         std::hint::black_box(b.images()[0]);
     }
+    let anon_last = rss_mb("RssAnon:");
     assert_eq!(seen, images, "the loader delivered every planned image");
     let secs = start.elapsed().as_secs_f64();
-    Ok((secs, l.stage_seconds()))
+    Ok((secs, l.stage_seconds(), (anon_first, anon_last)))
 }
 
 /// Shortcut decode versus full decode, same crop and filter: mean and 99th percentile of the
@@ -309,7 +328,11 @@ fn fidelity(
         let ra = dec_full
             .decode(
                 s.jpeg,
-                Some((g.crop, size)),
+                Some(CropRequest {
+                    crop: g.crop,
+                    size,
+                    in_image: false,
+                }),
                 DecodeOptions {
                     dct_scaling: false,
                     region: false,
@@ -318,7 +341,16 @@ fn fidelity(
             )
             .map_err(anyhow::Error::msg)?;
         let rb = dec_fast
-            .decode(s.jpeg, Some((g.crop, size)), opts, &mut sb)
+            .decode(
+                s.jpeg,
+                Some(CropRequest {
+                    crop: g.crop,
+                    size,
+                    in_image: false,
+                }),
+                opts,
+                &mut sb,
+            )
             .map_err(anyhow::Error::msg)?;
         scales[rb.scale_num as usize] += 1;
         resize_into(
