@@ -17,18 +17,11 @@ pub fn jpegs(n: usize) -> Vec<Vec<u8>> {
         threads: 2,
     };
     tools::synth::generate(&dir, &opts).expect("generating JPEGs");
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("train")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(std::fs::read(&p).unwrap());
-            }
-        }
-    }
+    let mut out: Vec<Vec<u8>> = tools::files_under(&dir.join("train"))
+        .expect("listing the generated files")
+        .iter()
+        .map(|p| std::fs::read(p).unwrap())
+        .collect();
     std::fs::remove_dir_all(&dir).ok();
     out.sort();
     out.truncate(n);

@@ -1,6 +1,8 @@
 //! Crop + resize of a decoded ImageNet-sized image to 224 and 160, bilinear and bicubic.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use loader::decode::{DecodeOptions, Decoder, DecoderKind};
 use loader::sample::{resize_into, CropMode};
 use loader::transform::{CropBox, Interpolation};

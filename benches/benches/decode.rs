@@ -1,7 +1,9 @@
 //! Decoding one ImageNet-sized JPEG: libjpeg-turbo and zune-jpeg, full decode and the train
 //! crop's region decode.
 
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use loader::decode::{CropRequest, DecodeOptions, Decoder, DecoderKind};
 use loader::rng::Rng;
 use loader::transform::{rrc_box, RrcConfig};

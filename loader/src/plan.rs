@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(p.samples().len(), 1000);
         assert_eq!(p.num_batches(), 32);
         assert_eq!(p.batch(31).len(), 1000 - 31 * 32);
-        let c = counts(&[p.clone()]);
+        let c = counts(std::slice::from_ref(&p));
         assert_eq!(c.len(), 1000);
         assert!(c.values().all(|&n| n == 1));
         // Shuffled, different per epoch, same for the same epoch.
@@ -329,7 +329,7 @@ mod tests {
             assert_eq!(idx.len(), n, "batch {b} holds two copies of an image");
         }
         // The first 200 images of the permutation, each 3 times.
-        let c = counts(&[p.clone()]);
+        let c = counts(std::slice::from_ref(&p));
         assert_eq!(c.len(), 200);
         assert!(c.values().all(|&n| n == 3));
         // Positions are unique: every copy gets its own random draws.

@@ -88,6 +88,13 @@ impl Rng {
     }
 }
 
+/// The generator of one sample's random draws: a function of (seed, epoch, position in the
+/// epoch's global order) only, so the bytes of a batch do not depend on which thread, or how
+/// many, produced it.
+pub fn sample_rng(seed: u64, epoch: u64, position: u64) -> Rng {
+    Rng::for_item(seed, &[0x5341_4d50, epoch, position])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,11 +120,4 @@ mod tests {
         assert_eq!(s, (0..100).collect::<Vec<_>>());
         assert_ne!(v, s);
     }
-}
-
-/// The generator of one sample's random draws: a function of (seed, epoch, position in the
-/// epoch's global order) only, so the bytes of a batch do not depend on which thread, or how
-/// many, produced it.
-pub fn sample_rng(seed: u64, epoch: u64, position: u64) -> Rng {
-    Rng::for_item(seed, &[0x5341_4d50, epoch, position])
 }

@@ -44,6 +44,16 @@ fn shard_set(dir: &Path) -> PathBuf {
     dst
 }
 
+/// The train split of a fresh [`shard_set`]; keep the directory alive while using it.
+fn train_split() -> (tempfile::TempDir, Arc<shards::Split>) {
+    let dir = tempfile::tempdir().unwrap();
+    let split = Dataset::open(shard_set(dir.path()))
+        .unwrap()
+        .split("train")
+        .unwrap();
+    (dir, Arc::new(split))
+}
+
 fn config(workers: usize, batch: usize, size: u32) -> LoaderConfig {
     let mut plan = PlanConfig::new(0, batch);
     plan.seed = 42;
@@ -72,13 +82,7 @@ fn collect(l: &mut Loader, state: LoaderState) -> Delivered {
 
 #[test]
 fn batches_are_identical_for_1_and_4_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let split = Arc::new(
-        Dataset::open(shard_set(dir.path()))
-            .unwrap()
-            .split("train")
-            .unwrap(),
-    );
+    let (_dir, split) = train_split();
     let mut results = Vec::new();
     for (workers, prefetch) in [(1, 0), (4, 3)] {
         let mut cfg = config(workers, 4, 48);
@@ -108,13 +112,7 @@ fn batches_are_identical_for_1_and_4_workers() {
 
 #[test]
 fn batches_follow_the_plan_and_carry_the_right_labels() {
-    let dir = tempfile::tempdir().unwrap();
-    let split = Arc::new(
-        Dataset::open(shard_set(dir.path()))
-            .unwrap()
-            .split("train")
-            .unwrap(),
-    );
+    let (_dir, split) = train_split();
     let mut cfg = config(2, 8, 32);
     cfg.plan.repeats = 3;
     cfg.plan.repeat_round = 0;
@@ -146,13 +144,7 @@ fn batches_follow_the_plan_and_carry_the_right_labels() {
 
 #[test]
 fn resuming_mid_epoch_reproduces_the_remaining_batches() {
-    let dir = tempfile::tempdir().unwrap();
-    let split = Arc::new(
-        Dataset::open(shard_set(dir.path()))
-            .unwrap()
-            .split("train")
-            .unwrap(),
-    );
+    let (_dir, split) = train_split();
     let mut l = Loader::new(split.clone(), config(2, 4, 40)).unwrap();
     let full = collect(
         &mut l,
@@ -187,13 +179,7 @@ fn resuming_mid_epoch_reproduces_the_remaining_batches() {
 
 #[test]
 fn stopping_early_returns_every_buffer() {
-    let dir = tempfile::tempdir().unwrap();
-    let split = Arc::new(
-        Dataset::open(shard_set(dir.path()))
-            .unwrap()
-            .split("train")
-            .unwrap(),
-    );
+    let (_dir, split) = train_split();
     let mut l = Loader::new(split, config(2, 2, 32)).unwrap();
     for epoch in 0..4 {
         let mut run = l.epoch(epoch).unwrap();
@@ -433,13 +419,7 @@ fn crop_resize_matches_pil() {
 /// (where 1/2 and 1/4 scaling apply often), mean difference under 1 level against full decode.
 #[test]
 fn decoding_shortcuts_stay_close_to_full_decode() {
-    let dir = tempfile::tempdir().unwrap();
-    let split = Arc::new(
-        Dataset::open(shard_set(dir.path()))
-            .unwrap()
-            .split("train")
-            .unwrap(),
-    );
+    let (_dir, split) = train_split();
     let mut fast = config(2, 5, 64);
     fast.plan.shuffle = false;
     let mut full = fast.clone();

@@ -50,26 +50,21 @@ pub struct PhotoSetSummary {
     pub seconds: f64,
 }
 
-/// Every `.jpg`, `.jpeg` and `.png` file under `dirs`, sorted.
+/// Every `.jpg`, `.jpeg` and `.png` file under `dirs` (directories or files), sorted.
 pub fn find_photos(dirs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut stack: Vec<PathBuf> = dirs.to_vec();
-    while let Some(d) = stack.pop() {
-        if d.is_file() {
-            out.push(d);
-            continue;
-        }
-        for e in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
-            let p = e?.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| {
+    for d in dirs {
+        let files = if d.is_file() {
+            vec![d.clone()]
+        } else {
+            crate::files_under(d).with_context(|| format!("reading {}", d.display()))?
+        };
+        out.extend(files.into_iter().filter(|p| {
+            p.extension().is_some_and(|x| {
                 let x = x.to_string_lossy().to_ascii_lowercase();
                 x == "jpg" || x == "jpeg" || x == "png"
-            }) {
-                out.push(p);
-            }
-        }
+            })
+        }));
     }
     out.sort();
     Ok(out)
