@@ -9,20 +9,20 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O error on a file.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
+        /// The underlying error (in the message, so not repeated as a source).
+        error: std::io::Error,
     },
     /// The manifest is not valid JSON of the expected shape.
-    #[error("{}: not a valid manifest: {source}", path.display())]
+    #[error("{}: not a valid manifest: {error}", path.display())]
     ManifestParse {
         /// The manifest file.
         path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
+        /// The parse error (in the message, so not repeated as a source).
+        error: serde_json::Error,
     },
     /// The manifest was written by an incompatible version of the format.
     #[error(
@@ -188,10 +188,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }

@@ -94,9 +94,9 @@ impl Manifest {
 
     /// Parses manifest bytes read from `path` (named in errors) and checks them.
     pub fn parse(text: &[u8], path: &Path) -> Result<Self> {
-        let parse_err = |source| Error::ManifestParse {
+        let parse_err = |error| Error::ManifestParse {
             path: path.to_owned(),
-            source,
+            error,
         };
         // Check the version before the strict parse, so that a newer format reports its
         // version instead of an unknown field.

@@ -89,8 +89,24 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
+fn main() -> std::process::ExitCode {
+    match run_bench(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loader-bench: error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run_bench(a: Args) -> Result<()> {
+    if let Some(t) = a
+        .transform
+        .iter()
+        .find(|t| !["decode", "train", "eval"].contains(&t.as_str()))
+    {
+        bail!("unknown transform {t:?}: expected decode, train or eval");
+    }
     let ds = shards::Dataset::open(&a.data)?;
     let split = Arc::new(ds.split(&a.split)?);
     let n_split = split.len() as usize;
