@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use loader::decode::{DecodeOptions, Decoder, DecoderKind};
+use loader::decode::{CropRequest, DecodeOptions, Decoder, DecoderKind};
 use loader::sample::{resize_into, CropMode, SampleProcessor};
 use loader::transform::{CropBox, Interpolation};
 use loader::{Loader, LoaderConfig, LoaderState, OnCorrupt, PlanConfig, Transform};
@@ -493,6 +493,35 @@ fn greyscale_progressive_and_cmyk_decode_to_rgb() {
             let mid = &out[(40 * 96 + 48) * 3..][..3];
             for (g, w) in mid.iter().zip(want) {
                 assert!(g.abs_diff(w) <= 3, "{kind:?} {name}: {mid:?} vs {want:?}");
+            }
+            // A train crop: region and 1/2-scale (M = 4 of 8) decoding work for each kind.
+            let request = CropRequest {
+                crop: CropBox {
+                    left: 30.0,
+                    top: 20.0,
+                    width: 40.0,
+                    height: 50.0,
+                },
+                size: 16,
+                in_image: false,
+            };
+            let r = d
+                .decode(jpeg, Some(request), DecodeOptions::default(), &mut out)
+                .unwrap();
+            assert_eq!(
+                out.len(),
+                (r.width * r.height * 3) as usize,
+                "{kind:?} {name}"
+            );
+            let px = &out[..3];
+            for (g, w) in px.iter().zip(want) {
+                assert!(
+                    g.abs_diff(w) <= 3,
+                    "{kind:?} {name} cropped: {px:?} vs {want:?}"
+                );
+            }
+            if kind == DecoderKind::Turbo && name != "cmyk" {
+                assert!(r.width < 96 && r.scale_num == 4, "{kind:?} {name}: {r:?}");
             }
         }
     }
