@@ -3,16 +3,19 @@
 //! 1. [`crate::source::scan`] lists classes, files and labels.
 //! 2. Each split's files are put in a seeded shuffled order and cut into shards by their source
 //!    sizes, so the plan is a pure function of the listing and the options.
-//! 3. Worker threads read, sniff and (rarely) convert files; one writer appends them in plan order
-//!    and finishes each shard under its final name. A shard's outcome (converted and skipped
-//!    files, sizes, checksums) goes to a small state file in `DST/.shard-imagenet/`, so a second
-//!    run after an interruption reuses every finished shard and redoes only the rest.
+//! 3. Worker threads read, sniff and (rarely) convert files, taking chunks of several shards in
+//!    turn; each shard has its own writer thread (and SHA-256 thread), which appends its samples
+//!    in plan order and finishes the shard under its final name, so several shards are written
+//!    side by side. A shard's outcome (converted and skipped files, sizes, checksums) goes to a
+//!    small state file in `DST/.shard-imagenet/`, so a second run after an interruption reuses
+//!    every finished shard and redoes only the rest.
 //! 4. When all shards exist, `report.json` and then `manifest.json` are written. With skipped
 //!    files and no `--allow-skips`, the manifest is withheld and the run fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -443,11 +446,20 @@ pub fn run(src: &Path, dst: &Path, opts: &ShardOptions) -> Result<RunSummary> {
     let mut bytes_run = vec![0u64; plans.len()];
     if !pending.is_empty() {
         let written = write_shards(dst, &state_dir, &plans, &pending, opts)?;
-        for (si, k, state, secs, files, bytes) in written {
+        // Shards are written side by side: a split's time runs from its first shard's start to
+        // its last shard's end.
+        let mut spans: Vec<Option<(Instant, Instant)>> = vec![None; plans.len()];
+        for (si, k, state, (start, end), files, bytes) in written {
             states[si][k] = Some(state);
-            seconds[si] += secs;
+            let span = spans[si].get_or_insert((start, end));
+            *span = (span.0.min(start), span.1.max(end));
             files_run[si] += files;
             bytes_run[si] += bytes;
+        }
+        for (si, span) in spans.iter().enumerate() {
+            if let Some((a, b)) = span {
+                seconds[si] = (*b - *a).as_secs_f64();
+            }
         }
     }
 
@@ -585,13 +597,64 @@ fn remove_tmp_files(dir: &Path) -> Result<()> {
 
 struct Job {
     seq: usize,
-    split: usize,
+    /// Index into `pending`: which shard the chunk belongs to.
+    shard: usize,
     range: Range<usize>,
+    /// The shard's last chunk.
+    last: bool,
 }
 
-type Written = (usize, usize, ShardState, f64, u64, u64);
+type Written = (usize, usize, ShardState, (Instant, Instant), u64, u64);
 
-/// Processes the pending shards on `opts.threads` workers and writes them in plan order.
+/// A chunk on its way to its shard's writer: the sample range in the split plan and its results.
+type Chunk = (Range<usize>, Vec<Processed>);
+
+/// The order chunks are processed in: round-robin over up to `open` shards at a time, each
+/// shard's chunks in order, so that `open` shard writers (and their hashing threads) work side
+/// by side. The output does not depend on it: each shard's bytes are fixed by the plan.
+fn interleave(plans: &[SplitPlan], pending: &[(usize, usize)], open: usize) -> Vec<Job> {
+    let chunks = |n: usize| {
+        let (si, k) = pending[n];
+        let r = plans[si].shards[k].clone();
+        (r.start..r.end)
+            .step_by(CHUNK)
+            .map(move |start| start..(start + CHUNK).min(r.end))
+            .collect::<std::collections::VecDeque<_>>()
+    };
+    let mut active: Vec<(usize, std::collections::VecDeque<Range<usize>>)> = (0..open
+        .min(pending.len()))
+        .map(|n| (n, chunks(n)))
+        .collect();
+    let mut next = active.len();
+    let mut jobs = Vec::new();
+    while !active.is_empty() {
+        let mut i = 0;
+        while i < active.len() {
+            let (n, queue) = &mut active[i];
+            let range = queue.pop_front().expect("active shards have chunks left");
+            jobs.push(Job {
+                seq: jobs.len(),
+                shard: *n,
+                range,
+                last: queue.is_empty(),
+            });
+            if queue.is_empty() {
+                if next < pending.len() {
+                    active[i] = (next, chunks(next));
+                    next += 1;
+                } else {
+                    active.remove(i);
+                    continue;
+                }
+            }
+            i += 1;
+        }
+    }
+    jobs
+}
+
+/// Processes the pending shards on `opts.threads` workers and writes up to `opts.threads`
+/// shards at a time, each on its own writer thread.
 fn write_shards(
     dst: &Path,
     state_dir: &Path,
@@ -600,26 +663,14 @@ fn write_shards(
     opts: &ShardOptions,
 ) -> Result<Vec<Written>> {
     let abort_after: Option<u64> = std::env::var(ABORT_ENV).ok().and_then(|v| v.parse().ok());
-    // Jobs in write order: the chunks of each pending shard.
-    let mut jobs = Vec::new();
-    let mut shard_jobs: Vec<Range<usize>> = Vec::new();
-    for &(si, k) in pending {
-        let first = jobs.len();
-        let r = plans[si].shards[k].clone();
-        let mut start = r.start;
-        while start < r.end {
-            let end = (start + CHUNK).min(r.end);
-            jobs.push(Job {
-                seq: jobs.len(),
-                split: si,
-                range: start..end,
-            });
-            start = end;
-        }
-        shard_jobs.push(first..jobs.len());
-    }
-    let total_files: u64 = jobs.iter().map(|j| j.range.len() as u64).sum();
+    let written_total = AtomicU64::new(0);
     let threads = opts.threads.max(1);
+    let jobs = interleave(plans, pending, threads);
+    let total_files: u64 = jobs.iter().map(|j| j.range.len() as u64).sum();
+    let job_meta: Vec<(usize, Range<usize>, bool)> = jobs
+        .iter()
+        .map(|j| (j.shard, j.range.clone(), j.last))
+        .collect();
     let window = 4 * threads;
     let (job_tx, job_rx) = crossbeam_channel::bounded::<Job>(threads);
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, Vec<Processed>)>();
@@ -643,7 +694,8 @@ fn write_shards(
                 .name(format!("shard-{i}"))
                 .spawn_scoped(scope, move || {
                     for job in job_rx {
-                        let out = plans[job.split].samples[job.range]
+                        let split = pending[job.shard].0;
+                        let out = plans[split].samples[job.range]
                             .iter()
                             .map(|s| process(s, opts))
                             .collect();
@@ -657,116 +709,163 @@ fn write_shards(
         drop(done_tx);
         drop(job_rx);
 
-        // The writer: this thread, in plan order.
+        // This thread takes chunks in processing order and hands each to its shard's writer.
         let mut progress = Progress::new("shard-imagenet", total_files, opts.quiet);
         let mut early: BTreeMap<usize, Vec<Processed>> = BTreeMap::new();
-        let mut next_seq = 0;
-        let mut written_total = 0u64;
-        let mut out = Vec::new();
-        let result = (|| -> Result<()> {
-            for (n, &(si, k)) in pending.iter().enumerate() {
-                let plan = &plans[si];
-                let started = Instant::now();
-                let (tar_rel, state_name) = shard_names(&plan.name, k);
-                let mut writer = ShardWriter::create(&dst.join(&tar_rel))?;
-                let mut counts = Counts::default();
-                let mut converted = Vec::new();
-                let mut skipped = Vec::new();
-                let mut pos = plan.shards[k].start;
-                for _ in shard_jobs[n].clone() {
-                    let chunk = loop {
-                        if let Some(c) = early.remove(&next_seq) {
-                            break c;
-                        }
-                        let (seq, c) = done_rx
-                            .recv()
-                            .map_err(|_| anyhow!("worker threads stopped early"))?;
-                        early.insert(seq, c);
-                    };
-                    next_seq += 1;
-                    let _ = credit_tx.send(());
-                    let mut chunk_bytes = 0;
-                    let chunk_len = chunk.len() as u64;
-                    for p in chunk {
-                        let s = &plan.samples[pos];
-                        pos += 1;
-                        chunk_bytes += s.size;
-                        counts.source_bytes += s.size;
-                        let entry = |what: String, stored: Option<u64>| ReportEntry {
-                            file: s.rel.clone(),
-                            key: s.key.clone(),
-                            what,
-                            source_bytes: s.size,
-                            stored_bytes: stored,
-                        };
-                        match p.outcome {
-                            Outcome::Skipped(why) => {
-                                counts.skipped += 1;
-                                skipped.push(entry(why, None));
-                                continue;
-                            }
-                            Outcome::Stored => counts.stored += 1,
-                            Outcome::Resized => counts.resized += 1,
-                            Outcome::Converted(what) => {
-                                counts.converted += 1;
-                                converted.push(entry(what, Some(p.bytes.len() as u64)));
-                            }
-                        }
-                        counts.grayscale += p.grayscale as u64;
-                        counts.progressive += p.progressive as u64;
-                        counts.samples += 1;
-                        counts.stored_bytes += p.bytes.len() as u64;
-                        writer
-                            .append_owned(&s.key, p.bytes, s.label)
-                            .with_context(|| format!("writing {}", s.rel))?;
-                        written_total += 1;
-                        if abort_after == Some(written_total) {
-                            std::process::abort();
-                        }
+        let mut senders: HashMap<usize, crossbeam_channel::Sender<Chunk>> = HashMap::new();
+        let mut writers = Vec::new();
+        let route = (|| -> Result<()> {
+            for (seq, (n, range, last)) in job_meta.iter().enumerate() {
+                let chunk = loop {
+                    if let Some(c) = early.remove(&seq) {
+                        break c;
                     }
-                    progress.add(chunk_len, chunk_bytes);
+                    let (s, c) = done_rx
+                        .recv()
+                        .map_err(|_| anyhow!("worker threads stopped early"))?;
+                    early.insert(s, c);
+                };
+                let _ = credit_tx.send(());
+                let (si, k) = pending[*n];
+                let bytes: u64 = plans[si].samples[range.clone()]
+                    .iter()
+                    .map(|s| s.size)
+                    .sum();
+                progress.add(range.len() as u64, bytes);
+                let tx = senders.entry(*n).or_insert_with(|| {
+                    let (tx, rx) = crossbeam_channel::bounded(4);
+                    let written_total = &written_total;
+                    writers.push(
+                        std::thread::Builder::new()
+                            .name(format!("shard-writer-{n}"))
+                            .spawn_scoped(scope, move || {
+                                write_one_shard(
+                                    dst,
+                                    state_dir,
+                                    &plans[si],
+                                    (si, k),
+                                    rx,
+                                    written_total,
+                                    abort_after,
+                                )
+                            })
+                            .expect("spawning a writer thread"),
+                    );
+                    tx
+                });
+                if tx.send((range.clone(), chunk)).is_err() {
+                    // The writer stopped: its error is reported when it is joined.
+                    break;
                 }
-                let w = writer.finish()?;
-                let rel = |p: &Path| {
-                    p.strip_prefix(dst)
-                        .unwrap_or(p)
-                        .to_string_lossy()
-                        .into_owned()
-                };
-                let state = ShardState {
-                    plan_digest: plan.digests[k].clone(),
-                    shard: ShardInfo {
-                        tar: rel(&w.tar_path),
-                        index: rel(&w.index_path),
-                        num_samples: w.num_samples,
-                        tar_bytes: w.tar_bytes,
-                        tar_sha256: w.tar_sha256,
-                        index_bytes: w.index_bytes,
-                        index_sha256: w.index_sha256,
-                    },
-                    counts: counts.clone(),
-                    converted,
-                    skipped,
-                };
-                shards::manifest::write_atomically(
-                    &state_dir.join(&state_name),
-                    &serde_json::to_vec(&state)?,
-                )?;
-                out.push((
-                    si,
-                    k,
-                    state,
-                    started.elapsed().as_secs_f64(),
-                    plan.shards[k].len() as u64,
-                    counts.source_bytes,
-                ));
+                if *last {
+                    senders.remove(n);
+                }
             }
             Ok(())
         })();
         progress.finish();
-        // On error, dropping the receiver and the credits stops the workers and the dispatcher.
+        // On error, dropping the receiver and the credits stops the workers and the dispatcher;
+        // dropping the senders lets the writers end.
         drop(done_rx);
         drop(credit_tx);
-        result.map(|()| out)
+        drop(senders);
+        let mut out = Vec::new();
+        for w in writers {
+            out.push(w.join().expect("writer thread panicked")?);
+        }
+        route?;
+        out.sort_by_key(|w| (w.0, w.1));
+        Ok(out)
     })
+}
+
+/// Writes shard `(si, k)` from its chunks, in order, and records its state file.
+fn write_one_shard(
+    dst: &Path,
+    state_dir: &Path,
+    plan: &SplitPlan,
+    (si, k): (usize, usize),
+    chunks: crossbeam_channel::Receiver<Chunk>,
+    written_total: &AtomicU64,
+    abort_after: Option<u64>,
+) -> Result<Written> {
+    let started = Instant::now();
+    let (tar_rel, state_name) = shard_names(&plan.name, k);
+    let mut writer = ShardWriter::create(&dst.join(&tar_rel))?;
+    let mut counts = Counts::default();
+    let mut converted = Vec::new();
+    let mut skipped = Vec::new();
+    let mut next = plan.shards[k].start;
+    for (range, chunk) in chunks {
+        assert_eq!(range.start, next, "chunks of a shard arrive in order");
+        next = range.end;
+        for (s, p) in plan.samples[range].iter().zip(chunk) {
+            counts.source_bytes += s.size;
+            let entry = |what: String, stored: Option<u64>| ReportEntry {
+                file: s.rel.clone(),
+                key: s.key.clone(),
+                what,
+                source_bytes: s.size,
+                stored_bytes: stored,
+            };
+            match p.outcome {
+                Outcome::Skipped(why) => {
+                    counts.skipped += 1;
+                    skipped.push(entry(why, None));
+                    continue;
+                }
+                Outcome::Stored => counts.stored += 1,
+                Outcome::Resized => counts.resized += 1,
+                Outcome::Converted(what) => {
+                    counts.converted += 1;
+                    converted.push(entry(what, Some(p.bytes.len() as u64)));
+                }
+            }
+            counts.grayscale += p.grayscale as u64;
+            counts.progressive += p.progressive as u64;
+            counts.samples += 1;
+            counts.stored_bytes += p.bytes.len() as u64;
+            writer
+                .append_owned(&s.key, p.bytes, s.label)
+                .with_context(|| format!("writing {}", s.rel))?;
+            let total = written_total.fetch_add(1, Ordering::Relaxed) + 1;
+            if abort_after == Some(total) {
+                std::process::abort();
+            }
+        }
+    }
+    if next != plan.shards[k].end {
+        bail!("shard {tar_rel}: input stopped before the shard was complete");
+    }
+    let w = writer.finish()?;
+    let rel = |p: &Path| {
+        p.strip_prefix(dst)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    };
+    let state = ShardState {
+        plan_digest: plan.digests[k].clone(),
+        shard: ShardInfo {
+            tar: rel(&w.tar_path),
+            index: rel(&w.index_path),
+            num_samples: w.num_samples,
+            tar_bytes: w.tar_bytes,
+            tar_sha256: w.tar_sha256,
+            index_bytes: w.index_bytes,
+            index_sha256: w.index_sha256,
+        },
+        counts: counts.clone(),
+        converted,
+        skipped,
+    };
+    shards::manifest::write_atomically(&state_dir.join(&state_name), &serde_json::to_vec(&state)?)?;
+    Ok((
+        si,
+        k,
+        state,
+        (started, Instant::now()),
+        plan.shards[k].len() as u64,
+        counts.source_bytes,
+    ))
 }
