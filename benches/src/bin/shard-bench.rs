@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Parser;
 use serde_json::json;
+use tools::bench::{exit_on_error, git_rev, median};
 use tools::sharding::{run, ShardOptions};
 use tools::source::{scan, ScanOptions};
 
@@ -40,19 +41,8 @@ struct Args {
     repeats: usize,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> std::process::ExitCode {
-    match run_bench(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shard-bench: error: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    exit_on_error("shard-bench", run_bench(Args::parse()))
 }
 
 fn run_bench(a: Args) -> Result<()> {
@@ -66,12 +56,7 @@ fn run_bench(a: Args) -> Result<()> {
         .flat_map(|s| s.samples.iter().map(|x| x.path.clone()))
         .collect();
     std::fs::create_dir_all(&a.work)?;
-    let git_rev = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let git_rev = git_rev();
     let mut ratios = Vec::new();
     for rep in 0..a.repeats {
         // Baseline: plain copy of the same bytes into one file.

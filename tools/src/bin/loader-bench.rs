@@ -12,6 +12,7 @@ use loader::rng::sample_rng;
 use loader::sample::{resize_into, CropMode, SampleProcessor};
 use loader::{Loader, LoaderConfig, PlanConfig, Transform};
 use serde_json::json;
+use tools::bench::{cpu_model, exit_on_error, git_rev, median};
 
 /// Measures images/s of the loader (train or eval transform) and of a plain full decode, for
 /// each thread count, on the shards in --data. The first pass over the images warms the page
@@ -72,31 +73,8 @@ fn rss_mb(field: &str) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|v| v.trim().to_owned())
-        })
-        .unwrap_or_default()
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> std::process::ExitCode {
-    match run_bench(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("loader-bench: error: {e:#}");
-            std::process::ExitCode::from(2)
-        }
-    }
+    exit_on_error("loader-bench", run_bench(Args::parse()))
 }
 
 fn run_bench(a: Args) -> Result<()> {
@@ -131,8 +109,7 @@ fn run_bench(a: Args) -> Result<()> {
     // scaling), as `train` will.
     let override_opts = (a.no_dct_scaling || a.no_region).then_some(decode_opts);
     let base = json!({
-        "git_rev": std::process::Command::new("git").args(["rev-parse", "--short", "HEAD"]).output().ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
+        "git_rev": git_rev(),
         "cpu_model": cpu_model(), "cores": cores, "data": a.data.display().to_string(),
         "split": a.split, "decoder": format!("{decoder:?}").to_lowercase(),
         "shortcuts": match override_opts {
