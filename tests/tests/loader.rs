@@ -526,3 +526,50 @@ fn greyscale_progressive_and_cmyk_decode_to_rgb() {
         }
     }
 }
+
+/// A stand-in for RandAugment: inverts the image when its draw says so.
+struct InvertSometimes;
+
+impl loader::Augment for InvertSometimes {
+    fn apply(&self, image: &mut [u8], _size: u32, rng: &mut loader::rng::Rng) {
+        if rng.f64() < 0.5 {
+            image.iter_mut().for_each(|v| *v = 255 - *v);
+        }
+    }
+}
+
+/// The augmentation hook runs after the flip with the sample's own generator: its effect is
+/// the same for any number of workers, and differs between samples.
+#[test]
+fn augmentation_hook_is_deterministic() {
+    let (_dir, split) = train_split();
+    let run = |workers: usize, augment: bool| -> Delivered {
+        let hook: Option<Arc<dyn loader::Augment>> =
+            augment.then(|| Arc::new(InvertSometimes) as _);
+        let mut l = Loader::new_with(split.clone(), config(workers, 5, 32), hook).unwrap();
+        collect(
+            &mut l,
+            LoaderState {
+                epoch: 1,
+                next_batch: 0,
+            },
+        )
+    };
+    let plain = run(2, false);
+    let a = run(1, true);
+    let b = run(3, true);
+    assert!(a == b, "the hook's draws depend on the worker count");
+    let slot = 32 * 32 * 3;
+    let (mut inverted, mut kept) = (0, 0);
+    for (x, y) in plain.iter().zip(&a) {
+        for (p, q) in x.3.chunks(slot).zip(y.3.chunks(slot)) {
+            if p == q {
+                kept += 1;
+            } else {
+                assert!(p.iter().zip(q).all(|(u, v)| *u == 255 - *v));
+                inverted += 1;
+            }
+        }
+    }
+    assert!(inverted > 3 && kept > 3, "inverted {inverted}, kept {kept}");
+}

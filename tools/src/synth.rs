@@ -174,7 +174,8 @@ fn inside(shape: usize, u: f64, v: f64) -> bool {
     }
 }
 
-/// Renders class `class`'s image number `item` as RGB pixels, deterministically from `rng`.
+/// Renders an image of class `class` as RGB pixels (width, height, data), deterministically
+/// from `rng`.
 pub fn render(class: usize, rng: &mut Rng) -> (u32, u32, Vec<u8>) {
     let (w, h) = draw_size(rng);
     let shape = class % SHAPES.len();
