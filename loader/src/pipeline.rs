@@ -508,6 +508,13 @@ impl<S: HostStorage> Iterator for EpochRun<'_, S> {
             }
             let done_rx = self.loader.done_rx.clone();
             let free_rx = self.loader.free_rx.clone();
+            if self.next_dispatch >= end {
+                // Everything is dispatched and the next batch is not back yet: wait for it.
+                debug_assert!(self.in_flight > 0, "an undelivered batch is in flight");
+                let d = done_rx.recv().expect("workers alive while in flight");
+                self.accept(d);
+                continue;
+            }
             if self.in_flight == 0 {
                 // Nothing is being filled: the consumer holds every buffer.
                 match free_rx.recv_timeout(BUFFER_WAIT) {
@@ -524,14 +531,7 @@ impl<S: HostStorage> Iterator for EpochRun<'_, S> {
             }
             select! {
                 recv(done_rx) -> d => self.accept(d.expect("workers alive while in flight")),
-                recv(free_rx) -> s => {
-                    let s = s.expect("pool sender alive");
-                    if self.next_dispatch < end {
-                        self.dispatch(s);
-                    } else {
-                        let _ = self.loader.free_tx.send(s);
-                    }
-                }
+                recv(free_rx) -> s => self.dispatch(s.expect("pool sender alive")),
             }
         }
     }
