@@ -64,8 +64,8 @@ fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
         "-q",
     ];
 
-    // Abort (no unwinding, no cleanup) after 14 samples, in the third shard: the shards before
-    // it may be finished or still finishing (each shard has its own writer thread).
+    // Abort (no unwinding, no cleanup) after 14 samples: which shards are finished, half
+    // written or not started depends on the scheduling of the per-shard writer threads.
     let out = run(
         SHARD,
         &args,
@@ -74,12 +74,8 @@ fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
     assert!(!out.status.success());
     let files = tree(&dst);
     let partial: Vec<&String> = files.keys().filter(|k| k.ends_with(".tar.tmp")).collect();
-    assert!(
-        partial.iter().any(|p| *p == "train/train-000002.tar.tmp"),
-        "{:?}",
-        files.keys()
-    );
-    // A shard counts as finished once its state file is written (after its renames).
+    // The writer that aborted had its shard open: at least that one is half written.
+    assert!(!partial.is_empty(), "{:?}", files.keys());
     let finished_before = files
         .keys()
         .filter(|k| k.starts_with(".shard-imagenet/") && k.ends_with(".json"))

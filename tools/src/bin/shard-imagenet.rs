@@ -121,20 +121,18 @@ fn shard(args: Args) -> Result<ExitCode> {
         if sp.files_this_run > 0 {
             let secs = sp.seconds.max(1e-9);
             println!(
-                "  this run: {} files, {:.1} MB read in {:.2} s: {:.0} files/s, {:.1} MB/s{}",
+                "  this run: {} files, {:.1} MB read in {:.2} s: {:.0} files/s, {:.1} MB/s",
                 sp.files_this_run,
                 mb(sp.bytes_this_run),
                 sp.seconds,
                 sp.files_this_run as f64 / secs,
                 mb(sp.bytes_this_run) / secs,
-                if sp.num_shards_reused > 0 {
-                    format!(
-                        " ({} shards reused from an earlier run)",
-                        sp.num_shards_reused
-                    )
-                } else {
-                    String::new()
-                }
+            );
+        }
+        if sp.num_shards_reused > 0 && !s.already_complete {
+            println!(
+                "  {} of {} shards reused from an earlier run",
+                sp.num_shards_reused, sp.num_shards
             );
         }
     }
