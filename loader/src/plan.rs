@@ -201,6 +201,22 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
+    /// The plans of every rank of `base.world_size` for `epoch`.
+    fn all_ranks(base: &PlanConfig, epoch: u64) -> Vec<EpochPlan> {
+        (0..base.world_size)
+            .map(|rank| {
+                EpochPlan::new(
+                    &PlanConfig {
+                        rank,
+                        ..base.clone()
+                    },
+                    epoch,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
     fn counts(plans: &[EpochPlan]) -> HashMap<u32, usize> {
         let mut c = HashMap::new();
         for p in plans {
@@ -242,18 +258,7 @@ mod tests {
             world_size: 4,
             ..PlanConfig::new(1002, 16)
         };
-        let plans: Vec<_> = (0..4)
-            .map(|r| {
-                EpochPlan::new(
-                    &PlanConfig {
-                        rank: r,
-                        ..base.clone()
-                    },
-                    3,
-                )
-                .unwrap()
-            })
-            .collect();
+        let plans = all_ranks(&base, 3);
         // 1002 padded to 1004: two indices appear twice, as in DistributedSampler.
         let c = counts(&plans);
         assert_eq!(c.len(), 1002);
@@ -269,18 +274,7 @@ mod tests {
             world_size: 4,
             ..PlanConfig::new(2000, 64)
         };
-        let plans: Vec<_> = (0..4)
-            .map(|r| {
-                EpochPlan::new(
-                    &PlanConfig {
-                        rank: r,
-                        ..base.clone()
-                    },
-                    0,
-                )
-                .unwrap()
-            })
-            .collect();
+        let plans = all_ranks(&base, 0);
         for p in &plans {
             assert_eq!(p.samples().len(), 448);
         }

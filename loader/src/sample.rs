@@ -83,15 +83,6 @@ pub struct StageTimes {
     pub augment_s: f64,
 }
 
-impl StageTimes {
-    /// Adds another's times.
-    pub fn add(&mut self, o: &StageTimes) {
-        self.decode_s += o.decode_s;
-        self.resize_s += o.resize_s;
-        self.augment_s += o.augment_s;
-    }
-}
-
 /// A worker's reusable state: decoder, resizer, scratch buffer.
 pub struct SampleProcessor {
     decoder: Decoder,

@@ -48,38 +48,37 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
-#[test]
-fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = make(dir.path(), &[]);
-    let dst = dir.path().join("dst");
-    let dst_s = dst.to_string_lossy().into_owned();
-    let args = [
-        src.as_str(),
-        dst_s.as_str(),
+/// `shard-imagenet SRC DST --shard-bytes 300000 --threads T -q`.
+fn shard_args(src: &str, dst: &Path, threads: usize) -> Vec<String> {
+    [
+        src,
+        &dst.to_string_lossy(),
         "--shard-bytes",
         "300000",
         "--threads",
-        "1",
+        &threads.to_string(),
         "-q",
-    ];
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
 
-    // Abort (no unwinding, no cleanup) after 14 samples: which shards are finished, half
-    // written or not started depends on the scheduling of the per-shard writer threads.
-    let out = run(
-        SHARD,
-        &args,
-        &[("SHARD_IMAGENET_ABORT_AFTER_SAMPLES", "14")],
-    );
+fn run_args(args: &[String], envs: &[(&str, &str)]) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(SHARD, &args, envs)
+}
+
+/// Aborts the run (no unwinding, no cleanup) after 14 samples and checks that no half-written
+/// shard has its final name and no manifest exists. Which shards are finished, half written or
+/// not started depends on the scheduling of the per-shard writer threads. Returns the number of
+/// finished shards (those whose state file is written, after their renames).
+fn abort_after_14(args: &[String], dst: &Path) -> usize {
+    let out = run_args(args, &[("SHARD_IMAGENET_ABORT_AFTER_SAMPLES", "14")]);
     assert!(!out.status.success());
-    let files = tree(&dst);
+    let files = tree(dst);
     let partial: Vec<&String> = files.keys().filter(|k| k.ends_with(".tar.tmp")).collect();
     // The writer that aborted had its shard open: at least that one is half written.
     assert!(!partial.is_empty(), "{:?}", files.keys());
-    let finished_before = files
-        .keys()
-        .filter(|k| k.starts_with(".shard-imagenet/") && k.ends_with(".json"))
-        .count();
     assert!(!files.contains_key("manifest.json"));
     for p in partial {
         let final_name = p.trim_end_matches(".tmp");
@@ -88,6 +87,20 @@ fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
             "{final_name} must not exist yet"
         );
     }
+    files
+        .keys()
+        .filter(|k| k.starts_with(".shard-imagenet/") && k.ends_with(".json"))
+        .count()
+}
+
+#[test]
+fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &[]);
+    let dst = dir.path().join("dst");
+    let dst_s = dst.to_string_lossy().into_owned();
+    let args = shard_args(&src, &dst, 1);
+    let finished_before = abort_after_14(&args, &dst);
 
     // Nothing passes verify: there is no manifest to vouch for any shard.
     let out = run(SHARD, &["verify", &dst_s], &[]);
@@ -100,7 +113,7 @@ fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
     assert_eq!(err.lines().count(), 1, "{err}");
 
     // The same command again finishes the job, reusing any finished shards.
-    let out = run(SHARD, &args, &[]);
+    let out = run_args(&args, &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout).contains("shards reused from an earlier run"),
@@ -123,62 +136,14 @@ fn interrupted_run_leaves_no_whole_looking_shard_and_a_rerun_completes_it() {
 
     // And the result is byte for byte what an uninterrupted run writes.
     let clean = dir.path().join("clean");
-    let clean_s = clean.to_string_lossy().into_owned();
-    let out = run(
-        SHARD,
-        &[
-            src.as_str(),
-            clean_s.as_str(),
-            "--shard-bytes",
-            "300000",
-            "--threads",
-            "1",
-            "-q",
-        ],
-        &[],
-    );
-    assert!(out.status.success());
+    assert!(run_args(&shard_args(&src, &clean, 1), &[]).status.success());
     assert_eq!(tree(&dst), tree(&clean));
 
     // With two worker threads, several shards are written side by side; the abort leaves
     // some half written, and the rerun (with another thread count) still gives the same bytes.
     let dst2 = dir.path().join("dst2");
-    let dst2_s = dst2.to_string_lossy().into_owned();
-    let args2 = [
-        src.as_str(),
-        dst2_s.as_str(),
-        "--shard-bytes",
-        "300000",
-        "--threads",
-        "2",
-        "-q",
-    ];
-    let out = run(
-        SHARD,
-        &args2,
-        &[("SHARD_IMAGENET_ABORT_AFTER_SAMPLES", "14")],
-    );
-    assert!(!out.status.success());
-    let files = tree(&dst2);
-    let partial: Vec<&String> = files.keys().filter(|k| k.ends_with(".tar.tmp")).collect();
-    assert!(!partial.is_empty(), "{:?}", files.keys());
-    for p in partial {
-        let final_name = p.trim_end_matches(".tmp");
-        assert!(
-            !files.contains_key(final_name),
-            "{final_name} must not exist yet"
-        );
-    }
-    let args2 = [
-        src.as_str(),
-        dst2_s.as_str(),
-        "--shard-bytes",
-        "300000",
-        "--threads",
-        "3",
-        "-q",
-    ];
-    assert!(run(SHARD, &args2, &[]).status.success());
+    abort_after_14(&shard_args(&src, &dst2, 2), &dst2);
+    assert!(run_args(&shard_args(&src, &dst2, 3), &[]).status.success());
     assert_eq!(tree(&dst2), tree(&clean));
 }
 

@@ -318,32 +318,20 @@ fn fidelity(
         let s = split.get(i as u64)?;
         let (w, h) = dec_full.size(s.jpeg).map_err(anyhow::Error::msg)?;
         let g = full.geometry(w, h, &mut sample_rng(0, 0, i as u64));
+        let request = Some(CropRequest {
+            crop: g.crop,
+            size,
+            in_image: false,
+        });
+        let full_opts = DecodeOptions {
+            dct_scaling: false,
+            region: false,
+        };
         let ra = dec_full
-            .decode(
-                s.jpeg,
-                Some(CropRequest {
-                    crop: g.crop,
-                    size,
-                    in_image: false,
-                }),
-                DecodeOptions {
-                    dct_scaling: false,
-                    region: false,
-                },
-                &mut sa,
-            )
+            .decode(s.jpeg, request, full_opts, &mut sa)
             .map_err(anyhow::Error::msg)?;
         let rb = dec_fast
-            .decode(
-                s.jpeg,
-                Some(CropRequest {
-                    crop: g.crop,
-                    size,
-                    in_image: false,
-                }),
-                opts,
-                &mut sb,
-            )
+            .decode(s.jpeg, request, opts, &mut sb)
             .map_err(anyhow::Error::msg)?;
         scales[rb.scale_num as usize] += 1;
         resize_into(
