@@ -1,0 +1,10 @@
+//! The training side of the ResNet strikes back port, in candle.
+//!
+//! Everything here runs on the CPU; CUDA specifics sit behind the `cuda` feature.
+#![deny(missing_docs)]
+
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod recipe;
+pub mod schedule;
