@@ -10,18 +10,22 @@
 
 pub mod batch;
 pub mod decode;
+pub mod mix;
 pub mod pipeline;
 pub mod plan;
+pub mod rand_augment;
 pub mod rng;
 pub mod sample;
 pub mod transform;
 
 pub use batch::{Batch, HostStorage, SkippedSample};
 pub use decode::{DecodeOptions, DecoderKind};
+pub use mix::{MixConfig, MixDraw, MixKind};
 pub use pipeline::{
     EpochRun, EpochSummary, Loader, LoaderConfig, LoaderState, OnCorrupt, StageSeconds,
 };
 pub use plan::{EpochPlan, PlanConfig, PlannedSample};
+pub use rand_augment::{RandAugment, RandAugmentConfig};
 pub use sample::{Augment, Transform};
 
 /// Loader errors.

@@ -54,6 +54,10 @@ struct Args {
     /// Measure the fidelity of the decoding shortcuts instead of speed.
     #[arg(long)]
     fidelity: bool,
+    /// Also measure the train transform with this RandAugment config (timm string, e.g.
+    /// rand-m7-mstd0.5-inc1), reported as transform "train+ra" beside plain "train".
+    #[arg(long)]
+    rand_augment: Option<String>,
     /// Repeats per measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
@@ -77,11 +81,23 @@ fn main() -> std::process::ExitCode {
     exit_on_error("loader-bench", run_bench(Args::parse()))
 }
 
-fn run_bench(a: Args) -> Result<()> {
+fn run_bench(mut a: Args) -> Result<()> {
+    let rand_augment = match &a.rand_augment {
+        Some(c) => {
+            let ra = loader::RandAugment::from_config_str(c).map_err(anyhow::Error::msg)?;
+            if !a.transform.iter().any(|t| t == "train") {
+                bail!("--rand-augment needs the train transform in --transform");
+            }
+            let at = a.transform.iter().position(|t| t == "train").unwrap();
+            a.transform.insert(at + 1, "train+ra".to_owned());
+            Some(Arc::new(ra) as Arc<dyn loader::Augment>)
+        }
+        None => None,
+    };
     if let Some(t) = a
         .transform
         .iter()
-        .find(|t| !["decode", "train", "eval"].contains(&t.as_str()))
+        .find(|t| !["decode", "train", "train+ra", "eval"].contains(&t.as_str()))
     {
         bail!("unknown transform {t:?}: expected decode, train or eval");
     }
@@ -142,17 +158,23 @@ fn run_bench(a: Args) -> Result<()> {
             for _ in 0..a.repeats {
                 let (secs, st) = match tr.as_str() {
                     "decode" => (decode_only(&split, images, *t, decoder)?, None),
-                    "train" | "eval" => {
-                        let transform = if tr == "train" {
-                            Transform::train(a.size)
-                        } else {
+                    "train" | "train+ra" | "eval" => {
+                        let transform = if tr == "eval" {
                             Transform::eval(a.size)
+                        } else {
+                            Transform::train(a.size)
+                        };
+                        let augment = if tr == "train+ra" {
+                            rand_augment.clone()
+                        } else {
+                            None
                         };
                         let (s, st, anon) = run_loader(
                             &split,
                             images,
                             *t,
                             transform,
+                            augment,
                             a.batch_size,
                             decoder,
                             override_opts,
@@ -177,7 +199,8 @@ fn run_bench(a: Args) -> Result<()> {
                 line.as_object_mut().unwrap().extend(
                     json!({
                         "read_ms_per_image": ms(st.read_s), "decode_ms_per_image": ms(st.decode_s),
-                        "resize_ms_per_image": ms(st.resize_s), "collate_ms_per_image": ms(st.collate_s),
+                        "resize_ms_per_image": ms(st.resize_s), "augment_ms_per_image": ms(st.augment_s),
+                        "collate_ms_per_image": ms(st.collate_s),
                         "rss_anon_mb_first_batch": anon_first, "rss_anon_mb_last_batch": anon_last,
                     })
                     .as_object()
@@ -192,13 +215,24 @@ fn run_bench(a: Args) -> Result<()> {
         let Some(dec) = per_core.get(&("decode".to_owned(), *t)) else {
             continue;
         };
-        for tr in ["train", "eval"] {
+        for tr in ["train", "train+ra", "eval"] {
             if let Some(x) = per_core.get(&(tr.to_owned(), *t)) {
                 emit(
                     json!({ "ratio": format!("{tr}_over_decode"), "threads": t, "size": a.size,
                     "per_core_ratio": x / dec }),
                 );
             }
+        }
+    }
+    // RandAugment's cost: extra time per image over the plain train transform, same run.
+    for t in &threads {
+        let plain = per_core.get(&("train".to_owned(), *t));
+        let ra = per_core.get(&("train+ra".to_owned(), *t));
+        if let (Some(plain), Some(ra)) = (plain, ra) {
+            emit(
+                json!({ "ratio": "train_time_added_by_rand_augment", "threads": t,
+                "size": a.size, "rand_augment": a.rand_augment, "added_fraction": plain / ra - 1.0 }),
+            );
         }
     }
     emit(
@@ -255,6 +289,7 @@ fn run_loader(
     images: usize,
     threads: usize,
     transform: Transform,
+    augment: Option<Arc<dyn loader::Augment>>,
     batch_size: usize,
     decoder: DecoderKind,
     decode: Option<DecodeOptions>,
@@ -267,7 +302,7 @@ fn run_loader(
     if let Some(d) = decode {
         cfg.decode = d;
     }
-    let mut l = Loader::new(split.clone(), cfg)?;
+    let mut l = Loader::new_with(split.clone(), cfg, augment)?;
     let start = Instant::now();
     let mut seen = 0;
     let mut anon_first = 0.0;
