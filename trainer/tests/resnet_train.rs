@@ -156,6 +156,67 @@ fn drop_path_is_seeded_and_off_in_eval() -> Result<()> {
 }
 
 #[test]
+fn timm_style_checkpoint_loads_by_name() -> Result<()> {
+    // A checkpoint as timm exports it: every state_dict key, num_batches_tracked included.
+    let dev = Device::Cpu;
+    let cfg = ResNetConfig {
+        squeeze_excite: true,
+        ..tiny(BlockKind::Bottleneck, 3)
+    };
+    let source = cfg.build_seeded(&VarMap::new(), 21, DType::F32, &dev)?;
+    let mut tensors: std::collections::HashMap<String, Tensor> = source
+        .params()
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.clone()))
+        .collect();
+    for (name, _) in source.running_stats() {
+        if let Some(prefix) = name.strip_suffix(".running_mean") {
+            tensors.insert(
+                format!("{prefix}.num_batches_tracked"),
+                Tensor::new(7i64, &dev)?,
+            );
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("timm.safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    let xs = Tensor::from_vec(
+        (0..2 * 3 * 32 * 32)
+            .map(|i| (i % 17) as f32 / 8.0 - 1.0)
+            .collect(),
+        (2, 3, 32, 32),
+        &dev,
+    )?;
+    let want = source.forward_eval(&xs)?.flatten_all()?.to_vec1::<f32>()?;
+
+    // Inference: a VarBuilder over the file's tensors, keyed by timm names.
+    let loaded = candle_core::safetensors::load(&path, &dev)?;
+    let model = cfg.build(candle_nn::VarBuilder::from_tensors(
+        loaded,
+        DType::F32,
+        &dev,
+    ))?;
+    assert_eq!(
+        model.forward_eval(&xs)?.flatten_all()?.to_vec1::<f32>()?,
+        want
+    );
+    assert!(
+        model.trainable_vars().is_err(),
+        "file-backed tensors are not trainable variables"
+    );
+
+    // Fine-tuning: a VarMap model, then VarMap::load (extra keys such as num_batches_tracked are ignored).
+    let mut varmap = VarMap::new();
+    let model = cfg.build_seeded(&varmap, 99, DType::F32, &dev)?;
+    varmap.load(&path)?;
+    assert_eq!(
+        model.forward_eval(&xs)?.flatten_all()?.to_vec1::<f32>()?,
+        want
+    );
+    Ok(())
+}
+
+#[test]
 fn a_few_sgd_steps_reduce_the_loss() -> Result<()> {
     let dev = Device::Cpu;
     let (n, classes) = (8, 4);

@@ -77,6 +77,16 @@ impl BatchNorm2d {
     }
 
     fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        if matches!(dtype, DType::BF16 | DType::F16) {
+            // Batch statistics of half-precision activations are computed in f32.
+            let ys = self.forward_train_full(&xs.to_dtype(DType::F32)?)?;
+            return ys.to_dtype(dtype);
+        }
+        self.forward_train_full(xs)
+    }
+
+    fn forward_train_full(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, c, h, w) = xs.dims4()?;
         let count = n * h * w;
         if count < 2 {
@@ -91,10 +101,10 @@ impl BatchNorm2d {
         let scale = (var.clone() + self.eps)?
             .sqrt()?
             .recip()?
-            .broadcast_mul(&Self::channel_view(&self.weight, c)?)?;
+            .broadcast_mul(&Self::channel_view(&self.weight.to_dtype(xs.dtype())?, c)?)?;
         let ys = centred
             .broadcast_mul(&scale)?
-            .broadcast_add(&Self::channel_view(&self.bias, c)?)?;
+            .broadcast_add(&Self::channel_view(&self.bias.to_dtype(xs.dtype())?, c)?)?;
 
         let m = self.momentum;
         let stat_dtype = self.running_mean.dtype();
@@ -207,6 +217,24 @@ mod tests {
         let i = c * h * w + h * w + 1; // batch 1, channel 1
         let want = (data[i] - rm[1]) / (rv[1] + BN_EPS as f32).sqrt() * 1.5 + 0.25;
         assert!((ye[i] - want).abs() < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_inputs_use_f32_statistics() -> Result<()> {
+        let dev = Device::Cpu;
+        let data: Vec<f32> = (0..2 * 3 * 4 * 4)
+            .map(|i| ((i * 5) % 13) as f32 * 0.25)
+            .collect();
+        let xs = Tensor::from_vec(data, (2, 3, 4, 4), &dev)?;
+        let want = bn(3)?.forward_t(&xs, true)?;
+        let got = bn(3)?.forward_t(&xs.to_dtype(DType::BF16)?, true)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let diff = (got.to_dtype(DType::F32)? - want)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 0.05, "bf16 batch norm differs by {diff}");
         Ok(())
     }
 

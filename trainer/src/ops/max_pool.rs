@@ -9,6 +9,8 @@
 //!
 //! CPU only for now: on other devices the op returns candle's "no cuda implementation" error.
 
+use rayon::prelude::*;
+
 use candle_core::{
     backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape,
     Tensor, WithDType,
@@ -57,6 +59,9 @@ impl MaxPool2d {
                 layout.shape()
             )
         };
+        if n * c * h * w == 0 {
+            bail!("max_pool2d: empty input of shape {:?}", layout.shape())
+        }
         if self.kernel == 0 || self.stride == 0 {
             bail!("max_pool2d: kernel and stride must be positive, got {self:?}")
         }
@@ -79,38 +84,38 @@ impl MaxPool2d {
         Ok(Geometry { n, c, h, w, ho, wo })
     }
 
-    /// Calls `visit(plane, out_index, argmax_index_in_plane)` for every output element, where
-    /// `plane = n * C + c`, and returns the maxima. `at(plane, y, x)` reads the input.
-    fn scan<T: WithDType>(
+    /// Scans the windows of one `[H, W]` plane (`plane = n * C + c`) and calls
+    /// `visit(out_index, argmax_index_in_plane, max)` for each output element. `at(plane, y, x)`
+    /// reads the input.
+    fn scan_plane<T: WithDType>(
         &self,
         g: Geometry,
+        plane: usize,
         at: impl Fn(usize, usize, usize) -> T,
-        mut visit: impl FnMut(usize, usize, usize, T),
+        mut visit: impl FnMut(usize, usize, T),
     ) {
         let (k, s, p) = (self.kernel, self.stride, self.padding);
-        for plane in 0..g.n * g.c {
-            for oy in 0..g.ho {
-                // Window rows clipped to the image; padding never wins over a real value.
-                let y0 = (oy * s).saturating_sub(p);
-                let y1 = (oy * s + k - p).min(g.h);
-                for ox in 0..g.wo {
-                    let x0 = (ox * s).saturating_sub(p);
-                    let x1 = (ox * s + k - p).min(g.w);
-                    let mut best_idx = y0 * g.w + x0;
-                    let mut best = T::from_f64(f64::NEG_INFINITY);
-                    for y in y0..y1 {
-                        for x in x0..x1 {
-                            let v = at(plane, y, x);
-                            // `v != v` is NaN: PyTorch lets a NaN win so that it propagates.
-                            #[allow(clippy::eq_op)]
-                            if v > best || v != v {
-                                best = v;
-                                best_idx = y * g.w + x;
-                            }
+        for oy in 0..g.ho {
+            // Window rows clipped to the image; padding never wins over a real value.
+            let y0 = (oy * s).saturating_sub(p);
+            let y1 = (oy * s + k - p).min(g.h);
+            for ox in 0..g.wo {
+                let x0 = (ox * s).saturating_sub(p);
+                let x1 = (ox * s + k - p).min(g.w);
+                let mut best_idx = y0 * g.w + x0;
+                let mut best = T::from_f64(f64::NEG_INFINITY);
+                for y in y0..y1 {
+                    for x in x0..x1 {
+                        let v = at(plane, y, x);
+                        // `v != v` is NaN: PyTorch lets a NaN win so that it propagates.
+                        #[allow(clippy::eq_op)]
+                        if v > best || v != v {
+                            best = v;
+                            best_idx = y * g.w + x;
                         }
                     }
-                    visit(plane, oy * g.wo + ox, best_idx, best);
                 }
+                visit(oy * g.wo + ox, best_idx, best);
             }
         }
     }
@@ -124,8 +129,10 @@ impl MaxPool2d {
             xs[off + n * st[0] + c * st[1] + y * st[2] + x * st[3]]
         };
         let mut out = vec![T::zero(); g.n * g.c * g.ho * g.wo];
-        let plane_len = g.ho * g.wo;
-        self.scan(g, at, |plane, o, _, v| out[plane * plane_len + o] = v);
+        // Planes are independent: one rayon task per (sample, channel).
+        out.par_chunks_mut(g.ho * g.wo)
+            .enumerate()
+            .for_each(|(plane, o)| self.scan_plane(g, plane, at, |i, _, v| o[i] = v));
         Ok((out, Shape::from((g.n, g.c, g.ho, g.wo))))
     }
 
@@ -152,15 +159,19 @@ impl MaxPool2d {
         };
         let gst = grad_l.stride();
         let goff = grad_l.start_offset();
-        // Accumulate in f64 so overlapping windows sum exactly for every dtype.
-        let plane_in = g.h * g.w;
-        let mut acc = vec![0f64; g.n * g.c * plane_in];
-        self.scan(g, at, |plane, o, arg, _| {
-            let (n, c) = (plane / g.c, plane % g.c);
-            let (oy, ox) = (o / g.wo, o % g.wo);
-            let gv = grad[goff + n * gst[0] + c * gst[1] + oy * gst[2] + ox * gst[3]];
-            acc[plane * plane_in + arg] += gv.to_f64();
-        });
+        // Accumulate in f64 so overlapping windows sum exactly for every dtype. A window's
+        // argmax lies in its own plane, so planes are independent.
+        let mut acc = vec![0f64; g.n * g.c * g.h * g.w];
+        acc.par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(plane, a)| {
+                let (n, c) = (plane / g.c, plane % g.c);
+                self.scan_plane(g, plane, at, |o, arg, _| {
+                    let (oy, ox) = (o / g.wo, o % g.wo);
+                    let gv = grad[goff + n * gst[0] + c * gst[1] + oy * gst[2] + ox * gst[3]];
+                    a[arg] += gv.to_f64();
+                })
+            });
         let out = acc.into_iter().map(T::from_f64).collect();
         Ok((out, Shape::from((g.n, g.c, g.h, g.w))))
     }
