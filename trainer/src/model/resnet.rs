@@ -595,6 +595,11 @@ impl ResNet {
     /// Training forward: BatchNorm on batch statistics (running statistics updated) and
     /// stochastic depth with masks drawn from `drop_path_seed`.
     ///
+    /// Known candle 0.11 limit: the conv2d backward derives one `output_padding` from the height
+    /// and applies it to the width too, so `backward` fails with a shape mismatch when a strided
+    /// conv sees a height and width of different parity (e.g. 32x48 input). Square crops (the
+    /// RSB recipes) are unaffected; the forward is always fine.
+    ///
     /// # Shapes
     /// - `xs`: `[N, in_chans, H, W]`, `N >= 2` (or `H, W` large enough that BN sees > 1 value)
     /// - returns logits `[N, num_classes]`
