@@ -21,6 +21,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::Value;
+use trainer::model::drop_path::drop_path_scales;
 use trainer::model::{is_running_stat, ResNet, ResNetConfig};
 
 fn json(text: &str) -> Value {
@@ -157,6 +158,71 @@ fn drop_path_schedule_equals_timm() {
     }
 }
 
+/// `cfg` with every tensor set to the script's `golden_value`, rounded to f32, in `dtype`.
+fn golden_model(cfg: &ResNetConfig, dtype: DType) -> Result<ResNet> {
+    let varmap = VarMap::new();
+    let model = cfg.build(VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
+    for p in model.params() {
+        p.var()?
+            .set(&tensor_of(&p.name, p.tensor.dims())?.to_dtype(dtype)?)?;
+    }
+    Ok(model)
+}
+
+/// The raw `hashed` values (input, loss coefficients), rounded to f32, in `dtype`.
+fn raw(name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    let v: Vec<f32> = hashed(name, shape.iter().product())
+        .into_iter()
+        .map(|v| v as f32)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
+}
+
+/// timm's seresnet50 at drop_path_rate 0.5, in float64 train mode, with each `DropPath` replaced
+/// by one that applies this crate's mask (`loader::rng` ported to the script): equal logits show
+/// that the drop-path sits where timm's does (after SE, before the shortcut add) and scales by
+/// `1 / keep`, and that the masks are the documented function of `(seed, block index)`.
+#[test]
+fn seeded_drop_path_forward_equals_timm_with_the_same_masks() -> Result<()> {
+    let golden = json(include_str!("golden/resnet_drop_path.json"));
+    let g = &golden["seeded_forward"];
+    let fw = json(include_str!("golden/resnet_forward.json"));
+    let num_classes = fw["num_classes"].as_u64().unwrap() as usize;
+    let in_shape: Vec<usize> = flat(&fw["input_shape"])
+        .iter()
+        .map(|&d| d as usize)
+        .collect();
+    let rate = g["drop_path_rate"].as_f64().unwrap();
+    let seed = g["seed"].as_u64().unwrap();
+    let cfg = ResNetConfig::by_name(g["model"].as_str().unwrap())
+        .unwrap()
+        .with_num_classes(num_classes)
+        .with_drop_path_rate(rate);
+
+    // The masks themselves: keep flags per block (null for the first block, rate 0).
+    let probs = cfg.block_drop_probs();
+    for (k, flags) in g["keep_flags"].as_array().unwrap().iter().enumerate() {
+        let Some(flags) = flags.as_array() else {
+            assert_eq!(probs[k], 0.0);
+            continue;
+        };
+        let got: Vec<bool> = drop_path_scales(flags.len(), probs[k], seed, k)
+            .iter()
+            .map(|&s| s > 0.0)
+            .collect();
+        let want: Vec<bool> = flags.iter().map(|f| f.as_bool().unwrap()).collect();
+        assert_eq!(got, want, "block {k}");
+    }
+
+    let model = golden_model(&cfg, DType::F64)?;
+    let xs = raw("input", &in_shape, DType::F64)?;
+    let logits = flat_t(&model.forward_train(&xs, seed)?)?;
+    let diff = max_abs_diff(&logits, &flat(&g["train_logits_f64"]));
+    println!("seeded drop-path forward, f64: max|d logits| {diff:.2e}");
+    assert!(diff < 1e-9, "logits differ by {diff}");
+    Ok(())
+}
+
 struct Parity {
     eval_logits: f64,
     train_logits: f64,
@@ -173,25 +239,13 @@ fn parity(name: &str, dtype: DType) -> Result<Parity> {
         .map(|&d| d as usize)
         .collect();
 
-    let varmap = VarMap::new();
     let cfg = ResNetConfig::by_name(name)
         .unwrap()
         .with_num_classes(num_classes);
-    let model: ResNet = cfg.build(VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
-    for p in model.params() {
-        p.var()?
-            .set(&tensor_of(&p.name, p.tensor.dims())?.to_dtype(dtype)?)?;
-    }
+    let model = golden_model(&cfg, dtype)?;
     // The input and the loss coefficients are the raw `hashed` values.
-    let raw = |name: &str, shape: &[usize]| {
-        let v: Vec<f32> = hashed(name, shape.iter().product())
-            .into_iter()
-            .map(|v| v as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
-    };
-    let xs = raw("input", &in_shape)?;
-    let coef = raw("loss_coef", &[2, num_classes])?;
+    let xs = raw("input", &in_shape, dtype)?;
+    let coef = raw("loss_coef", &[2, num_classes], dtype)?;
 
     let eval = model.forward_eval(&xs)?;
     let eval_diff = max_abs_diff(&flat_t(&eval)?, &flat(&g["eval_logits"]));

@@ -22,17 +22,11 @@ pub fn drop_path_rates(rate: f64, num_blocks: usize) -> Vec<f64> {
 
 /// The per-sample scale of block `block_index`: `1 / (1 - drop_prob)` for kept samples and 0
 /// for dropped ones (timm's `scale_by_keep`).
-pub fn drop_path_scales(batch: usize, drop_prob: f64, seed: u64, block_index: usize) -> Vec<f32> {
+pub fn drop_path_scales(batch: usize, drop_prob: f64, seed: u64, block_index: usize) -> Vec<f64> {
     let keep = 1.0 - drop_prob;
     let mut rng = Rng::for_item(seed, &[block_index as u64]);
     (0..batch)
-        .map(|_| {
-            if rng.f64() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
+        .map(|_| if rng.f64() < keep { 1.0 / keep } else { 0.0 })
         .collect()
 }
 

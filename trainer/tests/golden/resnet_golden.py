@@ -4,7 +4,9 @@ Run from the repository root with the golden venv:
     /work/.venv-golden/bin/python trainer/tests/golden/resnet_golden.py
 It writes, next to this script:
   resnet_keys.json       state_dict keys and shapes of every model name the trainer knows
-  resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05
+  resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05, and a
+                         float64 train forward of seresnet50 at drop_path_rate=0.5 whose DropPath
+                         modules apply the trainer's masks (loader::rng, ported below)
   resnet_forward.json    eval logits, train logits, running stats after the train forward and
                          per-parameter gradient L2 norms, with weights from a hash formula, in
                          float32 and in float64 (same float32-rounded weights and input)
@@ -87,6 +89,69 @@ def keys():
     return out
 
 
+class Rng:
+    """loader::rng::Rng (SplitMix64), for the trainer's drop-path masks."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def next_u64(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    def f64(self):
+        return (self.next_u64() >> 11) * (1.0 / (1 << 53))
+
+
+def rng_derive(seed, ids):
+    """loader::rng::derive."""
+    r = Rng(seed)
+    h = r.next_u64()
+    for i in ids:
+        r.state ^= ((i * 0xD6E8FEB86659FD93) & M64) ^ h
+        h = r.next_u64()
+    return h
+
+
+class SeededDropPath(torch.nn.Module):
+    """timm DropPath (scale_by_keep) with the trainer's mask for block `index`."""
+
+    def __init__(self, drop_prob, index, seed):
+        super().__init__()
+        self.drop_prob, self.index, self.seed = drop_prob, index, seed
+
+    def keep_flags(self, batch):
+        r = Rng(rng_derive(self.seed, [self.index]))
+        return [r.f64() < 1.0 - self.drop_prob for _ in range(batch)]
+
+    def forward(self, x):
+        keep = 1.0 - self.drop_prob
+        mask = torch.tensor(self.keep_flags(x.shape[0]), dtype=x.dtype).view(-1, 1, 1, 1)
+        return x.div(keep) * mask
+
+
+def drop_path_forward(name="seresnet50", rate=0.5, seed=1234):
+    m = timm.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=rate)
+    fill(m)
+    m = m.double().train()
+    blocks = [b for stage in [m.layer1, m.layer2, m.layer3, m.layer4] for b in stage]
+    flags = []
+    for i, b in enumerate(blocks):
+        if b.drop_path is not None:
+            b.drop_path = SeededDropPath(b.drop_path.drop_prob, i, seed)
+            flags.append(b.drop_path.keep_flags(INPUT_SHAPE[0]))
+        else:
+            flags.append(None)
+    x = torch.from_numpy(hashed("input", int(np.prod(INPUT_SHAPE))).reshape(INPUT_SHAPE).astype(np.float32))
+    with torch.no_grad():
+        logits = m(x.double())
+    return {"model": name, "drop_path_rate": rate, "seed": seed, "keep_flags": flags,
+            "train_logits_f64": logits.tolist()}
+
+
 def drop_path_probs():
     out = {}
     for name in ["resnet18", "resnet50", "resnet101"]:
@@ -136,7 +201,8 @@ def main():
     with open(os.path.join(OUT, "resnet_keys.json"), "w") as f:
         json.dump({"meta": meta, "models": keys()}, f, separators=(",", ":"))
     with open(os.path.join(OUT, "resnet_drop_path.json"), "w") as f:
-        json.dump({"meta": meta, "drop_path_rate": 0.05, "models": drop_path_probs()}, f, indent=1)
+        json.dump({"meta": meta, "drop_path_rate": 0.05, "models": drop_path_probs(),
+                   "seeded_forward": drop_path_forward()}, f, indent=1)
     fw = {"meta": meta, "num_classes": NUM_CLASSES, "input_shape": list(INPUT_SHAPE),
           "models": {n: {"f32": forward(n, torch.float32), "f64": forward(n, torch.float64)}
                      for n in FORWARD_NAMES}}
