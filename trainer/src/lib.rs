@@ -5,6 +5,7 @@
 
 pub mod loss;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;

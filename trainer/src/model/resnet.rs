@@ -1,0 +1,700 @@
+//! The ResNet family of timm v0.5.4 (torchvision v1.5 layout: the stride sits on the 3x3 conv).
+//!
+//! Tensor names equal timm `state_dict` keys, so a timm checkpoint exported to safetensors loads
+//! with a `VarBuilder` as-is (`num_batches_tracked` entries are ignored).
+
+use std::sync::Mutex;
+
+use candle_core::{bail, DType, Device, Result, Tensor, Var};
+use candle_nn::{init::Init, ModuleT, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use super::batch_norm::BatchNorm2d;
+use super::drop_path::{drop_path, drop_path_rates};
+use super::params::{init_timm, Param, ParamKind};
+use super::ModelError;
+use crate::ops::{avg_pool2d_ceil, max_pool2d};
+
+/// The residual block type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// Two 3x3 convs, expansion 1 (ResNet-18/34).
+    Basic,
+    /// 1x1, 3x3 (strided, grouped), 1x1 convs, expansion 4 (ResNet-50 and deeper).
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// Output channels per unit of `planes`.
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The network input stem, in front of the max-pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StemKind {
+    /// One 7x7 stride-2 conv to 64 channels (`conv1`).
+    Conv7x7,
+    /// ResNet-D "deep" stem: 3x3 convs `width`, `width`, `2 * width`, the first strided
+    /// (`conv1.0`, `conv1.3`, `conv1.6` with BNs `conv1.1`, `conv1.4`).
+    Deep {
+        /// Channels of the first two convs (timm `stem_width`).
+        width: usize,
+    },
+}
+
+/// Everything that determines a ResNet's structure and its stochastic depth.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResNetConfig {
+    /// Residual block type.
+    pub block: BlockKind,
+    /// Blocks per stage (`layer1` .. `layer4`).
+    pub layers: [usize; 4],
+    /// Classifier outputs (at least 1).
+    pub num_classes: usize,
+    /// Input channels.
+    pub in_chans: usize,
+    /// Groups of the 3x3 conv in a Bottleneck (ResNeXt); 1 otherwise.
+    pub cardinality: usize,
+    /// Channels per group at `planes = 64` (ResNeXt); 64 otherwise.
+    pub base_width: usize,
+    /// The stem.
+    pub stem: StemKind,
+    /// ResNet-D shortcut: 2x2 average pool, then a stride-1 1x1 conv (`downsample.1`, `.2`).
+    pub avg_down: bool,
+    /// Squeeze-and-excitation after the last BN of each block (`se.fc1`, `se.fc2`).
+    pub squeeze_excite: bool,
+    /// Stochastic depth of the last block; earlier blocks get a linear ramp from 0.
+    pub drop_path_rate: f64,
+    /// Zero-initialise the last BN gamma of every residual branch.
+    pub zero_init_last: bool,
+}
+
+impl ResNetConfig {
+    /// Every name [`ResNetConfig::by_name`] accepts (timm model names).
+    pub const NAMES: &'static [&'static str] = &[
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnet50d",
+        "seresnet50",
+        "resnext50_32x4d",
+    ];
+
+    fn plain(block: BlockKind, layers: [usize; 4]) -> Self {
+        Self {
+            block,
+            layers,
+            num_classes: 1000,
+            in_chans: 3,
+            cardinality: 1,
+            base_width: 64,
+            stem: StemKind::Conv7x7,
+            avg_down: false,
+            squeeze_excite: false,
+            drop_path_rate: 0.0,
+            zero_init_last: true,
+        }
+    }
+
+    /// The timm architecture `name` with 1000 classes and no stochastic depth.
+    pub fn by_name(name: &str) -> std::result::Result<Self, ModelError> {
+        use BlockKind::{Basic, Bottleneck};
+        Ok(match name {
+            "resnet18" => Self::plain(Basic, [2, 2, 2, 2]),
+            "resnet34" => Self::plain(Basic, [3, 4, 6, 3]),
+            "resnet50" => Self::plain(Bottleneck, [3, 4, 6, 3]),
+            "resnet101" => Self::plain(Bottleneck, [3, 4, 23, 3]),
+            "resnet152" => Self::plain(Bottleneck, [3, 8, 36, 3]),
+            "resnet50d" => Self {
+                stem: StemKind::Deep { width: 32 },
+                avg_down: true,
+                ..Self::plain(Bottleneck, [3, 4, 6, 3])
+            },
+            "seresnet50" => Self {
+                squeeze_excite: true,
+                ..Self::plain(Bottleneck, [3, 4, 6, 3])
+            },
+            "resnext50_32x4d" => Self {
+                cardinality: 32,
+                base_width: 4,
+                ..Self::plain(Bottleneck, [3, 4, 6, 3])
+            },
+            _ => {
+                return Err(ModelError::UnknownModel {
+                    name: name.to_string(),
+                    known: Self::NAMES,
+                })
+            }
+        })
+    }
+
+    /// The same architecture with `num_classes` outputs.
+    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
+        self.num_classes = num_classes;
+        self
+    }
+
+    /// The same architecture with stochastic depth `rate` at the last block.
+    pub fn with_drop_path_rate(mut self, rate: f64) -> Self {
+        self.drop_path_rate = rate;
+        self
+    }
+
+    /// Residual blocks in the whole network.
+    pub fn num_blocks(&self) -> usize {
+        self.layers.iter().sum()
+    }
+
+    /// Drop probability of each block, in forward order.
+    pub fn block_drop_probs(&self) -> Vec<f64> {
+        drop_path_rates(self.drop_path_rate, self.num_blocks())
+    }
+
+    /// Channels entering the classifier.
+    pub fn num_features(&self) -> usize {
+        512 * self.block.expansion()
+    }
+
+    /// Checks the combinations timm rejects and the ranges that make no sense.
+    pub fn validate(&self) -> Result<()> {
+        if self.block == BlockKind::Basic && (self.cardinality != 1 || self.base_width != 64) {
+            bail!("resnet: BasicBlock only supports cardinality 1 and base_width 64, got {self:?}")
+        }
+        if self.num_classes == 0 || self.in_chans == 0 || self.cardinality == 0 {
+            bail!("resnet: num_classes, in_chans and cardinality must be positive, got {self:?}")
+        }
+        if !(0.0..1.0).contains(&self.drop_path_rate) {
+            bail!(
+                "resnet: drop_path_rate must be in [0, 1), got {}",
+                self.drop_path_rate
+            )
+        }
+        Ok(())
+    }
+
+    /// Builds the network from `vb`, whose tensors are named as timm's `state_dict`.
+    ///
+    /// With a `VarMap`-backed builder, missing tensors are created with placeholders (zeros,
+    /// BN gamma and running variance 1): call [`ResNet::init_timm`] or use
+    /// [`ResNetConfig::build_seeded`] for a fresh model.
+    pub fn build(&self, vb: VarBuilder) -> Result<ResNet> {
+        ResNet::new(self, vb)
+    }
+
+    /// A freshly initialised network (timm init, a function of `seed`) whose tensors live in
+    /// `varmap` under their timm names, in `dtype` on `device`.
+    pub fn build_seeded(
+        &self,
+        varmap: &VarMap,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<ResNet> {
+        let model = self.build(VarBuilder::from_varmap(varmap, dtype, device))?;
+        model.init_timm(seed)?;
+        Ok(model)
+    }
+}
+
+/// Per-forward settings threaded through the blocks.
+#[derive(Clone, Copy, Debug)]
+struct Ctx {
+    train: bool,
+    drop_path_seed: Option<u64>,
+}
+
+/// Collects the named tensors of a network while it is built.
+struct Builder {
+    params: Vec<Param>,
+}
+
+impl Builder {
+    fn get(
+        &mut self,
+        vb: &VarBuilder,
+        shape: &[usize],
+        name: &str,
+        kind: ParamKind,
+    ) -> Result<Tensor> {
+        let hint = match kind {
+            ParamKind::BnWeight { .. } | ParamKind::BnRunningVar => Init::Const(1.0),
+            _ => Init::Const(0.0),
+        };
+        let tensor = vb.get_with_hints(shape, name, hint)?;
+        let prefix = vb.prefix();
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        self.params.push(Param {
+            name: full,
+            kind,
+            tensor: tensor.clone(),
+        });
+        Ok(tensor)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv(
+        &mut self,
+        vb: &VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        groups: usize,
+        bias: bool,
+    ) -> Result<Conv> {
+        if !c_in.is_multiple_of(groups) || !c_out.is_multiple_of(groups) {
+            bail!(
+                "conv {}: channels {c_in} -> {c_out} not divisible by {groups} groups",
+                vb.prefix()
+            )
+        }
+        let weight = self.get(
+            vb,
+            &[c_out, c_in / groups, kernel, kernel],
+            "weight",
+            ParamKind::ConvWeight,
+        )?;
+        let bias = if bias {
+            let fan_in = c_in / groups * kernel * kernel;
+            Some(self.get(vb, &[c_out], "bias", ParamKind::ConvBias { fan_in })?)
+        } else {
+            None
+        };
+        Ok(Conv {
+            weight,
+            bias,
+            stride,
+            padding: kernel / 2,
+            groups,
+        })
+    }
+
+    fn bn(&mut self, vb: &VarBuilder, c: usize, zero_init: bool) -> Result<BatchNorm2d> {
+        let w = self.get(vb, &[c], "weight", ParamKind::BnWeight { zero_init })?;
+        let b = self.get(vb, &[c], "bias", ParamKind::BnBias)?;
+        let rm = self.get(vb, &[c], "running_mean", ParamKind::BnRunningMean)?;
+        let rv = self.get(vb, &[c], "running_var", ParamKind::BnRunningVar)?;
+        BatchNorm2d::new(w, b, &rm, &rv)
+    }
+}
+
+/// A 2-D convolution with "same"-style padding `kernel / 2`.
+#[derive(Clone, Debug)]
+struct Conv {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+impl Conv {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, self.groups)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// timm `SEModule`: global mean, 1x1 conv down, ReLU, 1x1 conv up, sigmoid gate.
+#[derive(Clone, Debug)]
+struct SqueezeExcite {
+    fc1: Conv,
+    fc2: Conv,
+}
+
+impl SqueezeExcite {
+    /// timm `make_divisible(channels / 16, 8, round_limit=0)`.
+    fn reduced_channels(channels: usize) -> usize {
+        let v = channels as f64 / 16.0;
+        (((v + 4.0) as usize) / 8 * 8).max(8)
+    }
+
+    fn new(b: &mut Builder, vb: &VarBuilder, channels: usize) -> Result<Self> {
+        let rd = Self::reduced_channels(channels);
+        Ok(Self {
+            fc1: b.conv(&vb.pp("fc1"), channels, rd, 1, 1, 1, true)?,
+            fc2: b.conv(&vb.pp("fc2"), rd, channels, 1, 1, 1, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let s = xs.mean_keepdim((2, 3))?;
+        let s = self.fc2.forward(&self.fc1.forward(&s)?.relu()?)?;
+        xs.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)
+    }
+}
+
+/// The projection shortcut of a stage's first block.
+#[derive(Clone, Debug)]
+struct Downsample {
+    /// ResNet-D: 2x2 ceil-mode average pool before a stride-1 conv.
+    avg_pool: bool,
+    conv: Conv,
+    bn: BatchNorm2d,
+}
+
+impl Downsample {
+    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let xs = if self.avg_pool {
+            avg_pool2d_ceil(xs)?
+        } else {
+            xs.clone()
+        };
+        self.bn.forward_t(&self.conv.forward(&xs)?, train)
+    }
+}
+
+/// One residual block: conv-BN pairs with ReLU between them, optional SE, stochastic depth,
+/// shortcut add, ReLU. Basic blocks have two pairs, Bottlenecks three.
+#[derive(Clone, Debug)]
+struct Block {
+    branch: Vec<(Conv, BatchNorm2d)>,
+    se: Option<SqueezeExcite>,
+    downsample: Option<Downsample>,
+    drop_prob: f64,
+    index: usize,
+}
+
+impl Block {
+    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let mut ys = xs.clone();
+        for (i, (conv, bn)) in self.branch.iter().enumerate() {
+            ys = bn.forward_t(&conv.forward(&ys)?, ctx.train)?;
+            if i + 1 < self.branch.len() {
+                ys = ys.relu()?;
+            }
+        }
+        if let Some(se) = &self.se {
+            ys = se.forward(&ys)?;
+        }
+        if ctx.train && self.drop_prob > 0.0 {
+            let Some(seed) = ctx.drop_path_seed else {
+                bail!("resnet: a training forward with drop_path_rate > 0 needs a drop-path seed")
+            };
+            ys = drop_path(&ys, self.drop_prob, seed, self.index)?;
+        }
+        let shortcut = match &self.downsample {
+            Some(d) => d.forward(xs, ctx.train)?,
+            None => xs.clone(),
+        };
+        (ys + shortcut)?.relu()
+    }
+}
+
+/// The input stem: conv(s) and BNs up to `bn1`; ReLU and the 3x3/2 max-pool follow.
+#[derive(Clone, Debug)]
+enum Stem {
+    Conv7x7(Conv),
+    Deep([(Conv, BatchNorm2d); 2], Conv),
+}
+
+/// A timm ResNet. Build it with [`ResNetConfig::build`] or [`ResNetConfig::build_seeded`].
+#[derive(Debug)]
+pub struct ResNet {
+    config: ResNetConfig,
+    stem: Stem,
+    bn1: BatchNorm2d,
+    blocks: Vec<Block>,
+    fc: candle_nn::Linear,
+    params: Vec<Param>,
+    drop_path_seed: Mutex<Option<u64>>,
+}
+
+impl ResNet {
+    fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate()?;
+        let mut b = Builder { params: Vec::new() };
+        let (stem, inplanes) = match cfg.stem {
+            StemKind::Conv7x7 => {
+                let conv = b.conv(&vb.pp("conv1"), cfg.in_chans, 64, 7, 2, 1, false)?;
+                (Stem::Conv7x7(conv), 64)
+            }
+            StemKind::Deep { width } => {
+                let vs = vb.pp("conv1");
+                let c0 = b.conv(&vs.pp("0"), cfg.in_chans, width, 3, 2, 1, false)?;
+                let n1 = b.bn(&vs.pp("1"), width, false)?;
+                let c3 = b.conv(&vs.pp("3"), width, width, 3, 1, 1, false)?;
+                let n4 = b.bn(&vs.pp("4"), width, false)?;
+                let c6 = b.conv(&vs.pp("6"), width, 2 * width, 3, 1, 1, false)?;
+                (Stem::Deep([(c0, n1), (c3, n4)], c6), 2 * width)
+            }
+        };
+        let bn1 = b.bn(&vb.pp("bn1"), inplanes, false)?;
+
+        let drop_probs = cfg.block_drop_probs();
+        let expansion = cfg.block.expansion();
+        let mut blocks = Vec::with_capacity(cfg.num_blocks());
+        let mut c_in = inplanes;
+        for (stage, &num) in cfg.layers.iter().enumerate() {
+            let planes = 64 << stage;
+            let c_out = planes * expansion;
+            let stage_stride = if stage == 0 { 1 } else { 2 };
+            for i in 0..num {
+                let vs = vb.pp(format!("layer{}", stage + 1)).pp(i);
+                let stride = if i == 0 { stage_stride } else { 1 };
+                let zi = cfg.zero_init_last;
+                let mut branch = Vec::with_capacity(3);
+                match cfg.block {
+                    BlockKind::Basic => {
+                        branch.push((
+                            b.conv(&vs.pp("conv1"), c_in, planes, 3, stride, 1, false)?,
+                            b.bn(&vs.pp("bn1"), planes, false)?,
+                        ));
+                        branch.push((
+                            b.conv(&vs.pp("conv2"), planes, planes, 3, 1, 1, false)?,
+                            b.bn(&vs.pp("bn2"), planes, zi)?,
+                        ));
+                    }
+                    BlockKind::Bottleneck => {
+                        let width = planes * cfg.base_width / 64 * cfg.cardinality;
+                        branch.push((
+                            b.conv(&vs.pp("conv1"), c_in, width, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn1"), width, false)?,
+                        ));
+                        branch.push((
+                            b.conv(
+                                &vs.pp("conv2"),
+                                width,
+                                width,
+                                3,
+                                stride,
+                                cfg.cardinality,
+                                false,
+                            )?,
+                            b.bn(&vs.pp("bn2"), width, false)?,
+                        ));
+                        branch.push((
+                            b.conv(&vs.pp("conv3"), width, c_out, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn3"), c_out, zi)?,
+                        ));
+                    }
+                }
+                let se = if cfg.squeeze_excite {
+                    Some(SqueezeExcite::new(&mut b, &vs.pp("se"), c_out)?)
+                } else {
+                    None
+                };
+                let downsample = if i == 0 && (stride != 1 || c_in != c_out) {
+                    let vd = vs.pp("downsample");
+                    Some(if cfg.avg_down {
+                        Downsample {
+                            avg_pool: stride != 1,
+                            conv: b.conv(&vd.pp("1"), c_in, c_out, 1, 1, 1, false)?,
+                            bn: b.bn(&vd.pp("2"), c_out, false)?,
+                        }
+                    } else {
+                        Downsample {
+                            avg_pool: false,
+                            conv: b.conv(&vd.pp("0"), c_in, c_out, 1, stride, 1, false)?,
+                            bn: b.bn(&vd.pp("1"), c_out, false)?,
+                        }
+                    })
+                } else {
+                    None
+                };
+                let index = blocks.len();
+                blocks.push(Block {
+                    branch,
+                    se,
+                    downsample,
+                    drop_prob: drop_probs[index],
+                    index,
+                });
+                c_in = c_out;
+            }
+        }
+
+        let vf = vb.pp("fc");
+        let nf = cfg.num_features();
+        let w = b.get(
+            &vf,
+            &[cfg.num_classes, nf],
+            "weight",
+            ParamKind::LinearWeight,
+        )?;
+        let bias = b.get(
+            &vf,
+            &[cfg.num_classes],
+            "bias",
+            ParamKind::LinearBias { fan_in: nf },
+        )?;
+        Ok(Self {
+            config: cfg.clone(),
+            stem,
+            bn1,
+            blocks,
+            fc: candle_nn::Linear::new(w, Some(bias)),
+            params: b.params,
+            drop_path_seed: Mutex::new(None),
+        })
+    }
+
+    /// The configuration this network was built from.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// Every tensor of the network, in timm `state_dict` order (without `num_batches_tracked`).
+    pub fn params(&self) -> &[Param] {
+        &self.params
+    }
+
+    /// The tensors the optimizer updates, by timm name, in `state_dict` order: everything except
+    /// the BatchNorm running statistics. Fails unless the network was built from a `VarMap`.
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.params
+            .iter()
+            .filter(|p| p.kind.is_trainable())
+            .map(|p| Ok((p.name.clone(), p.var()?)))
+            .collect()
+    }
+
+    /// The BatchNorm running means and variances, by timm name. They change in every training
+    /// forward and are checkpointed, but never optimised or weight-decayed.
+    pub fn running_stats(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter(|p| !p.kind.is_trainable())
+            .map(|p| (p.name.clone(), p.tensor.clone()))
+            .collect()
+    }
+
+    /// Overwrites every tensor with timm's initialisation (see [`init_timm`]), a function of
+    /// `seed` alone.
+    pub fn init_timm(&self, seed: u64) -> Result<()> {
+        init_timm(&self.params, seed)
+    }
+
+    /// Sets the seed of the drop-path masks for the next training [`ModuleT::forward_t`]; the
+    /// forward consumes it, so each step must set a fresh one (derive it from
+    /// `(seed, epoch, step)`). Not needed when `drop_path_rate` is 0.
+    pub fn set_drop_path_seed(&self, seed: u64) {
+        *self
+            .drop_path_seed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(seed);
+    }
+
+    /// Training forward: BatchNorm on batch statistics (running statistics updated) and
+    /// stochastic depth with masks drawn from `drop_path_seed`.
+    ///
+    /// Known candle 0.11 limit: the conv2d backward derives one `output_padding` from the height
+    /// and applies it to the width too, so `backward` fails with a shape mismatch when a strided
+    /// conv sees a height and width of different parity (e.g. 32x48 input). Square crops (the
+    /// RSB recipes) are unaffected; the forward is always fine.
+    ///
+    /// # Shapes
+    /// - `xs`: `[N, in_chans, H, W]`, `N >= 2` (or `H, W` large enough that BN sees > 1 value)
+    /// - returns logits `[N, num_classes]`
+    pub fn forward_train(&self, xs: &Tensor, drop_path_seed: u64) -> Result<Tensor> {
+        self.forward_ctx(
+            xs,
+            Ctx {
+                train: true,
+                drop_path_seed: Some(drop_path_seed),
+            },
+        )
+    }
+
+    /// Evaluation forward: BatchNorm on running statistics, no stochastic depth.
+    ///
+    /// # Shapes
+    /// - `xs`: `[N, in_chans, H, W]`
+    /// - returns logits `[N, num_classes]`
+    pub fn forward_eval(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_ctx(
+            xs,
+            Ctx {
+                train: false,
+                drop_path_seed: None,
+            },
+        )
+    }
+
+    fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let mut ys = match &self.stem {
+            Stem::Conv7x7(conv) => conv.forward(xs)?,
+            Stem::Deep(pairs, last) => {
+                let mut ys = xs.clone();
+                for (conv, bn) in pairs {
+                    ys = bn.forward_t(&conv.forward(&ys)?, ctx.train)?.relu()?;
+                }
+                last.forward(&ys)?
+            }
+        };
+        ys = self.bn1.forward_t(&ys, ctx.train)?.relu()?;
+        ys = max_pool2d(&ys, 3, 2, 1)?;
+        for block in &self.blocks {
+            ys = block.forward(&ys, ctx)?;
+        }
+        let pooled = ys.mean((2, 3))?;
+        candle_nn::Module::forward(&self.fc, &pooled)
+    }
+}
+
+impl ModuleT for ResNet {
+    /// `train = false` is [`ResNet::forward_eval`]. `train = true` is [`ResNet::forward_train`]
+    /// with the seed from [`ResNet::set_drop_path_seed`], which it consumes; without one, a
+    /// network with stochastic depth returns an error rather than reusing a mask.
+    ///
+    /// # Shapes
+    /// - `xs`: `[N, in_chans, H, W]`
+    /// - returns logits `[N, num_classes]`
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if !train {
+            return self.forward_eval(xs);
+        }
+        let seed = self
+            .drop_path_seed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.forward_ctx(
+            xs,
+            Ctx {
+                train: true,
+                drop_path_seed: seed,
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_name_lists_the_known_ones() {
+        let err = ResNetConfig::by_name("resnet51").unwrap_err().to_string();
+        assert!(
+            err.contains("resnet51") && err.contains("resnext50_32x4d"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn se_reduction_matches_timm_make_divisible() {
+        let got: Vec<usize> = [64, 256, 512, 1024, 2048]
+            .iter()
+            .map(|&c| SqueezeExcite::reduced_channels(c))
+            .collect();
+        assert_eq!(got, [8, 16, 32, 64, 128]);
+    }
+}
