@@ -85,7 +85,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The golden model's parameters as named `Var`s, plus their shapes.
-fn golden_vars(g: &Value) -> (Vec<(String, Var)>, HashMap<String, Vec<usize>>) {
+/// Parameter shapes by name.
+type Shapes = HashMap<String, Vec<usize>>;
+
+fn golden_vars(g: &Value) -> (Vec<(String, Var)>, Shapes) {
     let params = g["params"].as_object().unwrap();
     let mut vars = Vec::new();
     let mut shapes = HashMap::new();
@@ -98,11 +101,7 @@ fn golden_vars(g: &Value) -> (Vec<(String, Var)>, HashMap<String, Vec<usize>>) {
     (vars, shapes)
 }
 
-fn grad_store(
-    step: &Value,
-    groups: &[ParamGroup],
-    shapes: &HashMap<String, Vec<usize>>,
-) -> GradStore {
+fn grad_store(step: &Value, groups: &[ParamGroup], shapes: &Shapes) -> GradStore {
     // A GradStore can only be built by backward(): run it on a zero-valued loss and then
     // replace its entries with the golden gradients.
     let mut loss: Option<Tensor> = None;
@@ -134,7 +133,7 @@ fn check_steps(
     steps: &Value,
     opt: &mut dyn TrainOptimizer,
     groups: &[ParamGroup],
-    shapes: &HashMap<String, Vec<usize>>,
+    shapes: &Shapes,
 ) -> (f64, f64) {
     let (mut worst_param, mut worst_delta) = (0.0f64, 0.0f64);
     let vars: HashMap<&str, &Var> = groups
