@@ -11,7 +11,10 @@
 //!   that gives O(1e-6) relative differences, so 1e-5 leaves margin while still catching any wrong
 //!   constant (eps 1e-6 vs 1e-8, missing bias correction, decoupled decay, trust ratio on wd = 0).
 //!   The golden learning rates are large (0.05 to 0.3) so that each step changes the weights by far
-//!   more than f32 rounding.
+//!   more than f32 rounding. The step change is measured from torch's previous parameters, so it
+//!   also carries the drift accumulated in earlier steps (≈2e-7 of |w|, divided by a step as small
+//!   as 0.05·|w| gives ≈4e-6): its bound is 2e-5. One no-decay parameter gets gradients of ~1e-7,
+//!   where eps dominates: running the test with Adam's eps 1e-8 fails by 9e-2.
 //! * Losses: `|rust − torch| ≤ 1e-6 · max(1, |torch|)` (absolute for O(1) values; the soft-target
 //!   CE cases reach 14, where one f32 ulp is 9.5e-7); gradients `≤ 1e-6` absolute.
 //! * Schedule: f64, `≤ 1e-12` relative.
@@ -166,7 +169,7 @@ fn check_steps(
             let d_delta = rel_diff(&got_delta, &want_delta);
             before.insert(pname.clone(), want);
             assert!(
-                d_param <= 1e-5 && d_delta <= 1e-5,
+                d_param <= 1e-5 && d_delta <= 2e-5,
                 "{name} step {i} {pname}: param rel diff {d_param:e}, delta rel diff {d_delta:e}"
             );
             worst_param = worst_param.max(d_param);
