@@ -139,6 +139,38 @@ impl LabelSmoothingCrossEntropy {
     }
 }
 
+/// The training loss a recipe selects (timm v0.5.4 `train.py`): BCE, or cross-entropy that takes
+/// [`SoftTargetCrossEntropy`] for dense (mixed) targets and [`LabelSmoothingCrossEntropy`] for
+/// class indices.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TrainLoss {
+    /// [`BinaryCrossEntropy`] (RSB).
+    Bce(BinaryCrossEntropy),
+    /// Cross-entropy; `smoothing` applies to class-index targets only (mixed targets arrive
+    /// smoothed).
+    Ce {
+        /// Label smoothing ε for class-index targets.
+        smoothing: f64,
+    },
+}
+
+impl TrainLoss {
+    /// The mean loss of a batch (a scalar tensor).
+    ///
+    /// # Shapes
+    /// `logits: [batch, classes]`; targets as [`Targets`] describes.
+    pub fn forward(&self, logits: &Tensor, targets: Targets<'_>) -> Result<Tensor> {
+        match (self, targets) {
+            (Self::Bce(bce), targets) => bce.forward(logits, targets),
+            (Self::Ce { .. }, Targets::Dense(ys)) => SoftTargetCrossEntropy.forward(logits, ys),
+            (Self::Ce { smoothing }, Targets::Classes(labels)) => LabelSmoothingCrossEntropy {
+                smoothing: *smoothing,
+            }
+            .forward(logits, labels),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +192,19 @@ mod tests {
         let y = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
         let l = binary_cross_entropy_with_logits(&x, &y).unwrap();
         assert_eq!(l.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn bce_gradient_at_zero_is_sigmoid_minus_target() {
+        // relu and |x| have kinks at 0; candle differentiates both as the x >= 0 branch, which
+        // makes the kinks cancel: d/dx = 1 - y - 0.5 = sigmoid(0) - y.
+        let x = candle_core::Var::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
+        let y = Tensor::new(&[[1f32, 0.0]], &Device::Cpu).unwrap();
+        let l = binary_cross_entropy_with_logits(x.as_tensor(), &y).unwrap();
+        let g = l.backward().unwrap();
+        let g = g.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+        // Mean over 2 elements halves the per-element gradient.
+        assert_eq!(g, vec![vec![-0.25, 0.25]]);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::loss::BinaryCrossEntropy;
+use crate::loss::{BinaryCrossEntropy, TrainLoss};
 use crate::optim::{LambConfig, SgdConfig};
 use crate::schedule::{CosineWithWarmup, Granularity};
 
@@ -258,6 +258,8 @@ pub struct RunConfig {
     pub log_every_steps: u64,
     /// Loader worker threads; 0 = one per available core.
     pub workers: u32,
+    /// Compute threads for CPU tensor maths (candle's rayon/gemm pool); 0 = library default.
+    pub threads: u32,
 }
 
 /// A complete training recipe. See the [module docs](self).
@@ -345,6 +347,7 @@ impl Recipe {
                 checkpoint_every_steps: 0, // timm saves per epoch (`--recovery-interval` 0)
                 log_every_steps: 50,       // v0.5.4 `--log-interval` 50
                 workers: 0,                // all cores
+                threads: 0,                // library default
             },
         }
     }
@@ -498,6 +501,16 @@ impl Recipe {
         BinaryCrossEntropy {
             smoothing: self.loss.smoothing,
             target_threshold: self.loss.target_threshold.map(|t| t as f32),
+        }
+    }
+
+    /// The training loss `loss.kind` selects (timm v0.5.4 `train.py`).
+    pub fn train_loss(&self) -> TrainLoss {
+        match self.loss.kind {
+            LossKind::Bce => TrainLoss::Bce(self.bce()),
+            LossKind::Ce => TrainLoss::Ce {
+                smoothing: self.loss.smoothing,
+            },
         }
     }
 

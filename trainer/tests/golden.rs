@@ -302,6 +302,15 @@ fn losses_match_timm() {
         worst_loss = worst_loss.max(d);
         worst_grad = worst_grad.max(dg);
     }
+    // timm validates with nn.CrossEntropyLoss: label smoothing 0 must equal it.
+    let ce = g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "ls_ce_s0.0")
+        .unwrap();
+    let d = (ce["loss"].as_f64().unwrap() - g["plain_cross_entropy"].as_f64().unwrap()).abs();
+    assert!(d <= 1e-6, "label smoothing 0 vs F.cross_entropy: {d:e}");
     eprintln!("losses: worst scaled diff {worst_loss:e}, worst grad abs diff {worst_grad:e}");
 }
 

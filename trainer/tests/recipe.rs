@@ -275,6 +275,14 @@ fn derived_settings() {
     assert_eq!(lamb.max_grad_norm, Some(1.0));
     let bce = r.bce();
     assert_eq!(bce.target_threshold, Some(0.2));
+    assert_eq!(r.train_loss(), trainer::loss::TrainLoss::Bce(bce));
+    let ce = r.with_overrides(&["loss.kind=ce"]).unwrap();
+    // A threshold with CE is reported by validate().
+    assert!(ce.validate().is_err());
+    assert_eq!(
+        ce.train_loss(),
+        trainer::loss::TrainLoss::Ce { smoothing: 0.1 }
+    );
     let sched = r.cosine_schedule(r.resolved_lr(2048).0, 625);
     assert_eq!(sched.total_epochs(), 600);
     assert_eq!(sched.lr_at(0, 625), 1e-4);

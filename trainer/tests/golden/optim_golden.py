@@ -166,6 +166,7 @@ def loss_golden():
     logits = torch.randn(b, c, generator=gen) * 3.0
     logits[0, 0] = 40.0   # large magnitudes: the stable BCE form must not overflow
     logits[1, 1] = -40.0
+    logits[2, 2] = 0.0    # exactly 0: the |x| and relu kinks must still give sigmoid(0) - y
     labels = torch.tensor([3, 1, 7, 0, 9, 3])
     cases = []
     for smoothing in (0.1, 0.0):
