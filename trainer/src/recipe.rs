@@ -1,10 +1,12 @@
 //! Training recipes: one typed [`Recipe`], the RSB presets `a1`/`a2`/`a3`, TOML round trips and
 //! `--set key=value` overrides.
 //!
-//! Precedence (STYLE B3): preset < `--config run.toml` < typed flags < `--set`. Overrides are
-//! applied to the `toml::Value` tree of the recipe before it is deserialised
-//! ([`Recipe::with_overrides`]), so an unknown key or a value of the wrong type is an error that
-//! names the key, and `#[serde(deny_unknown_fields)]` rejects stray keys in a config file.
+//! Precedence (STYLE B3): preset < `--config run.toml` < typed flags < `--set`. A config file may
+//! be partial ([`Recipe::merged_with_toml_str`]); both it and `--set` overrides
+//! ([`Recipe::with_overrides`]) are applied to the `toml::Value` tree of the recipe before it is
+//! deserialised, so an unknown key or a value of the wrong type is an error that names the key.
+//! A complete recipe file ([`Recipe::from_toml_str`]) is read with `#[serde(deny_unknown_fields)]`,
+//! which rejects stray keys such as `bn_wd = 0`.
 //!
 //! Sources cited per field: "T1" = the RSB paper's Table 1 (arXiv 2110.00476) as transcribed in
 //! `shared/reference/timm-semantics.md` §1.1; "§1.2" = the timm-level knobs table there; "v0.5.4"
@@ -54,17 +56,21 @@ pub enum RecipeError {
         /// The argument as given.
         arg: String,
     },
-    /// A `--set` key that names no recipe field.
-    #[error("--set {key}: unknown key; known keys here: {}", known.join(", "))]
+    /// A `--set` or config key that names no recipe field.
+    #[error("{origin} {key}: unknown key; known keys here: {}", known.join(", "))]
     UnknownKey {
+        /// Where the key came from: `--set` or a config file.
+        origin: String,
         /// The dotted key.
         key: String,
         /// The keys of the innermost table that exists.
         known: Vec<String>,
     },
-    /// A `--set` value whose TOML type differs from the field's.
-    #[error("--set {key}: expected {expected}, found {found} `{value}`")]
+    /// A `--set` or config value whose TOML type differs from the field's.
+    #[error("{origin} {key}: expected {expected}, found {found} `{value}`")]
     TypeMismatch {
+        /// Where the value came from: `--set` or a config file.
+        origin: String,
         /// The dotted key.
         key: String,
         /// The field's TOML type.
@@ -416,6 +422,25 @@ impl Recipe {
     pub fn with_overrides<S: AsRef<str>>(&self, overrides: &[S]) -> Result<Self, RecipeError> {
         let mut tree = self.to_toml_value()?;
         apply_overrides(&mut tree, overrides)?;
+        Self::from_toml_value(tree)
+    }
+
+    /// Applies `--set key=value` overrides in place (see [`apply_overrides`]); on error `self` is
+    /// unchanged.
+    pub fn apply_overrides<S: AsRef<str>>(&mut self, overrides: &[S]) -> Result<(), RecipeError> {
+        *self = self.with_overrides(overrides)?;
+        Ok(())
+    }
+
+    /// This recipe with a partial TOML recipe laid over it (`--preset a2 --config run.toml`):
+    /// only the keys present in `text` change, each checked like a `--set` override; `origin`
+    /// (the file's path) names the source in errors. A complete recipe works too.
+    pub fn merged_with_toml_str(&self, text: &str, origin: &str) -> Result<Self, RecipeError> {
+        let partial: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| RecipeError::Toml(format!("{origin}: {e}")))?;
+        let mut tree = self.to_toml_value()?;
+        merge_toml_tree(&mut tree, &partial, origin)?;
         Self::from_toml_value(tree)
     }
 
@@ -791,57 +816,99 @@ pub fn apply_overrides<S: AsRef<str>>(
         if key.is_empty() || key.split('.').any(str::is_empty) {
             return Err(RecipeError::MalformedOverride { arg: arg.into() });
         }
-        let mut value = parse_override_value(text.trim());
-        let parts: Vec<&str> = key.split('.').collect();
-        let (last, sections) = parts.split_last().expect("split yields at least one part");
-        let mut table = tree
-            .as_table_mut()
-            .ok_or_else(|| RecipeError::Toml("the recipe is not a table".into()))?;
-        for section in sections {
-            let known: Vec<String> = table.keys().cloned().collect();
-            table = match table.get_mut(*section) {
-                Some(toml::Value::Table(t)) => t,
-                _ => {
-                    return Err(RecipeError::UnknownKey {
-                        key: key.into(),
-                        known,
-                    })
-                }
-            };
+        let value = parse_override_value(text.trim());
+        set_key(tree, key, value, text.trim(), "--set")?;
+    }
+    Ok(())
+}
+
+/// Merges a partial recipe (`[optim]\nlr = 4e-3`) into a recipe's TOML tree, with the checks of
+/// [`apply_overrides`]; `origin` names the source in errors (a config file's path).
+pub fn merge_toml_tree(
+    tree: &mut toml::Value,
+    partial: &toml::Table,
+    origin: &str,
+) -> Result<(), RecipeError> {
+    let mut leaves = Vec::new();
+    collect_leaves("", partial, &mut leaves);
+    for (key, value) in leaves {
+        let shown = value.to_string();
+        set_key(tree, &key, value, &shown, origin)?;
+    }
+    Ok(())
+}
+
+/// The non-table values of a TOML table with their dotted keys, in document order.
+fn collect_leaves(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => collect_leaves(&key, t, out),
+            other => out.push((key, other.clone())),
         }
-        match table.get(*last) {
-            Some(existing) => {
-                if let (toml::Value::Float(_), toml::Value::Integer(i)) = (existing, &value) {
-                    value = toml::Value::Float(*i as f64);
-                }
-                if existing.type_str() != value.type_str() {
-                    return Err(RecipeError::TypeMismatch {
-                        key: key.into(),
-                        expected: existing.type_str().into(),
-                        found: value.type_str().into(),
-                        value: text.trim().into(),
-                    });
-                }
+    }
+}
+
+/// Sets one dotted key of `tree` to `value`, checking that the key exists and the type matches.
+fn set_key(
+    tree: &mut toml::Value,
+    key: &str,
+    mut value: toml::Value,
+    shown: &str,
+    origin: &str,
+) -> Result<(), RecipeError> {
+    let parts: Vec<&str> = key.split('.').collect();
+    let (last, sections) = parts.split_last().expect("split yields at least one part");
+    let unknown = |known: Vec<String>| RecipeError::UnknownKey {
+        origin: origin.into(),
+        key: key.into(),
+        known,
+    };
+    let mut table = tree
+        .as_table_mut()
+        .ok_or_else(|| RecipeError::Toml("the recipe is not a table".into()))?;
+    for section in sections {
+        let known: Vec<String> = table.keys().cloned().collect();
+        table = match table.get_mut(*section) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(unknown(known)),
+        };
+    }
+    match table.get(*last) {
+        Some(existing) => {
+            if let (toml::Value::Float(_), toml::Value::Integer(i)) = (existing, &value) {
+                value = toml::Value::Float(*i as f64);
             }
-            None if OPTIONAL_KEYS.contains(&key) => {}
-            None => {
-                let mut known: Vec<String> = table.keys().cloned().collect();
-                known.extend(
-                    OPTIONAL_KEYS
-                        .iter()
-                        .filter_map(|k| k.strip_prefix(&format!("{}.", sections.join("."))))
-                        .filter(|k| !k.contains('.'))
-                        .map(str::to_string),
-                );
-                known.sort();
-                return Err(RecipeError::UnknownKey {
+            if existing.type_str() != value.type_str() {
+                return Err(RecipeError::TypeMismatch {
+                    origin: origin.into(),
                     key: key.into(),
-                    known,
+                    expected: existing.type_str().into(),
+                    found: value.type_str().into(),
+                    value: shown.into(),
                 });
             }
         }
-        table.insert(last.to_string(), value);
+        None if OPTIONAL_KEYS.contains(&key) => {}
+        None => {
+            let prefix = format!("{}.", sections.join("."));
+            let mut known: Vec<String> = table.keys().cloned().collect();
+            known.extend(
+                OPTIONAL_KEYS
+                    .iter()
+                    .filter_map(|k| k.strip_prefix(prefix.as_str()))
+                    .filter(|k| !k.contains('.'))
+                    .map(str::to_string),
+            );
+            known.sort();
+            return Err(unknown(known));
+        }
     }
+    table.insert(last.to_string(), value);
     Ok(())
 }
 

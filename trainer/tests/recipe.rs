@@ -195,6 +195,44 @@ fn override_errors_name_the_key() {
 }
 
 #[test]
+fn partial_config_layers_over_a_preset() {
+    let text = "[optim]\nlr = 4e-3\n\n[schedule]\ncooldown_epochs = 10\n";
+    let r = Recipe::a2().merged_with_toml_str(text, "run.toml").unwrap();
+    assert_eq!(r.optim.lr, 4e-3);
+    assert_eq!(r.schedule.cooldown_epochs, 10);
+    assert_eq!(r.diff(&Recipe::a2()).unwrap().len(), 2);
+
+    let e = Recipe::a2()
+        .merged_with_toml_str("[optim]\nbn_wd = 0\n", "run.toml")
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("run.toml optim.bn_wd: unknown key; known keys here: "),
+        "{e}"
+    );
+    let e = Recipe::a2()
+        .merged_with_toml_str("[run]\nseed = \"x\"\n", "run.toml")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "run.toml run.seed: expected integer, found string `\"x\"`"
+    );
+
+    // A complete recipe merges to itself.
+    let full = Recipe::a3().to_toml_string().unwrap();
+    assert_eq!(
+        Recipe::a1().merged_with_toml_str(&full, "a3.toml").unwrap(),
+        Recipe::a3()
+    );
+
+    let mut r = Recipe::a1();
+    r.apply_overrides(&["run.seed=7"]).unwrap();
+    assert_eq!(r.run.seed, 7);
+    assert!(r.apply_overrides(&["run.seed=x"]).is_err());
+    assert_eq!(r.run.seed, 7);
+}
+
+#[test]
 fn validate_reports_every_problem() {
     let r = Recipe::a1()
         .with_overrides(&[

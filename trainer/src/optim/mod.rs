@@ -8,10 +8,54 @@
 //! * skip the whole step when any gradient is non-finite, report it in [`StepReport`] and leave
 //!   parameters, moments and the step count untouched. This is what timm's AMP `GradScaler` does
 //!   (`scaler.step` skips `optimizer.step()` on inf/nan); without AMP timm would write NaNs into the
-//!   weights, which no run wants;
+//!   weights, which no run wants. The test is on the global gradient norm (per-parameter sums of
+//!   squares in f32), so a finite gradient whose squared norm overflows f32 (|g| ≳ 1e19) is also
+//!   treated as non-finite;
 //! * keep their maths in f32 on the parameters' device and expose their state as named tensors
 //!   ([`TrainOptimizer::state_tensors`], [`TrainOptimizer::load_state`]) so a checkpoint restores
 //!   them bit-exactly.
+//!
+//! # Example: one update with gradient accumulation
+//!
+//! ```
+//! use candle_core::{DType, Device, Module, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use trainer::loss::Targets;
+//! use trainer::optim::{param_groups, Lamb, TrainOptimizer};
+//! use trainer::recipe::Recipe;
+//!
+//! let recipe = Recipe::a1();
+//! let dev = Device::Cpu;
+//! let varmap = VarMap::new();
+//! let fc = candle_nn::linear(8, 4, VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("fc"))?;
+//!
+//! // `param_groups` drops BatchNorm running statistics, which a VarMap also holds.
+//! let named: Vec<_> = varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+//! let mut opt = Lamb::new(param_groups(named, recipe.optim.weight_decay), recipe.lamb_config())?;
+//! let (base_lr, lr_line) = recipe.resolved_lr(recipe.run.global_batch);
+//! println!("{lr_line}");
+//! let updates_per_epoch = 625;
+//! let schedule = recipe.cosine_schedule(base_lr, updates_per_epoch);
+//! let loss_fn = recipe.train_loss();
+//!
+//! let step = 0; // global update index
+//! let micro_batches = 2; // recipe.accumulation_steps() in a real run
+//! let mut grads: Option<candle_core::backprop::GradStore> = None;
+//! for _ in 0..micro_batches {
+//!     let xs = Tensor::randn(0f32, 1.0, (4, 8), &dev)?;
+//!     let labels = Tensor::new(&[0u32, 1, 2, 3], &dev)?;
+//!     let loss = loss_fn.forward(&fc.forward(&xs)?, Targets::Classes(&labels))?;
+//!     // Each micro-batch loss is a mean: divide so the sum of gradients is the global mean.
+//!     let g = (loss / micro_batches as f64)?.backward()?;
+//!     match grads.as_mut() {
+//!         None => grads = Some(g),
+//!         Some(acc) => acc.extend(g)?, // adds gradients of the same variable
+//!     }
+//! }
+//! let report = opt.step(&grads.unwrap(), schedule.lr_at(step, updates_per_epoch))?;
+//! assert!(report.applied);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! # Precision
 //!
