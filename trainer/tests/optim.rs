@@ -319,3 +319,60 @@ fn varmap_model_trains_with_bce_and_lamb() {
     let state: Vec<String> = opt.state_tensors().into_iter().map(|(k, _)| k).collect();
     assert!(!state.iter().any(|k| k.contains("running")), "{state:?}");
 }
+
+/// Time of one LAMB step over ResNet-50-sized parameters (25.6 M in 161 tensors) on the CPU.
+/// Ignored by default; run with `cargo test -p trainer --test optim -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn lamb_step_time_resnet50_sized() {
+    let dev = Device::Cpu;
+    // Shapes of timm resnet50: conv weights, BN weight/bias, fc.
+    let mut shapes: Vec<(String, Vec<usize>)> = vec![
+        ("conv1.weight".into(), vec![64, 3, 7, 7]),
+        ("bn1.weight".into(), vec![64]),
+        ("bn1.bias".into(), vec![64]),
+    ];
+    let mut in_ch = 64;
+    for (stage, (blocks, width)) in [(3, 64), (4, 128), (6, 256), (3, 512)].iter().enumerate() {
+        for b in 0..*blocks {
+            let out = width * 4;
+            let p = format!("layer{}.{b}", stage + 1);
+            for (k, (o, i, kh)) in [(*width, in_ch, 1), (*width, *width, 3), (out, *width, 1)]
+                .iter()
+                .enumerate()
+            {
+                shapes.push((format!("{p}.conv{}.weight", k + 1), vec![*o, *i, *kh, *kh]));
+                shapes.push((format!("{p}.bn{}.weight", k + 1), vec![*o]));
+                shapes.push((format!("{p}.bn{}.bias", k + 1), vec![*o]));
+            }
+            if b == 0 {
+                shapes.push((format!("{p}.downsample.0.weight"), vec![out, in_ch, 1, 1]));
+                shapes.push((format!("{p}.downsample.1.weight"), vec![out]));
+                shapes.push((format!("{p}.downsample.1.bias"), vec![out]));
+            }
+            in_ch = out;
+        }
+    }
+    shapes.push(("fc.weight".into(), vec![1000, 2048]));
+    shapes.push(("fc.bias".into(), vec![1000]));
+    let vars: Vec<(String, Var)> = shapes
+        .into_iter()
+        .map(|(n, s)| (n, Var::randn(0f32, 0.02, s, &dev).unwrap()))
+        .collect();
+    let numel: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let groups = param_groups(vars, 0.01);
+    let mut grads = grads_for(&groups, 0, 1e-3);
+    for p in groups.iter().flat_map(|g| &g.params) {
+        let w = p.var.as_tensor();
+        grads.insert(w, w.randn_like(0.0, 1e-3).unwrap());
+    }
+    let mut opt = Lamb::new(groups, LambConfig::default()).unwrap();
+    opt.step(&grads, 5e-3).unwrap();
+    let start = std::time::Instant::now();
+    let n = 3;
+    for _ in 0..n {
+        opt.step(&grads, 5e-3).unwrap();
+    }
+    let per_step = start.elapsed().as_secs_f64() / n as f64;
+    eprintln!("lamb step over {numel} params: {:.3} s", per_step);
+}
