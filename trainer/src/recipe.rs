@@ -539,6 +539,33 @@ impl Recipe {
         }
     }
 
+    /// Log lines for the settings whose RSB value is unverified or a choice of this port (see
+    /// the module docs), with the values this recipe uses. A run prints them at start.
+    pub fn unverified_notes(&self) -> Vec<String> {
+        vec![
+            format!(
+                "schedule.cooldown_epochs = {} (timm v0.5.4 default 10; whether RSB passed 0 is unverified)",
+                self.schedule.cooldown_epochs
+            ),
+            format!(
+                "augment.smoothing = {} (Table 1 split A1 0.1 / A2, A3 0 is recalled, unverified)",
+                self.augment.smoothing
+            ),
+            format!(
+                "data.train_interpolation = {:?} (timm v0.5.4 default random; RSB value unverified)",
+                self.data.train_interpolation
+            ),
+            format!(
+                "optim.lr_scaling = {:?} with reference_batch {} (a choice of this port; identity at the paper's batch 2048)",
+                self.optim.lr_scaling, self.optim.reference_batch
+            ),
+            format!(
+                "run.micro_batch = {} (BatchNorm/mixup batch; the paper used 512 per GPU)",
+                self.run.micro_batch
+            ),
+        ]
+    }
+
     /// The fields whose values differ from `base`, as `key: base -> self` lines (for the run log).
     pub fn diff(&self, base: &Recipe) -> Result<Vec<String>, RecipeError> {
         let mut ours = BTreeMap::new();

@@ -325,3 +325,34 @@ fn derived_settings() {
     assert_eq!(sched.total_epochs(), 600);
     assert_eq!(sched.lr_at(0, 625), 1e-4);
 }
+
+/// The presets as committed TOML (`tests/golden/recipes/*.toml`, reviewed against Table 1).
+/// Values are compared, not text, so TOML formatting changes do not matter; set
+/// `UPDATE_RECIPES=1` to rewrite the files after an intended preset change.
+#[test]
+fn presets_match_committed_toml() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/recipes");
+    for name in Recipe::PRESETS {
+        let path = dir.join(format!("{name}.toml"));
+        let preset = Recipe::preset(name).unwrap();
+        if std::env::var_os("UPDATE_RECIPES").is_some() {
+            std::fs::write(&path, preset.to_toml_string().unwrap()).unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            Recipe::from_toml_str(&text).unwrap(),
+            preset,
+            "{}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn unverified_settings_are_logged() {
+    let notes = Recipe::a1().unverified_notes();
+    assert!(notes
+        .iter()
+        .any(|n| n.starts_with("schedule.cooldown_epochs = 0 ")));
+    assert_eq!(notes.len(), 5);
+}
