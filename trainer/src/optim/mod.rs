@@ -52,6 +52,8 @@
 //!         Some(acc) => acc.extend(g)?, // adds gradients of the same variable
 //!     }
 //! }
+//! // LAMB clips the norm of the accumulated (global-batch mean) gradient, as timm clips the
+//! // gradient all-reduced over its ranks.
 //! let report = opt.step(&grads.unwrap(), schedule.lr_at(step, updates_per_epoch))?;
 //! assert!(report.applied);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
