@@ -1,0 +1,104 @@
+//! timm's weight-decay parameter groups (`optim_factory.add_weight_decay` at v0.5.4).
+
+use candle_core::Var;
+
+/// A parameter with its `state_dict`-style name (`layer1.0.conv2.weight`).
+#[derive(Clone, Debug)]
+pub struct NamedVar {
+    /// The parameter's name; also the key of its optimizer state.
+    pub name: String,
+    /// The parameter.
+    pub var: Var,
+}
+
+/// Parameters that share a weight decay.
+#[derive(Clone, Debug)]
+pub struct ParamGroup {
+    /// L2 weight decay of this group; 0 also switches LAMB's trust ratio off for it.
+    pub weight_decay: f64,
+    /// The parameters, in a fixed order.
+    pub params: Vec<NamedVar>,
+}
+
+/// True for BatchNorm buffers that candle-nn registers as `Var`s: names ending in `running_mean`,
+/// `running_var` or `num_batches_tracked` (the last is a PyTorch buffer, matched defensively).
+///
+/// They have no gradient, but an optimizer that held them would give them state and count them in
+/// norms; [`param_groups`] drops them.
+pub fn is_buffer_name(name: &str) -> bool {
+    ["running_mean", "running_var", "num_batches_tracked"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+/// timm's rule for parameters without weight decay: `ndim <= 1 or name.endswith(".bias")`
+/// (v0.5.4 tests `len(shape) == 1`; HEAD `ndim <= 1`, which also covers scalars).
+pub fn skips_weight_decay(name: &str, rank: usize) -> bool {
+    rank <= 1 || name.ends_with(".bias")
+}
+
+/// Splits named variables into timm's two groups: `[no-decay (wd 0), decay (weight_decay)]`.
+///
+/// * BatchNorm buffers ([`is_buffer_name`]) and non-float variables are left out.
+/// * Within a group parameters are sorted by name, so the order does not depend on the
+///   `HashMap` of a `VarMap` (`varmap.data().lock()` gives `(name, var)` pairs).
+/// * An empty group is still returned, so the result always has two groups.
+pub fn param_groups<I>(named_vars: I, weight_decay: f64) -> Vec<ParamGroup>
+where
+    I: IntoIterator<Item = (String, Var)>,
+{
+    let mut no_decay = Vec::new();
+    let mut decay = Vec::new();
+    for (name, var) in named_vars {
+        if is_buffer_name(&name) || !var.dtype().is_float() {
+            continue;
+        }
+        let target = if skips_weight_decay(&name, var.rank()) {
+            &mut no_decay
+        } else {
+            &mut decay
+        };
+        target.push(NamedVar { name, var });
+    }
+    no_decay.sort_by(|a, b| a.name.cmp(&b.name));
+    decay.sort_by(|a, b| a.name.cmp(&b.name));
+    vec![
+        ParamGroup {
+            weight_decay: 0.0,
+            params: no_decay,
+        },
+        ParamGroup {
+            weight_decay,
+            params: decay,
+        },
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn var(shape: &[usize]) -> Var {
+        Var::zeros(shape, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn split_follows_timm_and_drops_bn_buffers() {
+        let vars = vec![
+            ("conv1.weight".to_string(), var(&[4, 3, 3, 3])),
+            ("bn1.weight".to_string(), var(&[4])),
+            ("bn1.bias".to_string(), var(&[4])),
+            ("bn1.running_mean".to_string(), var(&[4])),
+            ("bn1.running_var".to_string(), var(&[4])),
+            ("fc.weight".to_string(), var(&[10, 4])),
+            ("fc.bias".to_string(), var(&[10])),
+        ];
+        let groups = param_groups(vars, 0.02);
+        let names = |g: &ParamGroup| g.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(groups[0].weight_decay, 0.0);
+        assert_eq!(names(&groups[0]), ["bn1.bias", "bn1.weight", "fc.bias"]);
+        assert_eq!(groups[1].weight_decay, 0.02);
+        assert_eq!(names(&groups[1]), ["conv1.weight", "fc.weight"]);
+    }
+}
