@@ -29,6 +29,9 @@ struct Args {
     /// Repeats; the median is reported.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Measure only this op (e.g. under `perf stat`).
+    #[arg(long)]
+    only: Option<String>,
     /// Batch size for Mixup/CutMix.
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
@@ -71,7 +74,16 @@ fn run(a: Args) -> Result<()> {
     let mut img = src.clone();
     let cfg = RandAugmentConfig::parse(&a.rand_augment).map_err(anyhow::Error::msg)?;
     let mut per_op = std::collections::HashMap::new();
+    let only: Option<Op> = a
+        .only
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     for op in Op::ALL {
+        if only.is_some_and(|o| o != op) {
+            continue;
+        }
         for interpolation in [Interpolation::Bilinear, Interpolation::Bicubic] {
             if !op.is_geometric() && interpolation == Interpolation::Bicubic {
                 continue;
@@ -106,6 +118,9 @@ fn run(a: Args) -> Result<()> {
                 "ms_per_image": ms }),
             );
         }
+    }
+    if only.is_some() {
+        return Ok(());
     }
     // Expected cost per image: num_layers draws, each applied with `prob`; geometric ops use
     // the mean of the two filters (the random choice).

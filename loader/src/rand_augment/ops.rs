@@ -158,6 +158,12 @@ fn luma(r: u8, g: u8, b: u8) -> u8 {
 fn blend(degenerate: u8, image: u8, factor: f32) -> u8 {
     let d = degenerate as i32;
     let v = d as f32 + factor * (image as i32 - d) as f32;
+    to_u8(v)
+}
+
+/// Clamps to [0, 255] and truncates: Pillow's `clip8`-style store of a float.
+#[inline(always)]
+fn to_u8(v: f32) -> u8 {
     v.clamp(0.0, 255.0) as u8
 }
 
@@ -170,9 +176,65 @@ fn blend_lut(degenerate: u8, factor: f32) -> [u8; 256] {
     lut
 }
 
+/// Runs `$body` compiled for AVX2 when the CPU has it (same IEEE arithmetic lane by lane, no
+/// fused multiply-add, so the same bytes as the baseline build), else for the baseline target.
+macro_rules! dispatch_avx2 {
+    ($avx2_fn:ident, $base:expr, ($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2")]
+            unsafe fn $avx2_fn($($arg: $ty),*) {
+                $base
+            }
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $avx2_fn($($arg),*) };
+            }
+        }
+        $base
+    }};
+}
+
 /// `ImageEnhance.<kind>(img).enhance(factor)`: 0 gives the degenerate image, 1 the image,
 /// above 1 extrapolates away from the degenerate image. `scratch` is reused for Sharpness.
 pub fn enhance(
+    img: &mut [u8],
+    width: usize,
+    height: usize,
+    kind: Enhance,
+    factor: f64,
+    scratch: &mut Vec<u8>,
+) {
+    dispatch_avx2!(
+        enhance_avx2,
+        enhance_impl(img, width, height, kind, factor, scratch),
+        (img: &mut [u8], width: usize, height: usize, kind: Enhance, factor: f64, scratch: &mut Vec<u8>)
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transform(
+    src: &[u8],
+    dst: &mut [u8],
+    width: usize,
+    height: usize,
+    m: AffineMatrix,
+    interpolation: Interpolation,
+    fill: [u8; 3],
+    exact: bool,
+) {
+    dispatch_avx2!(
+        transform_avx2,
+        transform_impl(src, dst, width, height, m, interpolation, fill, exact),
+        (src: &[u8], dst: &mut [u8], width: usize, height: usize, m: AffineMatrix,
+         interpolation: Interpolation, fill: [u8; 3], exact: bool)
+    )
+}
+
+/// `ImageEnhance.<kind>(img).enhance(factor)`: 0 gives the degenerate image, 1 the image,
+/// above 1 extrapolates away from the degenerate image. `scratch` is reused for Sharpness.
+#[inline(always)]
+fn enhance_impl(
     img: &mut [u8],
     width: usize,
     height: usize,
@@ -222,6 +284,7 @@ pub fn enhance(
 /// precision, summed from 0.5 (Pillow's rounding offset) row below, centre row, row above,
 /// each row's taps left to right, then truncated; the first and last rows and columns are
 /// copied unchanged.
+#[inline(always)]
 fn smooth_3x3(img: &[u8], width: usize, height: usize, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(img);
@@ -249,7 +312,7 @@ fn smooth_3x3(img: &[u8], width: usize, height: usize, out: &mut Vec<u8>) {
             s += f(b0[i]) * k1 + f(b1[i]) * k1 + f(b2[i]) * k1;
             s += f(r0[i]) * k1 + f(r1[i]) * k5 + f(r2[i]) * k1;
             s += f(a0[i]) * k1 + f(a1[i]) * k1 + f(a2[i]) * k1;
-            dst[i] = s.clamp(0.0, 255.0) as u8;
+            dst[i] = to_u8(s);
         }
     }
 }
@@ -298,7 +361,8 @@ pub fn affine_exact(
 /// vertical interpolation weight is exactly 0 and the result is the horizontal pass alone;
 /// likewise for columns (along y). Those cases skip the zero-weight pass.
 #[allow(clippy::too_many_arguments)]
-fn transform(
+#[inline(always)]
+fn transform_impl(
     src: &[u8],
     dst: &mut [u8],
     width: usize,
@@ -364,6 +428,7 @@ fn cubic_weights(d: f32) -> [f32; 4] {
 /// along x) or along a column (along y): the filter weights are computed once per row or
 /// column, and the rows' interiors run as straight loops over bytes that the compiler
 /// vectorises. Anything else (rotation) goes through [`fast_with`].
+#[inline(always)]
 fn fast_shift<const CUBIC: bool, const PASSES: u8>(
     src: &[u8],
     dst: &mut [u8],
@@ -402,7 +467,7 @@ fn fast_shift<const CUBIC: bool, const PASSES: u8>(
                 }
             }
             for (o, a) in out.iter_mut().zip(&acc) {
-                *o = a.clamp(0.0, 255.0) as u8;
+                *o = to_u8(*a);
             }
         }
     } else if PASSES == 2 && unit {
@@ -425,7 +490,7 @@ fn fast_shift<const CUBIC: bool, const PASSES: u8>(
                 }
                 let o = &mut dst[y * stride + x * CH..][..CH];
                 for c in 0..CH {
-                    o[c] = acc[c].clamp(0.0, 255.0) as u8;
+                    o[c] = to_u8(acc[c]);
                 }
             }
         }
@@ -436,6 +501,7 @@ fn fast_shift<const CUBIC: bool, const PASSES: u8>(
 
 /// Output positions `i` in `0..n` whose input coordinate `i + 0.5 + shift` lies in `[0, n)`
 /// (Pillow's bounds test), as a range.
+#[inline(always)]
 fn valid_range(n: usize, shift: f64) -> (usize, usize) {
     let inside = |i: usize| {
         let v = i as f64 + 0.5 + shift;
@@ -458,6 +524,7 @@ fn line_weights<const CUBIC: bool>(d: f32) -> [f32; 4] {
 
 /// One row resampled at `x + shift` (the pixel centre convention folded in: input
 /// coordinate `x + 0.5 + shift`), pixels outside left as they are (the fill colour).
+#[inline(always)]
 fn shift_line<const CUBIC: bool>(
     row: &[u8],
     out: &mut [u8],
@@ -485,7 +552,7 @@ fn shift_line<const CUBIC: bool>(
             }
         }
         for c in 0..CH {
-            out[x * CH + c] = acc[c].clamp(0.0, 255.0) as u8;
+            out[x * CH + c] = to_u8(acc[c]);
         }
     };
     for x in (lo..a).chain(b..hi) {
@@ -503,13 +570,13 @@ fn shift_line<const CUBIC: bool>(
                     + w[1] * s1[i] as f32
                     + w[2] * s2[i] as f32
                     + w[3] * s3[i] as f32;
-                dst[i] = v.clamp(0.0, 255.0) as u8;
+                dst[i] = to_u8(v);
             }
         } else {
             let (s0, s1) = (tap(0), tap(1));
             for i in 0..n {
                 let v = w[0] * s0[i] as f32 + w[1] * s1[i] as f32;
-                dst[i] = v.clamp(0.0, 255.0) as u8;
+                dst[i] = to_u8(v);
             }
         }
     }
@@ -518,6 +585,7 @@ fn shift_line<const CUBIC: bool>(
 /// The fast transform loop (see [`affine`]), specialised like [`exact_with`]. Indices are
 /// clamped to the image, which is what Pillow's edge rules amount to: columns are clamped,
 /// and a row past the bottom repeats the one above it.
+#[inline(always)]
 fn fast_with<const CUBIC: bool, const PASSES: u8>(
     src: &[u8],
     dst: &mut [u8],
@@ -590,8 +658,7 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                     }
                 }
                 for c in 0..CH {
-                    out[c] = (acc[c] + acc[CH + c] + acc[2 * CH + c] + acc[3 * CH + c])
-                        .clamp(0.0, 255.0) as u8;
+                    out[c] = to_u8(acc[c] + acc[CH + c] + acc[2 * CH + c] + acc[3 * CH + c]);
                 }
                 continue;
             } else if !CUBIC && xi >= 0 && xi + 1 < wi && yi >= 0 && yi + 1 < hi {
@@ -606,7 +673,7 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                     }
                 }
                 for c in 0..CH {
-                    out[c] = (acc[c] + acc[CH + c]).clamp(0.0, 255.0) as u8;
+                    out[c] = to_u8(acc[c] + acc[CH + c]);
                 }
                 continue;
             } else {
@@ -631,7 +698,7 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                 }
             }
             for c in 0..CH {
-                out[c] = acc[c].clamp(0.0, 255.0) as u8;
+                out[c] = to_u8(acc[c]);
             }
         }
     }
@@ -668,6 +735,7 @@ fn cubic(v1: f64, v2: f64, v3: f64, v4: f64, d: f64) -> f64 {
 
 /// The transform loop, specialised on the filter (`CUBIC`) and on which passes run
 /// (`PASSES`: 1 horizontal only, 2 vertical only, 3 both).
+#[inline(always)]
 fn exact_with<const CUBIC: bool, const PASSES: u8>(
     src: &[u8],
     dst: &mut [u8],
