@@ -237,6 +237,13 @@ impl Canvas {
         }
     }
 
+    /// A bold (drawn twice, one pixel apart) title centred above the plotting area.
+    fn title(&mut self, r: Rect, s: &str) {
+        let x = r.x + (r.w - Self::text_width(s)) / 2;
+        self.text(x, r.y - 22, s, BLACK);
+        self.text(x + 1, r.y - 22, s, BLACK);
+    }
+
     fn text_width(s: &str) -> i64 {
         s.chars().count() as i64 * GLYPH_W
     }
@@ -270,7 +277,7 @@ impl Axis {
             let d = (hi - lo) * pad;
             (lo, hi) = (lo - d, hi + d);
         }
-        let raw = (hi - lo) / 5.0;
+        let raw = (hi - lo) / 8.0;
         let mag = 10f64.powf(raw.log10().floor());
         let step = [1.0, 2.0, 5.0, 10.0]
             .into_iter()
@@ -346,12 +353,7 @@ impl Frame {
         c.hline(r.x - 1, r.x + r.w, r.y + r.h, BLACK);
         c.vline(r.x - 1, r.y - 1, r.y + r.h, BLACK);
         c.vline(r.x + r.w, r.y - 1, r.y + r.h, BLACK);
-        c.text(
-            r.x + (r.w - Canvas::text_width(title)) / 2,
-            r.y - 22,
-            title,
-            BLACK,
-        );
+        c.title(r, title);
         c.text(
             r.x + (r.w - Canvas::text_width(x_title)) / 2,
             r.y + r.h + 26,
@@ -397,12 +399,7 @@ fn no_data(c: &mut Canvas, panel: usize, title: &str) {
     c.hline(r.x - 1, r.x + r.w, r.y + r.h, BLACK);
     c.vline(r.x - 1, r.y - 1, r.y + r.h, BLACK);
     c.vline(r.x + r.w, r.y - 1, r.y + r.h, BLACK);
-    c.text(
-        r.x + (r.w - Canvas::text_width(title)) / 2,
-        r.y - 22,
-        title,
-        BLACK,
-    );
+    c.title(r, title);
     let s = "no data";
     c.text(
         r.x + (r.w - Canvas::text_width(s)) / 2,
@@ -467,7 +464,7 @@ pub fn render_metrics(m: &Metrics) -> RgbImage {
             legend.push(("train", BLUE));
         }
         if finite(&val) {
-            f.series(&mut c, &val, ORANGE, true);
+            f.series(&mut c, &val, ORANGE, val.len() <= 30);
             legend.push(("val", ORANGE));
         }
         f.legend(&mut c, &legend);
@@ -508,7 +505,7 @@ pub fn render_metrics(m: &Metrics) -> RgbImage {
             y: Axis::fit(top1.iter().chain(&top5).filter(ok).map(|p| p.1), 0.05).expect("finite"),
         };
         f.draw_axes(&mut c, title, "epoch");
-        let markers = m.eval.len() <= 50;
+        let markers = m.eval.len() <= 30;
         f.series(&mut c, &top5, ORANGE, markers);
         f.series(&mut c, &top1, BLUE, markers);
         // Put the legend where the curves are not: accuracy rises, so bottom right is free.
@@ -637,11 +634,14 @@ mod tests {
     #[test]
     fn ticks_are_round_and_labels_fit_the_step() {
         let a = Axis::fit([0.0, 8e-3].into_iter(), 0.0).unwrap();
-        assert_eq!(a.step, 2e-3);
+        assert_eq!(a.step, 1e-3);
         let labels: Vec<String> = a.ticks.iter().map(|&t| a.label(t)).collect();
-        assert_eq!(labels, ["0.000", "0.002", "0.004", "0.006", "0.008"]);
+        assert_eq!(labels[..3], ["0.000", "0.001", "0.002"]);
+        assert_eq!(labels.len(), 9);
+        let a = Axis::fit([0.0, 100.0].into_iter(), 0.05).unwrap();
+        assert_eq!(a.ticks, [0.0, 20.0, 40.0, 60.0, 80.0, 100.0]);
         let a = Axis::fit([0.0, 4e-5].into_iter(), 0.0).unwrap();
-        assert_eq!(a.label(a.ticks[1]), "1e-5");
+        assert_eq!(a.label(a.ticks[1]), "5e-6");
         let a = Axis::fit([0.0, 1000.0].into_iter(), 0.0).unwrap();
         assert_eq!(a.label(600.0), "600");
         // A constant series still gets a range.
