@@ -282,7 +282,7 @@ impl Axis {
         let step = [1.0, 2.0, 5.0, 10.0]
             .into_iter()
             .map(|f| f * mag)
-            .find(|s| *s >= raw)
+            .find(|s| *s >= raw * (1.0 - 1e-9))
             .unwrap_or(10.0 * mag);
         let first = (lo / step).ceil() as i64;
         let last = (hi / step).floor() as i64;
