@@ -295,6 +295,17 @@ impl Axis {
         })
     }
 
+    /// Ticks at whole numbers only (for steps and epochs).
+    fn whole(mut self) -> Axis {
+        if self.step < 1.0 {
+            self.step = 1.0;
+            self.ticks = (self.min.ceil() as i64..=self.max.floor() as i64)
+                .map(|i| i as f64)
+                .collect();
+        }
+        self
+    }
+
     /// A tick label: as many decimals as the step needs, or scientific notation for very small
     /// or very large steps.
     fn label(&self, v: f64) -> String {
@@ -447,7 +458,9 @@ pub fn render_metrics(m: &Metrics) -> RgbImage {
         let ok = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
         let f = Frame {
             r: plot_area(0),
-            x: Axis::fit(loss.iter().chain(&val).filter(ok).map(|p| p.0), 0.02).expect("finite"),
+            x: Axis::fit(loss.iter().chain(&val).filter(ok).map(|p| p.0), 0.02)
+                .expect("finite")
+                .whole(),
             y: Axis::fit(loss.iter().chain(&val).filter(ok).map(|p| p.1), 0.05).expect("finite"),
         };
         f.draw_axes(&mut c, title, "step");
@@ -484,7 +497,9 @@ pub fn render_metrics(m: &Metrics) -> RgbImage {
         }
         let f = Frame {
             r: plot_area(1),
-            x: Axis::fit(lr.iter().filter(ok).map(|p| p.0), 0.02).expect("finite"),
+            x: Axis::fit(lr.iter().filter(ok).map(|p| p.0), 0.02)
+                .expect("finite")
+                .whole(),
             y,
         };
         f.draw_axes(&mut c, title, "step");
@@ -501,7 +516,9 @@ pub fn render_metrics(m: &Metrics) -> RgbImage {
         let ok = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
         let f = Frame {
             r: plot_area(2),
-            x: Axis::fit(top1.iter().chain(&top5).filter(ok).map(|p| p.0), 0.02).expect("finite"),
+            x: Axis::fit(top1.iter().chain(&top5).filter(ok).map(|p| p.0), 0.02)
+                .expect("finite")
+                .whole(),
             y: Axis::fit(top1.iter().chain(&top5).filter(ok).map(|p| p.1), 0.05).expect("finite"),
         };
         f.draw_axes(&mut c, title, "epoch");
@@ -644,6 +661,9 @@ mod tests {
         assert_eq!(a.label(a.ticks[1]), "5e-6");
         let a = Axis::fit([0.0, 1000.0].into_iter(), 0.0).unwrap();
         assert_eq!(a.label(600.0), "600");
+        let a = Axis::fit([0.0, 3.0].into_iter(), 0.02).unwrap().whole();
+        assert_eq!(a.ticks, [0.0, 1.0, 2.0, 3.0]);
+        assert_eq!(a.label(2.0), "2");
         // A constant series still gets a range.
         let a = Axis::fit([3.0, 3.0, f64::NAN].into_iter(), 0.05).unwrap();
         assert!(a.min < 3.0 && a.max > 3.0);
