@@ -322,7 +322,7 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportSumm
         }
     }
     // Read and check everything first.
-    let mut data = Vec::new();
+    let mut data: Vec<(&str, IdxImages, Vec<u8>)> = Vec::new();
     for (split, stem) in SPLITS {
         let images_path = find_idx_file(src, &format!("{stem}-images-idx3-ubyte"))?;
         let labels_path = find_idx_file(src, &format!("{stem}-labels-idx1-ubyte"))?;
@@ -338,7 +338,6 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportSumm
             );
         }
         if let Some((_, first, _)) = data.first() {
-            let first: &IdxImages = first;
             if (first.rows, first.cols) != (images.rows, images.cols) {
                 bail!(
                     "{}: images of {} x {}, expected {} x {} as in the training set",
