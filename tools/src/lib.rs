@@ -3,7 +3,9 @@
 
 pub mod bench;
 pub mod convert;
+pub mod fashion_mnist;
 pub mod photos;
+pub mod plot;
 pub mod progress;
 pub mod sharding;
 pub mod sniff;

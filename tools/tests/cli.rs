@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 const SHARD: &str = env!("CARGO_BIN_EXE_shard-imagenet");
 const MAKE: &str = env!("CARGO_BIN_EXE_make-imagenet-like");
+const IMPORT_FMNIST: &str = env!("CARGO_BIN_EXE_import-fashion-mnist");
+const PLOT: &str = env!("CARGO_BIN_EXE_plot-metrics");
 
 fn run(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut c = Command::new(bin);
@@ -222,5 +224,236 @@ fn verify_reports_problems_with_exit_code_1() {
             idx.display()
         )),
         "{stdout}"
+    );
+}
+
+/// An IDX file: big-endian magic and sizes, then the bytes.
+fn idx_bytes(magic: u32, sizes: &[u32], payload: &[u8]) -> Vec<u8> {
+    let mut v = magic.to_be_bytes().to_vec();
+    for s in sizes {
+        v.extend_from_slice(&s.to_be_bytes());
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Fashion-MNIST-shaped IDX files: `train` gzip-compressed (as Debian ships them), `t10k` plain.
+/// Image i is flat grey at level 10 + 20 * (i % 12) with its label i % 3 (train) or (i + 1) % 10.
+fn write_fake_fashion_mnist(dir: &Path, num_train: u32, num_test: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (stem, n, gz) in [("train", num_train, true), ("t10k", num_test, false)] {
+        let pixels: Vec<u8> = (0..n)
+            .flat_map(|i| std::iter::repeat_n(10 + 20 * (i % 12) as u8, 28 * 28))
+            .collect();
+        let labels: Vec<u8> = (0..n)
+            .map(|i| if stem == "train" { i % 3 } else { (i + 1) % 10 } as u8)
+            .collect();
+        let images = idx_bytes(0x803, &[n, 28, 28], &pixels);
+        let labels = idx_bytes(0x801, &[n], &labels);
+        let (images, labels, ext) = if gz {
+            (gzip(&images), gzip(&labels), ".gz")
+        } else {
+            (images, labels, "")
+        };
+        std::fs::write(dir.join(format!("{stem}-images-idx3-ubyte{ext}")), images).unwrap();
+        std::fs::write(dir.join(format!("{stem}-labels-idx1-ubyte{ext}")), labels).unwrap();
+    }
+}
+
+#[test]
+fn import_fashion_mnist_writes_a_folder_that_shard_imagenet_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let idx = dir.path().join("idx");
+    write_fake_fashion_mnist(&idx, 12, 5);
+    let out = dir.path().join("folder");
+    let (idx_s, out_s) = (idx.to_string_lossy(), out.to_string_lossy());
+    let res = run(
+        IMPORT_FMNIST,
+        &[&idx_s, &out_s, "-q", "--threads", "2"],
+        &[],
+    );
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let stdout = text(&res.stdout);
+    assert!(stdout.contains("train: 12 of 12 images"), "{stdout}");
+    assert!(stdout.contains("val: 5 of 5 images"), "{stdout}");
+
+    let files = tree(&out);
+    let classes = tools::fashion_mnist::CLASS_DIRS;
+    assert_eq!(classes[0], "c0_tshirt_top");
+    assert_eq!(classes[9], "c9_ankle_boot");
+    for (split, n, label_of) in [
+        ("train", 12u32, (|i| i % 3) as fn(u32) -> u32),
+        ("val", 5, |i| (i + 1) % 10),
+    ] {
+        for i in 0..n {
+            let rel = format!("{split}/{}/{i:05}.JPEG", classes[label_of(i) as usize]);
+            let jpeg = files.get(&rel).unwrap_or_else(|| panic!("{rel} missing"));
+            let img = image::load_from_memory(jpeg).unwrap();
+            assert_eq!(img.color(), image::ColorType::L8, "{rel}");
+            let img = img.into_luma8();
+            assert_eq!(img.dimensions(), (28, 28));
+            let want = 10 + 20 * (i % 12) as i32;
+            assert!(
+                img.pixels().all(|p| (p.0[0] as i32 - want).abs() <= 2),
+                "{rel}: expected level {want}"
+            );
+        }
+    }
+    assert_eq!(files.len(), 12 + 5 + 1, "{:?}", files.keys());
+    let synsets = text(&files["LOC_synset_mapping.txt"]);
+    assert!(synsets.starts_with("c0_tshirt_top T-shirt/top\nc1_trouser Trouser\n"));
+    // Every class folder exists in both splits, even an empty one.
+    for split in ["train", "val"] {
+        for c in classes {
+            assert!(out.join(split).join(c).is_dir(), "{split}/{c}");
+        }
+    }
+
+    // The same input gives the same bytes (one thread here); the output is refused twice.
+    let again = dir.path().join("again");
+    let res = run(
+        IMPORT_FMNIST,
+        &[&idx_s, &again.to_string_lossy(), "-q", "--threads", "1"],
+        &[],
+    );
+    assert!(res.status.success());
+    assert_eq!(tree(&again), files);
+    let res = run(IMPORT_FMNIST, &[&idx_s, &out_s, "-q"], &[]);
+    assert_eq!(res.status.code(), Some(2));
+    assert!(text(&res.stderr).contains("already exists"));
+
+    // shard-imagenet takes it as it is, with labels from the class folders and names.
+    let dst = dir.path().join("shards");
+    let res = run(SHARD, &[&out_s, &dst.to_string_lossy(), "-q"], &[]);
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let ds = shards::Dataset::open(&dst).unwrap();
+    let val = ds.split("val").unwrap();
+    assert_eq!(val.len(), 5);
+    let mut got: Vec<(String, u32)> = (0..val.len())
+        .map(|i| {
+            let s = val.get(i).unwrap();
+            (s.key.to_string(), s.label)
+        })
+        .collect();
+    got.sort();
+    let want: Vec<(String, u32)> = (0..5).map(|i| (format!("{i:05}"), (i + 1) % 10)).collect();
+    assert_eq!(got, want);
+
+    // --limit-per-class and --upscale.
+    let small = dir.path().join("small");
+    let res = run(
+        IMPORT_FMNIST,
+        &[
+            &idx_s,
+            &small.to_string_lossy(),
+            "-q",
+            "--limit-per-class",
+            "2",
+            "--upscale",
+            "64",
+        ],
+        &[],
+    );
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let files = tree(&small);
+    let train: Vec<&String> = files.keys().filter(|k| k.starts_with("train/")).collect();
+    assert_eq!(
+        train,
+        [
+            "train/c0_tshirt_top/00000.JPEG",
+            "train/c0_tshirt_top/00003.JPEG",
+            "train/c1_trouser/00001.JPEG",
+            "train/c1_trouser/00004.JPEG",
+            "train/c2_pullover/00002.JPEG",
+            "train/c2_pullover/00005.JPEG",
+        ]
+    );
+    let img = image::load_from_memory(&files["train/c1_trouser/00004.JPEG"]).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 64));
+    assert_eq!(files.keys().filter(|k| k.starts_with("val/")).count(), 5);
+}
+
+#[test]
+fn import_fashion_mnist_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let idx = dir.path().join("idx");
+    write_fake_fashion_mnist(&idx, 4, 2);
+    // Swap the test set's images and labels: each has the other's magic number.
+    let images = idx.join("t10k-images-idx3-ubyte");
+    std::fs::write(&images, idx_bytes(0x801, &[2], &[0, 1])).unwrap();
+    let out = dir.path().join("out").to_string_lossy().into_owned();
+    let res = run(IMPORT_FMNIST, &[&idx.to_string_lossy(), &out, "-q"], &[]);
+    assert_eq!(res.status.code(), Some(2));
+    let err = text(&res.stderr);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "import-fashion-mnist: error: {}: bad magic number 0x00000801, expected 0x00000803 (IDX images) (this is a labels file)",
+            images.display()
+        )
+    );
+    // Nothing is written before every file has been checked.
+    assert!(!Path::new(&out).exists());
+
+    // Counts that disagree.
+    std::fs::write(&images, idx_bytes(0x803, &[3, 28, 28], &[0; 3 * 28 * 28])).unwrap();
+    let res = run(IMPORT_FMNIST, &[&idx.to_string_lossy(), &out, "-q"], &[]);
+    let err = text(&res.stderr);
+    assert!(
+        err.contains("holds 3 images but") && err.contains("holds 2 labels"),
+        "{err}"
+    );
+
+    // A missing file names both names it looked for.
+    let res = run(
+        IMPORT_FMNIST,
+        &[&dir.path().to_string_lossy(), &out, "-q"],
+        &[],
+    );
+    let err = text(&res.stderr);
+    assert!(
+        err.contains("found neither train-images-idx3-ubyte.gz nor train-images-idx3-ubyte"),
+        "{err}"
+    );
+}
+
+#[test]
+fn plot_metrics_writes_a_png() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = dir.path().join("metrics.jsonl");
+    std::fs::write(
+        &jsonl,
+        "{\"epoch\":0,\"step\":0,\"loss\":2.3,\"lr\":0.001}\n\
+         {\"epoch\":0,\"step\":1,\"loss\":2.1,\"lr\":0.002}\n\
+         {\"epoch\":0,\"step\":2,\"top1\":31.0,\"top5\":70.0,\"val_loss\":2.0}\n\
+         garbage\n",
+    )
+    .unwrap();
+    let res = run(PLOT, &[&jsonl.to_string_lossy()], &[]);
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let png = dir.path().join("plot.png");
+    assert_eq!(
+        text(&res.stdout).trim_end(),
+        format!(
+            "{}: 2 training lines, 1 evaluations, 1 lines skipped (not JSON objects)",
+            png.display()
+        )
+    );
+    let img = image::open(&png).unwrap();
+    assert_eq!(
+        (img.width(), img.height()),
+        (tools::plot::WIDTH_PX, tools::plot::HEIGHT_PX)
+    );
+    let res = run(PLOT, &["/nonexistent/metrics.jsonl", "--out", "x.png"], &[]);
+    assert_eq!(res.status.code(), Some(2));
+    assert!(
+        text(&res.stderr).starts_with("plot-metrics: error: reading /nonexistent/metrics.jsonl")
     );
 }
