@@ -3,6 +3,7 @@
 //! Everything here runs on the CPU; CUDA specifics sit behind the `cuda` feature.
 #![deny(missing_docs)]
 
+pub mod batch_aug;
 pub mod loss;
 pub mod model;
 pub mod ops;
