@@ -573,3 +573,39 @@ fn augmentation_hook_is_deterministic() {
     }
     assert!(inverted > 3 && kept > 3, "inverted {inverted}, kept {kept}");
 }
+
+/// RandAugment in the loader: the same bytes for any number of workers, and it changes images.
+#[test]
+fn rand_augment_in_the_loader_is_deterministic() {
+    let (_dir, split) = train_split();
+    let run = |workers: usize, ra: Option<&str>| -> Delivered {
+        let hook: Option<Arc<dyn loader::Augment>> = ra.map(|c| {
+            Arc::new(loader::RandAugment::from_config_str(c).unwrap()) as Arc<dyn loader::Augment>
+        });
+        let mut l = Loader::new_with(split.clone(), config(workers, 5, 32), hook).unwrap();
+        collect(
+            &mut l,
+            LoaderState {
+                epoch: 0,
+                next_batch: 0,
+            },
+        )
+    };
+    let plain = run(2, None);
+    let a = run(1, Some("rand-m9-mstd0.5-inc1"));
+    let b = run(3, Some("rand-m9-mstd0.5-inc1"));
+    assert!(a == b, "RandAugment's draws depend on the worker count");
+    let slot = 32 * 32 * 3;
+    let (mut changed, mut total) = (0, 0);
+    for (x, y) in plain.iter().zip(&a) {
+        for (p, q) in x.3.chunks(slot).zip(y.3.chunks(slot)) {
+            total += 1;
+            changed += (p != q) as usize;
+        }
+    }
+    // Two ops at p = 0.5 each leave about a quarter of the images untouched.
+    assert!(
+        changed * 2 > total && changed < total,
+        "{changed} of {total} changed"
+    );
+}
