@@ -3,9 +3,13 @@
 //! Everything here runs on the CPU; CUDA specifics sit behind the `cuda` feature.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
+pub mod feed;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
+pub mod train;
