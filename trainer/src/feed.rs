@@ -100,9 +100,10 @@ mod tests {
         assert_eq!(feed.labels(&[3, 0, 7])?.to_vec1::<u32>()?, vec![3, 0, 7]);
         let dense = loader::mix::mixed_targets(&[1, 0], 3, 0.75, 0.0);
         let t = feed.targets(&dense, 2, 3)?;
+        // Row i mixes its own label (weight 0.75) with the reversed batch's (0.25).
         assert_eq!(
             t.to_vec2::<f32>()?,
-            vec![vec![0.25, 0.75, 0.0], vec![0.25, 0.75, 0.0]]
+            vec![vec![0.25, 0.75, 0.0], vec![0.75, 0.25, 0.0]]
         );
         Ok(())
     }

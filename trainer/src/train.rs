@@ -666,7 +666,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             if let Some(bar) = &log.bar {
                 bar.set_position(step);
             }
-            if step % recipe.run.log_every_steps == 0 || u + 1 == updates_per_epoch {
+            if step.is_multiple_of(recipe.run.log_every_steps) || u + 1 == updates_per_epoch {
                 let dt = win_start.elapsed().as_secs_f64().max(1e-9);
                 let line = json!({
                     "epoch": epoch, "step": step, "loss": loss, "lr": lr,
@@ -687,7 +687,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 (win_start, win_wait, win_images) = (Instant::now(), 0.0, 0);
             }
             let every = recipe.run.checkpoint_every_steps;
-            if every > 0 && step % every == 0 && u + 1 < updates_per_epoch {
+            if every > 0 && step.is_multiple_of(every) && u + 1 < updates_per_epoch {
                 save(step, run.state(), optimizer.as_ref())?;
             }
         }

@@ -261,7 +261,9 @@ fn validate_reports_every_problem() {
         "{errs:?}"
     );
     assert!(
-        errs[0].to_string().contains("unknown section \"foo3\""),
+        errs[0]
+            .to_string()
+            .contains("section \"foo3\": unknown key \"foo\""),
         "{}",
         errs[0]
     );
