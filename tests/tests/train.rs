@@ -243,13 +243,13 @@ fn a_short_run_learns() {
     let t = std::time::Instant::now();
     let data = shard_set(dir.path(), 10, 24, 6);
     let gen_s = t.elapsed().as_secs_f64();
-    // The recipe's machinery (LAMB, BCE, cosine schedule, RandAugment) with the regularisers
-    // that slow learning on a tiny budget off.
+    // The recipe's machinery (LAMB, BCE with threshold, warmup + cosine, RandomResizedCrop)
+    // with the regularisers that slow learning on a tiny budget (Mixup/CutMix, RandAugment) off.
     let recipe = short_a3(4, 16, 1)
         .with_overrides(&[
             "augment.mix_prob=0.0",
-            "augment.rand_augment=\"rand-m2-mstd0.5-inc1\"",
-            "optim.lr=0.01",
+            "augment.rand_augment=\"\"",
+            "optim.lr=0.02",
             "optim.lr_scaling=\"none\"",
             "run.eval_every_epochs=4",
         ])
@@ -264,10 +264,9 @@ fn a_short_run_learns() {
     );
     assert_eq!(r.samples, 60);
     // Chance is 10 %.
-    assert!(r.top1 > 20.0, "top-1 {} is not above 2x chance", r.top1);
-    assert!(std::fs::read_to_string(run_dir.join("recipe.toml"))
-        .unwrap()
-        .contains("rand-m2-mstd0.5-inc1"));
+    assert!(r.top1 > 30.0, "top-1 {} is not above 3x chance", r.top1);
+    let written = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
+    assert!(written.contains("lr = 0.02"), "{written}");
 }
 
 #[test]
