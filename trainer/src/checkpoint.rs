@@ -248,3 +248,93 @@ pub fn load_optimizer(
         .load_state(&tensors)
         .map_err(|e| err(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{param_groups, Sgd, SgdConfig};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+
+    fn net(init: f64) -> (VarMap, Vec<(String, candle_core::Var)>) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        vb.get_with_hints((3, 2), "fc.weight", candle_nn::Init::Const(init))
+            .unwrap();
+        let vars = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (varmap, vars)
+    }
+
+    fn state(step: u64) -> RunState {
+        RunState {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch: 1,
+            loader: LoaderState {
+                epoch: 1,
+                next_batch: 6,
+            },
+            seed: 3,
+            recipe_hash: "abc".into(),
+            weights: String::new(),
+            optimizer: String::new(),
+        }
+    }
+
+    #[test]
+    fn save_then_latest_round_trips_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, vars) = net(0.5);
+        let opt = Sgd::new(param_groups(vars, 0.0), SgdConfig::default()).unwrap();
+        let err = latest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no checkpoint to resume from"), "{err}");
+        save(dir.path(), &varmap, &opt, state(4)).unwrap();
+        let ck = save(dir.path(), &varmap, &opt, state(8)).unwrap();
+        let found = latest(dir.path()).unwrap();
+        assert_eq!(found.state, ck.state);
+        assert_eq!(found.state.weights, "step-8.safetensors");
+        assert_eq!(found.state.loader.next_batch, 6);
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+        assert_eq!(names.len(), 7, "2 x 3 files + latest: {names:?}");
+
+        let (other, _) = net(-1.0);
+        load_weights(&other, &found.weights_path).unwrap();
+        let w = other.data().lock().unwrap()["fc.weight"]
+            .as_tensor()
+            .clone();
+        assert_eq!(
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.5; 6]
+        );
+    }
+
+    #[test]
+    fn a_shape_mismatch_names_the_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, vars) = net(0.5);
+        let opt = Sgd::new(param_groups(vars, 0.0), SgdConfig::default()).unwrap();
+        let ck = save(dir.path(), &varmap, &opt, state(1)).unwrap();
+        let other = VarMap::new();
+        VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu)
+            .get_with_hints((2, 2), "fc.weight", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let err = load_weights(&other, &ck.weights_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step-1.safetensors")
+                && err.contains("fc.weight: expected shape [2, 2], found [3, 2]"),
+            "{err}"
+        );
+    }
+}
