@@ -4,9 +4,13 @@
 #![deny(missing_docs)]
 
 pub mod batch_aug;
+pub mod checkpoint;
+pub mod feed;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod recipe;
 pub mod schedule;
+pub mod train;

@@ -30,8 +30,6 @@
 //!   per GPU. Not a paper value; pick what fits the device.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
@@ -125,7 +123,8 @@ pub struct DataConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AugmentConfig {
-    /// timm RandAugment string (see [`RandAugmentSpec`]); empty disables RandAugment.
+    /// timm RandAugment string, parsed by [`loader::rand_augment::RandAugmentConfig::parse`];
+    /// empty disables RandAugment.
     pub rand_augment: String,
     /// Mixup Beta(α, α); 0 disables mixup.
     pub mixup_alpha: f64,
@@ -628,7 +627,7 @@ impl Recipe {
         );
 
         if !a.rand_augment.is_empty() {
-            if let Err(e) = a.rand_augment.parse::<RandAugmentSpec>() {
+            if let Err(e) = loader::rand_augment::RandAugmentConfig::parse(&a.rand_augment) {
                 check(false, "augment.rand_augment", e);
             }
         }
@@ -937,102 +936,4 @@ fn set_key(
     }
     table.insert(last.to_string(), value);
     Ok(())
-}
-
-/// A parsed timm RandAugment string such as `rand-m7-mstd0.5-inc1`
-/// (`timm/data/auto_augment.py::rand_augment_transform`).
-///
-/// Sections after `rand`, in any order: `m<int>` magnitude (default 10), `n<int>` ops per image
-/// (default 2), `mstd<float>` magnitude noise σ (> 100 means uniform; default 0), `mmax<int>`
-/// magnitude upper bound (default 10), `inc<0|1>` use the "increasing" op list (default 0),
-/// `w<int>` op-choice weight set. Unknown sections are rejected, naming the token.
-///
-/// timm tests `bool(val)` on the *string*, so its `inc0` would still enable the increasing list;
-/// here `inc0` means off. RSB uses `inc1`, where both agree.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RandAugmentSpec {
-    /// Ops applied per image.
-    pub num_ops: u32,
-    /// Magnitude M (0 to `magnitude_max`).
-    pub magnitude: u32,
-    /// σ of the per-call Gaussian magnitude noise (`f64::INFINITY` = uniform in [0, M]).
-    pub magnitude_std: f64,
-    /// Upper clip of the noisy magnitude.
-    pub magnitude_max: u32,
-    /// Use timm's `_RAND_INCREASING_TRANSFORMS`.
-    pub increasing: bool,
-    /// Index of a set of op-choice weights (`w`), if given.
-    pub weight_idx: Option<u32>,
-}
-
-impl FromStr for RandAugmentSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split('-');
-        if parts.next() != Some("rand") {
-            return Err(format!("{s:?}: must start with \"rand\""));
-        }
-        let mut spec = RandAugmentSpec {
-            num_ops: 2,
-            magnitude: 10,
-            magnitude_std: 0.0,
-            magnitude_max: 10,
-            increasing: false,
-            weight_idx: None,
-        };
-        for token in parts {
-            let split = token
-                .find(|c: char| c.is_ascii_digit())
-                .ok_or_else(|| format!("{s:?}: section {token:?} has no value"))?;
-            let (key, val) = token.split_at(split);
-            let int = |v: &str| {
-                v.parse::<u32>()
-                    .map_err(|_| format!("{s:?}: section {token:?}: {v:?} is not an integer"))
-            };
-            match key {
-                "m" => spec.magnitude = int(val)?,
-                "n" => spec.num_ops = int(val)?,
-                "mmax" => spec.magnitude_max = int(val)?,
-                "w" => spec.weight_idx = Some(int(val)?),
-                "inc" => spec.increasing = int(val)? != 0,
-                "mstd" => {
-                    let v: f64 = val.parse().map_err(|_| {
-                        format!("{s:?}: section {token:?}: {val:?} is not a number")
-                    })?;
-                    spec.magnitude_std = if v > 100.0 { f64::INFINITY } else { v };
-                }
-                _ => {
-                    return Err(format!(
-                        "{s:?}: unknown section {token:?} (known: m, n, mstd, mmax, inc, w)"
-                    ))
-                }
-            }
-        }
-        Ok(spec)
-    }
-}
-
-impl fmt::Display for RandAugmentSpec {
-    /// The canonical timm string (`rand-m7-n2-mstd0.5-mmax10-inc1`).
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mstd = if self.magnitude_std.is_infinite() {
-            "101".to_string()
-        } else {
-            self.magnitude_std.to_string()
-        };
-        write!(
-            f,
-            "rand-m{}-n{}-mstd{}-mmax{}-inc{}",
-            self.magnitude,
-            self.num_ops,
-            mstd,
-            self.magnitude_max,
-            u8::from(self.increasing)
-        )?;
-        if let Some(w) = self.weight_idx {
-            write!(f, "-w{w}")?;
-        }
-        Ok(())
-    }
 }

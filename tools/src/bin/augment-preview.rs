@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use loader::mix::{mix_u8_batch, MixConfig};
-use loader::rand_augment::{Op, OpDraw, RandAugment, RandAugmentConfig, IMAGENET_FILL};
-use loader::transform::{Interpolation, RrcConfig, TrainInterpolation};
-use loader::{Loader, LoaderConfig, PlanConfig, Transform};
+use loader::mix::mix_u8_batch;
+use loader::rand_augment::{Op, OpDraw, RandAugment, IMAGENET_FILL};
+use loader::transform::Interpolation;
+use loader::{Loader, LoaderConfig, PlanConfig};
 use tools::bench::exit_on_error;
 use trainer::recipe::{self, Recipe};
+use trainer::train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -101,32 +102,13 @@ fn load_recipe(a: &Args) -> Result<Recipe> {
     Ok(base.with_overrides(&a.overrides)?)
 }
 
-fn train_interpolation(i: &recipe::Interpolation) -> TrainInterpolation {
-    match i {
-        recipe::Interpolation::Bilinear => TrainInterpolation::Bilinear,
-        recipe::Interpolation::Bicubic => TrainInterpolation::Bicubic,
-        recipe::Interpolation::Random => TrainInterpolation::Random,
-    }
-}
-
 /// The first `n` samples of the epoch as the loader delivers them under the recipe.
 fn samples(a: &Args, data: &std::path::Path) -> Result<(Vec<Vec<u8>>, u32)> {
     let r = load_recipe(a)?;
     let size = r.data.train_size_px;
-    let interpolation = train_interpolation(&r.data.train_interpolation);
-    let transform = Transform::Train {
-        size,
-        rrc: RrcConfig::default(),
-        interpolation,
-    };
-    let augment = if r.augment.rand_augment.is_empty() {
-        None
-    } else {
-        let mut cfg =
-            RandAugmentConfig::parse(&r.augment.rand_augment).map_err(anyhow::Error::msg)?;
-        cfg.interpolation = interpolation;
-        Some(Arc::new(RandAugment::new(cfg)) as Arc<dyn loader::Augment>)
-    };
+    // The trainer's own constructors: what training uses.
+    let transform = train::train_transform(&r)?;
+    let augment = train::rand_augment(&r)?;
     let ds = shards::Dataset::open(data)?;
     let split = Arc::new(ds.split(&a.split)?);
     let n = a.n.min(split.len() as usize).max(1);
@@ -142,14 +124,7 @@ fn samples(a: &Args, data: &std::path::Path) -> Result<(Vec<Vec<u8>>, u32)> {
         .context("the split has no complete batch of that size")??;
     let mut images = batch.images()[..batch.len * (size * size * 3) as usize].to_vec();
     if a.mix {
-        let mix = MixConfig {
-            mixup_alpha: r.augment.mixup_alpha,
-            cutmix_alpha: r.augment.cutmix_alpha,
-            mix_prob: r.augment.mix_prob,
-            switch_prob: r.augment.switch_prob,
-            label_smoothing: r.augment.smoothing,
-        };
-        let draw = mix.draw(r.run.seed, a.epoch, 0, size as usize, size as usize);
+        let draw = train::mix_config(&r).draw(r.run.seed, a.epoch, 0, size as usize, size as usize);
         eprintln!("augment-preview: batch 0 mix draw {draw:?}");
         let even = batch.len / 2 * 2;
         let len = (size * size * 3) as usize;

@@ -284,6 +284,7 @@ fn decode_only(
 }
 
 /// The loader over the first `images` samples (a plan over the whole split, cut short).
+#[allow(clippy::too_many_arguments)]
 fn run_loader(
     split: &Arc<shards::Split>,
     images: usize,

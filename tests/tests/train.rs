@@ -1,0 +1,322 @@
+//! The training loop on generated shards: exact resume, learning, and gradient accumulation.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use tools::sharding::{run, ShardOptions};
+use tools::synth::{generate, SynthOptions, ValLayout};
+use trainer::loss::Targets;
+use trainer::model::ResNetConfig;
+use trainer::recipe::{Interpolation, Recipe};
+use trainer::train::{train, GradAccumulator, Progress, TrainOptions};
+
+/// A generated `make-imagenet-like` set, sharded into `dir/shards`.
+fn shard_set(dir: &Path, classes: usize, per_class: usize, val_per_class: usize) -> PathBuf {
+    let src = dir.join("src");
+    generate(
+        &src,
+        &SynthOptions {
+            classes,
+            per_class,
+            val_per_class,
+            seed: 5,
+            oddities: false,
+            val_layout: ValLayout::Folders,
+            quality: 90,
+            threads: 2,
+        },
+    )
+    .unwrap();
+    let dst = dir.join("shards");
+    run(
+        &src,
+        &dst,
+        &ShardOptions {
+            quiet: true,
+            threads: 2,
+            // Small files decode fast; the crops are 32 px anyway.
+            max_side: Some(96),
+            ..ShardOptions::default()
+        },
+    )
+    .unwrap();
+    dst
+}
+
+/// ResNet-10: resnet18's stem and widths with one BasicBlock per stage.
+fn tiny_net() -> ResNetConfig {
+    ResNetConfig {
+        layers: [1, 1, 1, 1],
+        ..ResNetConfig::by_name("resnet18").unwrap()
+    }
+}
+
+/// A3 shortened to `epochs` epochs at 32 px with micro-batches of `micro` and `accum` of them
+/// per update, everything else (BCE with threshold, LAMB, Mixup/CutMix, RandAugment) as A3.
+fn short_a3(epochs: u32, micro: u32, accum: u32) -> Recipe {
+    Recipe::a3()
+        .with_overrides(&[
+            format!("schedule.epochs={epochs}"),
+            "schedule.warmup_epochs=1".into(),
+            "data.train_size_px=32".into(),
+            "data.test_size_px=32".into(),
+            format!("run.micro_batch={micro}"),
+            format!("run.global_batch={}", micro * accum),
+            "run.log_every_steps=1".into(),
+            "run.workers=2".into(),
+        ])
+        .unwrap()
+}
+
+fn options(recipe: Recipe, data: &Path, run_dir: &Path) -> TrainOptions {
+    let mut o = TrainOptions::new(recipe, data, run_dir);
+    o.model = Some(tiny_net());
+    o.progress = Progress::Quiet;
+    o
+}
+
+fn load(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every tensor of two safetensors files, compared byte for byte.
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (ta, tb) = (load(a), load(b));
+    let mut keys: Vec<&String> = ta.keys().collect();
+    keys.sort();
+    let mut kb: Vec<&String> = tb.keys().collect();
+    kb.sort();
+    assert_eq!(keys, kb, "{} vs {}: tensor names", a.display(), b.display());
+    assert!(!keys.is_empty());
+    for k in keys {
+        let (x, y) = (&ta[k], &tb[k]);
+        assert_eq!(x.dtype(), y.dtype(), "{k}");
+        let bytes = |t: &Tensor| -> Vec<u64> {
+            let t = t.flatten_all().unwrap();
+            match t.dtype() {
+                DType::F32 => t
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits() as u64)
+                    .collect(),
+                _ => t
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            }
+        };
+        assert!(
+            bytes(x) == bytes(y),
+            "{k}: values differ between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn metric_lines(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The last line logged for each (kind, step): a resumed run logs the replayed steps again.
+fn by_step(lines: &[serde_json::Value]) -> HashMap<(bool, u64), serde_json::Value> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                (l.get("top1").is_some(), l["step"].as_u64().unwrap()),
+                l.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_is_bit_identical_to_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    // 36 samples / micro 4 = 9 micro-batches = 4 updates of 2 per epoch; 2 epochs = 8 updates.
+    // Drop-path on, so its per-step seeds are exercised too; a checkpoint every 2 updates.
+    let recipe = short_a3(2, 4, 2)
+        .with_overrides(&["model.drop_path_rate=0.1", "run.checkpoint_every_steps=2"])
+        .unwrap();
+
+    let straight = dir.path().join("straight");
+    let s = train(&options(recipe.clone(), &data, &straight)).unwrap();
+    assert_eq!((s.steps, s.updates_per_epoch, s.interrupted), (8, 4, false));
+
+    // Stopped after update 7: the latest checkpoint is the periodic one at 6, mid-epoch 1.
+    let resumed = dir.path().join("resumed");
+    let mut o = options(recipe.clone(), &data, &resumed);
+    o.max_steps = Some(7);
+    let s = train(&o).unwrap();
+    assert_eq!((s.steps, s.interrupted), (7, true));
+    let latest = std::fs::read_to_string(resumed.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-6");
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(resumed.join("checkpoints/step-6.json")).unwrap())
+            .unwrap();
+    assert_eq!(side["loader"]["epoch"], 1);
+    assert_eq!(
+        side["loader"]["next_batch"], 4,
+        "2 updates x 2 micro-batches into epoch 1"
+    );
+
+    let mut o = options(recipe.clone(), &data, &resumed);
+    o.resume = true;
+    let s = train(&o).unwrap();
+    assert_eq!((s.steps, s.interrupted), (8, false));
+
+    let ck = |d: &Path, f: &str| d.join("checkpoints").join(f);
+    assert_same_tensors(
+        &ck(&straight, "step-8.safetensors"),
+        &ck(&resumed, "step-8.safetensors"),
+    );
+    assert_same_tensors(
+        &ck(&straight, "step-8.optim.safetensors"),
+        &ck(&resumed, "step-8.optim.safetensors"),
+    );
+    // Training actually moved the weights away from the step-2 checkpoint.
+    let (w2, w8) = (
+        load(&ck(&straight, "step-2.safetensors")),
+        load(&ck(&straight, "step-8.safetensors")),
+    );
+    let diff = (&w2["fc.weight"] - &w8["fc.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() > 0.0);
+
+    // Metrics: the same loss, lr and evaluation at every step.
+    let (a, b) = (metric_lines(&straight), metric_lines(&resumed));
+    let (ma, mb) = (by_step(&a), by_step(&b));
+    assert_eq!(ma.len(), 8 + 2, "8 step lines and 2 eval lines: {a:?}");
+    for (key, la) in &ma {
+        let lb = &mb[key];
+        for field in ["epoch", "loss", "lr", "top1", "top5", "val_loss"] {
+            assert_eq!(la.get(field), lb.get(field), "{key:?} {field}");
+        }
+    }
+    // One update per 2 micro-batches, with the per-epoch schedule: warmup lr in epoch 0.
+    let sched = recipe.cosine_schedule(recipe.resolved_lr(8).0, 4);
+    for step in 1..=8u64 {
+        let line = &ma[&(false, step)];
+        assert_eq!(line["lr"].as_f64().unwrap(), sched.lr_at(step - 1, 4));
+        assert_eq!(line["epoch"].as_u64().unwrap(), (step - 1) / 4);
+    }
+    assert_eq!(
+        ma[&(false, 1)]["lr"].as_f64().unwrap(),
+        recipe.schedule.warmup_lr
+    );
+
+    // A changed recipe refuses to resume from these checkpoints, naming the sidecar.
+    let mut o = options(
+        recipe.with_overrides(&["optim.lr=0.001"]).unwrap(),
+        &data,
+        &resumed,
+    );
+    o.resume = true;
+    let err = train(&o).unwrap_err().to_string();
+    assert!(
+        err.contains("step-8.json") && err.contains("recipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_short_run_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let data = shard_set(dir.path(), 10, 24, 6);
+    let gen_s = t.elapsed().as_secs_f64();
+    // The recipe's machinery (LAMB, BCE with threshold, warmup + cosine, RandomResizedCrop)
+    // with the regularisers that slow learning on a tiny budget (Mixup/CutMix, RandAugment) off.
+    let recipe = short_a3(4, 16, 1)
+        .with_overrides(&[
+            "augment.mix_prob=0.0",
+            "augment.rand_augment=\"\"",
+            "optim.lr=0.02",
+            "optim.lr_scaling=\"none\"",
+            "run.eval_every_epochs=4",
+        ])
+        .unwrap();
+    assert_eq!(recipe.data.test_interpolation, Interpolation::Bicubic);
+    let run_dir = dir.path().join("run");
+    let s = train(&options(recipe, &data, &run_dir)).unwrap();
+    let r = s.last_eval.unwrap();
+    eprintln!(
+        "generate {gen_s:.1} s, train+eval {:.1} s: top1 {:.1} top5 {:.1} val loss {:.3} ({} images)",
+        s.wall_s, r.top1, r.top5, r.loss, r.samples
+    );
+    assert_eq!(r.samples, 60);
+    // Chance is 10 %.
+    assert!(r.top1 > 30.0, "top-1 {} is not above 3x chance", r.top1);
+    let written = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
+    assert!(written.contains("lr = 0.02"), "{written}");
+}
+
+#[test]
+fn accumulated_gradients_equal_the_full_batch_gradient() -> candle_core::Result<()> {
+    // A model without BatchNorm: micro-batch losses divided by the number of micro-batches,
+    // summed, give the gradient of the mean loss over the whole batch.
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let fc = candle_nn::linear(
+        6,
+        5,
+        VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("fc"),
+    )?;
+    let vars: Vec<(String, candle_core::Var)> = {
+        let mut v: Vec<_> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let xs = Tensor::randn(0f32, 1.0, (8, 6), &dev)?;
+    let labels = Tensor::new(&[0u32, 1, 2, 3, 4, 0, 1, 2], &dev)?;
+    let loss_fn = Recipe::a1().train_loss();
+
+    let mut full = GradAccumulator::new(&vars);
+    full.add(
+        loss_fn
+            .forward(&fc.forward(&xs)?, Targets::Classes(&labels))?
+            .backward()?,
+    )?;
+    let full = full.into_store();
+
+    let mut acc = GradAccumulator::new(&vars);
+    for m in 0..2 {
+        let (x, y) = (xs.narrow(0, 4 * m, 4)?, labels.narrow(0, 4 * m, 4)?);
+        let loss = (loss_fn.forward(&fc.forward(&x)?, Targets::Classes(&y))? / 2.0)?;
+        acc.add(loss.backward()?)?;
+    }
+    let acc = acc.into_store();
+    for (name, var) in &vars {
+        let a = full.get(var.as_tensor()).unwrap();
+        let b = acc.get(var.as_tensor()).unwrap();
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(scale > 0.0, "{name}: zero gradient");
+        let err = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-6 * scale.max(1.0), "{name}: max difference {err}");
+    }
+    Ok(())
+}

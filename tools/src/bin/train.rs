@@ -1,0 +1,240 @@
+//! `train`: runs an RSB recipe on a shard set, or evaluates a checkpoint.
+//!
+//! ```text
+//! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
+//!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
+//!       [--size PX] [--set key=value ...] [--resume] [--workers N]
+//! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
+//! ```
+//!
+//! Precedence: recipe (preset or complete file) < `--config` (partial TOML) < typed flags <
+//! `--set`. Exit codes: 0 success, 2 error (one line with its causes on stderr).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Parser;
+use serde_json::json;
+use trainer::recipe::{Interpolation, Recipe};
+use trainer::train::{self, Progress, TrainOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "train",
+    about = "Train an RSB recipe on a shard set, or evaluate a checkpoint"
+)]
+struct Args {
+    /// Preset (a1, a2, a3) or a complete recipe file (such as a run's recipe.toml).
+    #[arg(long, default_value = "a1")]
+    recipe: String,
+    /// A partial recipe (TOML) merged over --recipe.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Shard set directory (manifest.json, train/, val/).
+    #[arg(long)]
+    data: PathBuf,
+    /// Run directory (recipe.toml, metrics.jsonl, checkpoints/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Model name (timm), e.g. resnet50 = model.name.
+    #[arg(long)]
+    model: Option<String>,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// schedule.epochs.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Global batch (run.global_batch).
+    #[arg(long)]
+    batch_size: Option<u32>,
+    /// Device batch (run.micro_batch).
+    #[arg(long)]
+    micro_batch: Option<u32>,
+    /// Train size in px (data.train_size_px); with --eval-only, the test size.
+    #[arg(long)]
+    size: Option<u32>,
+    /// Recipe overrides, e.g. --set optim.lr=4e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from RUN_DIR/checkpoints/latest.
+    #[arg(long)]
+    resume: bool,
+    /// Loader worker threads (run.workers; 0 = all cores).
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Use only the first N training samples (0 = all).
+    #[arg(long, default_value_t = 0)]
+    train_samples: u64,
+    /// Use only the first N validation samples (0 = all).
+    #[arg(long, default_value_t = 0)]
+    val_samples: u64,
+    /// Evaluate --checkpoint instead of training.
+    #[arg(long)]
+    eval_only: bool,
+    /// Weights (safetensors, timm names) for --eval-only.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Centre-crop fraction for --eval-only.
+    #[arg(long, default_value_t = 0.95)]
+    crop_pct: f64,
+    /// Eval interpolation for --eval-only (bilinear or bicubic).
+    #[arg(long, default_value = "bicubic")]
+    interpolation: String,
+    /// Log lines instead of a progress bar.
+    #[arg(long)]
+    no_bar: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("train: error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
+fn device(spec: &str) -> Result<Device> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = spec.strip_prefix("cuda:") else {
+        bail!("--device {spec:?}: expected cpu or cuda:N");
+    };
+    let ordinal: usize = ordinal
+        .parse()
+        .with_context(|| format!("--device {spec:?}: N must be a GPU index"))?;
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "--device {spec}: this binary was built without CUDA; rebuild with \
+             `cargo build --release -p tools --features cuda` (never falls back to the CPU)"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: opening the GPU"))
+}
+
+fn load_recipe(args: &Args) -> Result<(Recipe, Option<Recipe>)> {
+    let (mut recipe, base) = if Recipe::PRESETS.contains(&args.recipe.as_str()) {
+        let r = Recipe::preset(&args.recipe)?;
+        (r.clone(), Some(r))
+    } else {
+        let path = Path::new(&args.recipe);
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "--recipe {}: not a preset ({}) and not a readable recipe file",
+                path.display(),
+                Recipe::PRESETS.join(", ")
+            )
+        })?;
+        let r = Recipe::from_toml_str(&text)
+            .with_context(|| format!("reading recipe file {}", path.display()))?;
+        (r, None)
+    };
+    if let Some(cfg) = &args.config {
+        let text = std::fs::read_to_string(cfg)
+            .with_context(|| format!("reading config {}", cfg.display()))?;
+        recipe = recipe
+            .merged_with_toml_str(&text, &cfg.display().to_string())
+            .with_context(|| format!("merging config {}", cfg.display()))?;
+    }
+    if let Some(m) = &args.model {
+        recipe.model.name = m.clone();
+    }
+    if let Some(e) = args.epochs {
+        recipe.schedule.epochs = e;
+    }
+    if let Some(b) = args.batch_size {
+        recipe.run.global_batch = b;
+    }
+    if let Some(m) = args.micro_batch {
+        recipe.run.micro_batch = m;
+    }
+    if let Some(s) = args.size {
+        recipe.data.train_size_px = s;
+    }
+    if let Some(w) = args.workers {
+        recipe.run.workers = w;
+    }
+    let recipe = recipe.with_overrides(&args.set)?;
+    if let Err(errs) = recipe.validate() {
+        let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+        bail!("invalid recipe:\n  {}", lines.join("\n  "));
+    }
+    Ok((recipe, base))
+}
+
+fn eval_only(args: &Args) -> Result<()> {
+    let ckpt = args
+        .checkpoint
+        .as_ref()
+        .context("--eval-only needs --checkpoint PATH (a .safetensors with timm names)")?;
+    let size = args.size.context("--eval-only needs --size PX")?;
+    let interpolation = match args.interpolation.as_str() {
+        "bilinear" => Interpolation::Bilinear,
+        "bicubic" => Interpolation::Bicubic,
+        other => bail!("--interpolation {other:?}: expected bilinear or bicubic"),
+    };
+    let dev = device(&args.device)?;
+    let (recipe, _) = load_recipe(args)?;
+    let (val, classes) = train::open_split(&args.data, "val")?;
+    let (varmap, model) = train::build_model(&recipe, None, classes, &dev)?;
+    trainer::checkpoint::load_weights(&varmap, ckpt)
+        .with_context(|| format!("loading {} into {}", ckpt.display(), recipe.model.name))?;
+    let transform = train::eval_transform(size, args.crop_pct, interpolation)?;
+    let feed = trainer::feed::Feed::new(&dev)?;
+    let batch = args.batch_size.unwrap_or(64).max(1) as usize;
+    let workers = match args.workers.unwrap_or(0) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    };
+    let r = train::evaluate(
+        &model,
+        &feed,
+        val,
+        transform,
+        batch,
+        workers,
+        args.val_samples,
+    )?;
+    println!(
+        "{}",
+        json!({
+            "checkpoint": ckpt.display().to_string(), "model": recipe.model.name,
+            "size": size, "crop_pct": args.crop_pct, "interpolation": args.interpolation,
+            "top1": r.top1, "top5": r.top5, "val_loss": r.loss, "samples": r.samples,
+        })
+    );
+    Ok(())
+}
+
+fn run(args: Args) -> Result<()> {
+    if args.eval_only {
+        return eval_only(&args);
+    }
+    let out = args
+        .out
+        .clone()
+        .context("--out RUN_DIR is required for training")?;
+    let dev = device(&args.device)?;
+    let (recipe, base) = load_recipe(&args)?;
+    let mut opts = TrainOptions::new(recipe, &args.data, &out);
+    opts.base = base;
+    opts.device = dev;
+    opts.resume = args.resume;
+    opts.train_samples = args.train_samples;
+    opts.val_samples = args.val_samples;
+    opts.progress = if args.no_bar {
+        Progress::Lines
+    } else {
+        Progress::Auto
+    };
+    let s = train::train(&opts).with_context(|| format!("training into {}", out.display()))?;
+    let eval = s
+        .last_eval
+        .map(|r| json!({"top1": r.top1, "top5": r.top5, "val_loss": r.loss}));
+    println!(
+        "{}",
+        json!({"steps": s.steps, "updates_per_epoch": s.updates_per_epoch, "wall_s": s.wall_s, "eval": eval})
+    );
+    Ok(())
+}

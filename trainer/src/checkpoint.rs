@@ -1,0 +1,340 @@
+//! Checkpoints: `RUN_DIR/checkpoints/step-N.safetensors` (every network tensor under its timm
+//! name, BatchNorm running statistics included, so a checkpoint loads wherever timm weights do),
+//! `step-N.optim.safetensors` (the optimizer's state tensors) and `step-N.json` ([`RunState`]),
+//! plus `checkpoints/latest` naming the newest complete one.
+//!
+//! Every file is written under a `.tmp` name and renamed when complete, and `latest` is
+//! replaced last, so an interrupted write never leaves `latest` pointing at a partial
+//! checkpoint.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use loader::LoaderState;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::TrainOptimizer;
+
+/// Version of the sidecar format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Errors of checkpoint reading and writing; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A tensor file could not be read or written, or does not match the network.
+    #[error("{path}: {message}")]
+    Tensors {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The sidecar is not valid JSON of the expected shape.
+    #[error("{path}: expected a checkpoint sidecar (format {FORMAT_VERSION}): {message}")]
+    Sidecar {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// There is no checkpoint to resume from.
+    #[error(
+        "{dir}: no checkpoint to resume from (expected a `latest` file written by a previous run)"
+    )]
+    NoCheckpoint {
+        /// The checkpoints directory.
+        dir: PathBuf,
+    },
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a run stands after an optimizer update: enough to continue it exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// Sidecar format version ([`FORMAT_VERSION`]).
+    pub format_version: u32,
+    /// Optimizer updates done.
+    pub step: u64,
+    /// The epoch the next update belongs to.
+    pub epoch: u64,
+    /// Where the training loader continues.
+    pub loader: LoaderState,
+    /// Run seed (model init, loader, mixup, drop-path).
+    pub seed: u64,
+    /// SHA-256 of the resolved recipe's TOML text; a resume with another recipe is refused.
+    pub recipe_hash: String,
+    /// Weights file name, relative to the checkpoints directory.
+    pub weights: String,
+    /// Optimizer state file name, relative to the checkpoints directory.
+    pub optimizer: String,
+}
+
+/// A checkpoint on disk.
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// Its sidecar.
+    pub state: RunState,
+    /// Weights file.
+    pub weights_path: PathBuf,
+    /// Optimizer state file.
+    pub optimizer_path: PathBuf,
+    /// Sidecar file.
+    pub sidecar_path: PathBuf,
+}
+
+fn tmp(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let t = tmp(path);
+    fs::write(&t, bytes).map_err(io(&t))?;
+    fs::rename(&t, path).map_err(io(path))
+}
+
+fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let t = tmp(path);
+    candle_core::safetensors::save(tensors, &t).map_err(|e| CheckpointError::Tensors {
+        path: t.clone(),
+        message: e.to_string(),
+    })?;
+    fs::rename(&t, path).map_err(io(path))
+}
+
+/// Writes checkpoint `state.step` into `dir` and points `dir/latest` at it.
+///
+/// `state.weights` and `state.optimizer` are set here (`step-N.safetensors`,
+/// `step-N.optim.safetensors`).
+pub fn save(
+    dir: &Path,
+    varmap: &VarMap,
+    optimizer: &dyn TrainOptimizer,
+    mut state: RunState,
+) -> Result<Checkpoint> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let stem = format!("step-{}", state.step);
+    state.weights = format!("{stem}.safetensors");
+    state.optimizer = format!("{stem}.optim.safetensors");
+    let weights_path = dir.join(&state.weights);
+    let optimizer_path = dir.join(&state.optimizer);
+    let sidecar_path = dir.join(format!("{stem}.json"));
+
+    let weights: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors(&weights_path, &weights)?;
+    save_tensors(
+        &optimizer_path,
+        &optimizer.state_tensors().into_iter().collect(),
+    )?;
+    let json = serde_json::to_vec_pretty(&state).expect("RunState serialises");
+    write_atomically(&sidecar_path, &json)?;
+    write_atomically(&dir.join("latest"), format!("{stem}\n").as_bytes())?;
+    Ok(Checkpoint {
+        state,
+        weights_path,
+        optimizer_path,
+        sidecar_path,
+    })
+}
+
+/// The checkpoint `dir/latest` names.
+pub fn latest(dir: &Path) -> Result<Checkpoint> {
+    let pointer = dir.join("latest");
+    let stem = match fs::read_to_string(&pointer) {
+        Ok(s) => s.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CheckpointError::NoCheckpoint {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io(&pointer)(e)),
+    };
+    let sidecar_path = dir.join(format!("{stem}.json"));
+    let text = fs::read(&sidecar_path).map_err(io(&sidecar_path))?;
+    let state: RunState = serde_json::from_slice(&text).map_err(|e| CheckpointError::Sidecar {
+        path: sidecar_path.clone(),
+        message: e.to_string(),
+    })?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::Sidecar {
+            path: sidecar_path,
+            message: format!("found format {}", state.format_version),
+        });
+    }
+    Ok(Checkpoint {
+        weights_path: dir.join(&state.weights),
+        optimizer_path: dir.join(&state.optimizer),
+        sidecar_path,
+        state,
+    })
+}
+
+/// Loads weights from `path` into every variable of `varmap` (by name; extra tensors in the
+/// file, such as timm's `num_batches_tracked`, are ignored). Shapes must match.
+pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+    let err = |message: String| CheckpointError::Tensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let device = data
+        .values()
+        .next()
+        .map(|v| v.device().clone())
+        .unwrap_or(Device::Cpu);
+    let tensors = candle_core::safetensors::load(path, &device).map_err(|e| err(e.to_string()))?;
+    let mut missing: Vec<&String> = data.keys().filter(|k| !tensors.contains_key(*k)).collect();
+    if !missing.is_empty() {
+        missing.sort();
+        return Err(err(format!(
+            "{} of the network's tensors are missing, e.g. {:?} (a checkpoint of another model?)",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        )));
+    }
+    for (name, var) in data.iter() {
+        let t = &tensors[name];
+        if t.dims() != var.dims() {
+            return Err(err(format!(
+                "{name}: expected shape {:?}, found {:?}",
+                var.dims(),
+                t.dims()
+            )));
+        }
+        var.set(&t.to_dtype(var.dtype()).map_err(|e| err(e.to_string()))?)
+            .map_err(|e| err(format!("{name}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Restores the optimizer state saved by [`save`].
+pub fn load_optimizer(
+    optimizer: &mut dyn TrainOptimizer,
+    path: &Path,
+    device: &Device,
+) -> Result<()> {
+    let err = |message: String| CheckpointError::Tensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let tensors = candle_core::safetensors::load(path, device).map_err(|e| err(e.to_string()))?;
+    optimizer
+        .load_state(&tensors)
+        .map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::{param_groups, Sgd, SgdConfig};
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+
+    fn net(init: f64) -> (VarMap, Vec<(String, candle_core::Var)>) {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        vb.get_with_hints((3, 2), "fc.weight", candle_nn::Init::Const(init))
+            .unwrap();
+        let vars = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        (varmap, vars)
+    }
+
+    fn state(step: u64) -> RunState {
+        RunState {
+            format_version: FORMAT_VERSION,
+            step,
+            epoch: 1,
+            loader: LoaderState {
+                epoch: 1,
+                next_batch: 6,
+            },
+            seed: 3,
+            recipe_hash: "abc".into(),
+            weights: String::new(),
+            optimizer: String::new(),
+        }
+    }
+
+    #[test]
+    fn save_then_latest_round_trips_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, vars) = net(0.5);
+        let opt = Sgd::new(param_groups(vars, 0.0), SgdConfig::default()).unwrap();
+        let err = latest(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no checkpoint to resume from"), "{err}");
+        save(dir.path(), &varmap, &opt, state(4)).unwrap();
+        let ck = save(dir.path(), &varmap, &opt, state(8)).unwrap();
+        let found = latest(dir.path()).unwrap();
+        assert_eq!(found.state, ck.state);
+        assert_eq!(found.state.weights, "step-8.safetensors");
+        assert_eq!(found.state.loader.next_batch, 6);
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(!names.iter().any(|n| n.ends_with(".tmp")), "{names:?}");
+        assert_eq!(names.len(), 7, "2 x 3 files + latest: {names:?}");
+
+        let (other, _) = net(-1.0);
+        load_weights(&other, &found.weights_path).unwrap();
+        let w = other.data().lock().unwrap()["fc.weight"]
+            .as_tensor()
+            .clone();
+        assert_eq!(
+            w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0.5; 6]
+        );
+    }
+
+    #[test]
+    fn a_shape_mismatch_names_the_file_and_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, vars) = net(0.5);
+        let opt = Sgd::new(param_groups(vars, 0.0), SgdConfig::default()).unwrap();
+        let ck = save(dir.path(), &varmap, &opt, state(1)).unwrap();
+        let other = VarMap::new();
+        VarBuilder::from_varmap(&other, DType::F32, &Device::Cpu)
+            .get_with_hints((2, 2), "fc.weight", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let err = load_weights(&other, &ck.weights_path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step-1.safetensors")
+                && err.contains("fc.weight: expected shape [2, 2], found [3, 2]"),
+            "{err}"
+        );
+    }
+}
