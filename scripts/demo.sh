@@ -27,6 +27,5 @@ echo "shards: $out/shards (manifest.json, report.json, train/, val/)"
     --set data.test_size_px=48 --set schedule.warmup_epochs=1 \
     --set 'optim.lr_scaling="none"' --set optim.lr=0.005 --set run.eval_every_epochs=2 \
     --no-bar | tee "$out/train-summary.json"
-"$bin/plot-metrics" "$out/run/metrics.jsonl" --out "$out/run/plot.png"
 top1=$(sed -n 's/.*"top1":\([0-9.]*\).*/\1/p' "$out/train-summary.json")
 echo "run: $out/run (recipe.toml, metrics.jsonl, checkpoints/, plot.png); final val top-1: $top1 % (10 classes, chance 10 %)"

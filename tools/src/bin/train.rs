@@ -229,6 +229,12 @@ fn run(args: Args) -> Result<()> {
         Progress::Auto
     };
     let s = train::train(&opts).with_context(|| format!("training into {}", out.display()))?;
+    // The curves of the run, as a PNG beside its metrics.
+    let metrics = out.join("metrics.jsonl");
+    let plot = out.join("plot.png");
+    tools::plot::plot_metrics(&metrics, &plot)
+        .with_context(|| format!("plotting {}", metrics.display()))?;
+    eprintln!("train: curves in {}", plot.display());
     let eval = s
         .last_eval
         .map(|r| json!({"top1": r.top1, "top5": r.top5, "val_loss": r.loss}));
