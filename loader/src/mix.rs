@@ -145,7 +145,7 @@ pub fn mix_u8_batch(
         return;
     }
     assert!(
-        batch % 2 == 0,
+        batch.is_multiple_of(2),
         "Mixup/CutMix needs an even batch size, got {batch}"
     );
     let (first, second) = images.split_at_mut(batch / 2 * len);

@@ -593,12 +593,40 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
     height: usize,
     m: AffineMatrix,
 ) {
+    let taps = if CUBIC { 4 } else { 2 };
+    let first = if CUBIC { -1 } else { 0 };
+    // The 2-D case reads every source byte up to 16 times: convert the image to floats once.
+    F32_SCRATCH.with(|f| {
+        let mut f = f.borrow_mut();
+        if PASSES == 3 {
+            f.clear();
+            f.extend(src.iter().map(|&v| v as f32));
+        }
+        fast_with_rows::<CUBIC, PASSES>(src, &f, dst, width, height, m, taps, first);
+    });
+}
+
+thread_local! {
+    static F32_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The loop of [`fast_with`]; `srcf` is `src` as floats when `PASSES == 3`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn fast_with_rows<const CUBIC: bool, const PASSES: u8>(
+    src: &[u8],
+    srcf: &[f32],
+    dst: &mut [u8],
+    width: usize,
+    height: usize,
+    m: AffineMatrix,
+    taps: usize,
+    first: i64,
+) {
+    const TAPS_MAX: usize = 4;
     let (wf, hf) = (width as f64, height as f64);
     let (wi, hi) = (width as i64, height as i64);
     let stride = width * CH;
-    const TAPS_MAX: usize = 4;
-    let taps = if CUBIC { 4 } else { 2 };
-    let first = if CUBIC { -1 } else { 0 };
     for (y, out_row) in dst.chunks_exact_mut(stride).enumerate() {
         let yc = y as f64 + 0.5;
         for (x, out) in out_row.chunks_exact_mut(CH).enumerate() {
@@ -623,22 +651,22 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                 // One input row (y itself), horizontal taps.
                 let row = &src[yi as usize * stride..(yi as usize + 1) * stride];
                 let wx = weights(dx);
-                for k in 0..taps {
+                for (k, wk) in wx.iter().enumerate().take(taps) {
                     let c0 = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
                     let p = &row[c0..c0 + CH];
                     for c in 0..CH {
-                        acc[c] += wx[k] * p[c] as f32;
+                        acc[c] += wk * p[c] as f32;
                     }
                 }
             } else if PASSES == 2 {
                 // One input column (x itself), vertical taps.
                 let c0 = xi as usize * CH;
                 let wy = weights(dy);
-                for k in 0..taps {
+                for (k, wk) in wy.iter().enumerate().take(taps) {
                     let r = (yi + first + k as i64).clamp(0, hi - 1) as usize;
                     let p = &src[r * stride + c0..r * stride + c0 + CH];
                     for c in 0..CH {
-                        acc[c] += wy[k] * p[c] as f32;
+                        acc[c] += wk * p[c] as f32;
                     }
                 }
             } else if CUBIC && xi >= 1 && xi + 2 < wi && yi >= 1 && yi + 2 < hi {
@@ -652,9 +680,9 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                 let mut acc = [0f32; 12];
                 let base = (yi as usize - 1) * stride + (xi as usize - 1) * CH;
                 for (j, wyj) in wy.iter().enumerate() {
-                    let p: &[u8; 12] = src[base + j * stride..][..12].try_into().unwrap();
+                    let p: &[f32; 12] = srcf[base + j * stride..][..12].try_into().unwrap();
                     for l in 0..12 {
-                        acc[l] += wyj * (wx12[l] * p[l] as f32);
+                        acc[l] += wyj * (wx12[l] * p[l]);
                     }
                 }
                 for c in 0..CH {
@@ -667,9 +695,9 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                 let mut acc = [0f32; 6];
                 let base = yi as usize * stride + xi as usize * CH;
                 for (j, wyj) in wy.iter().enumerate() {
-                    let p: &[u8; 6] = src[base + j * stride..][..6].try_into().unwrap();
+                    let p: &[f32; 6] = srcf[base + j * stride..][..6].try_into().unwrap();
                     for l in 0..6 {
-                        acc[l] += wyj * (wx6[l] * p[l] as f32);
+                        acc[l] += wyj * (wx6[l] * p[l]);
                     }
                 }
                 for c in 0..CH {
@@ -682,18 +710,18 @@ fn fast_with<const CUBIC: bool, const PASSES: u8>(
                 for (k, col) in cols.iter_mut().enumerate().take(taps) {
                     *col = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
                 }
-                for j in 0..taps {
+                for (j, wyj) in wy.iter().enumerate().take(taps) {
                     let r = (yi + first + j as i64).clamp(0, hi - 1) as usize;
                     let row = &src[r * stride..(r + 1) * stride];
                     let mut line = [0f32; CH];
-                    for k in 0..taps {
-                        let p = &row[cols[k]..cols[k] + CH];
+                    for (&col, wk) in cols.iter().zip(&wx).take(taps) {
+                        let p = &row[col..col + CH];
                         for c in 0..CH {
-                            line[c] += wx[k] * p[c] as f32;
+                            line[c] += wk * p[c] as f32;
                         }
                     }
                     for c in 0..CH {
-                        acc[c] += wy[j] * line[c];
+                        acc[c] += wyj * line[c];
                     }
                 }
             }
@@ -847,8 +875,8 @@ pub fn rotate_matrix(degrees: f64, width: usize, height: usize) -> Option<Affine
     let (cos, sin) = (round15(a.cos()), round15(a.sin()));
     let mut m = [cos, sin, 0.0, -sin, cos, 0.0];
     // The centre maps to itself: translate by -centre, rotate, translate back.
-    m[2] = m[0] * -cx + m[1] * -cy + m[2];
-    m[5] = m[3] * -cx + m[4] * -cy + m[5];
+    m[2] += m[0] * -cx + m[1] * -cy;
+    m[5] += m[3] * -cx + m[4] * -cy;
     m[2] += cx;
     m[5] += cy;
     Some(m)
