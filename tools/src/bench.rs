@@ -39,3 +39,13 @@ pub fn exit_on_error(program: &str, result: anyhow::Result<()>) -> std::process:
         }
     }
 }
+
+/// Prints the JSON object `base` with the fields of the object `extra` added (replacing fields of
+/// the same name) as one line: the shape of every benchmark's output.
+pub fn print_json_line(base: &serde_json::Value, extra: serde_json::Value) {
+    let mut v = base.clone();
+    if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+        v.extend(extra.clone());
+    }
+    println!("{v}");
+}

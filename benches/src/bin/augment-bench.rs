@@ -12,7 +12,7 @@ use loader::rand_augment::{Op, OpDraw, RandAugment, RandAugmentConfig, IMAGENET_
 use loader::rng::Rng;
 use loader::transform::Interpolation;
 use serde_json::json;
-use tools::bench::{cpu_model, exit_on_error, git_rev, median};
+use tools::bench::{cpu_model, exit_on_error, git_rev, median, print_json_line};
 
 #[derive(Parser, Debug)]
 #[command(name = "augment-bench")]
@@ -63,13 +63,7 @@ fn main() -> std::process::ExitCode {
 
 fn run(a: Args) -> Result<()> {
     let base = json!({ "git_rev": git_rev(), "cpu_model": cpu_model(), "size": a.size });
-    let emit = |extra: serde_json::Value| {
-        let mut v = base.clone();
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        println!("{v}");
-    };
+    let emit = |extra: serde_json::Value| print_json_line(&base, extra);
     let src = photo_like(a.size);
     let mut img = src.clone();
     let cfg = RandAugmentConfig::parse(&a.rand_augment).map_err(anyhow::Error::msg)?;

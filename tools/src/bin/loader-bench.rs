@@ -12,7 +12,7 @@ use loader::rng::sample_rng;
 use loader::sample::{resize_into, CropMode, SampleProcessor};
 use loader::{Loader, LoaderConfig, PlanConfig, Transform};
 use serde_json::json;
-use tools::bench::{cpu_model, exit_on_error, git_rev, median};
+use tools::bench::{cpu_model, exit_on_error, git_rev, median, print_json_line};
 
 /// Measures images/s of the loader (train or eval transform) and of a plain full decode, for
 /// each thread count, on the shards in --data. The first pass over the images warms the page
@@ -133,13 +133,7 @@ fn run_bench(mut a: Args) -> Result<()> {
             None => "loader default (train: dct_scaling + region; eval: region)".to_owned(),
         },
     });
-    let emit = |extra: serde_json::Value| {
-        let mut v = base.clone();
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        println!("{v}");
-    };
+    let emit = |extra: serde_json::Value| print_json_line(&base, extra);
 
     if a.fidelity {
         return fidelity(&split, images, a.size, decoder, decode_opts, &emit);
