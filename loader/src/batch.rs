@@ -62,6 +62,17 @@ impl<S: HostStorage> Batch<S> {
             .bytes()[..n]
     }
 
+    /// The images, writable (for example to mix them in place with
+    /// [`crate::mix::mix_u8_batch`] before they are copied to the device).
+    pub fn images_mut(&mut self) -> &mut [u8] {
+        let n = self.len * (self.size as usize).pow(2) * 3;
+        &mut self
+            .storage
+            .as_mut()
+            .expect("storage present until drop")
+            .bytes_mut()[..n]
+    }
+
     /// The whole storage (for example to start a device copy from it).
     pub fn storage(&self) -> &S {
         self.storage.as_ref().expect("storage present until drop")

@@ -26,13 +26,13 @@ pub enum ImageLayout {
 /// # Shapes
 /// `xs`: `[B, C, H, W]` or `[B, H, W, C]` per `layout`, any float dtype; returns the same.
 pub fn mix_images(xs: &Tensor, draw: &MixDraw, layout: ImageLayout, round: bool) -> Result<Tensor> {
+    let (b, ..) = xs.dims4()?;
+    if draw.kind != MixKind::None && b % 2 != 0 {
+        candle_core::bail!("Mixup/CutMix needs an even batch size, got {b}");
+    }
     match draw.kind {
         MixKind::None => Ok(xs.clone()),
         MixKind::Mixup => {
-            let (b, ..) = xs.dims4()?;
-            if b % 2 != 0 {
-                candle_core::bail!("Mixup/CutMix needs an even batch size, got {b}");
-            }
             let dtype = xs.dtype();
             let x = xs.to_dtype(DType::F32)?;
             let partner = x.flip(&[0])?;
@@ -48,18 +48,15 @@ pub fn mix_images(xs: &Tensor, draw: &MixDraw, layout: ImageLayout, round: bool)
         }
         MixKind::CutMix(bx) => {
             let (b, d1, d2, d3) = xs.dims4()?;
-            if b % 2 != 0 {
-                candle_core::bail!("Mixup/CutMix needs an even batch size, got {b}");
-            }
             let (h, w) = match layout {
                 ImageLayout::Nchw => (d2, d3),
                 ImageLayout::Nhwc => (d1, d2),
             };
-            if bx.y1 > h || bx.x1 > w || bx.y0 >= bx.y1 || bx.x0 >= bx.x1 {
+            if bx.y0 >= bx.y1 || bx.x0 >= bx.x1 {
                 // An empty box (lam == 1 after correction) leaves the batch as it is.
-                if bx.y0 >= bx.y1 || bx.x0 >= bx.x1 {
-                    return Ok(xs.clone());
-                }
+                return Ok(xs.clone());
+            }
+            if bx.y1 > h || bx.x1 > w {
                 candle_core::bail!("CutMix box {bx:?} outside {h}x{w} images");
             }
             let partner = xs.flip(&[0])?;

@@ -624,22 +624,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let mut loss_sum = 0f64;
             for a in 0..accum {
                 let t_wait = Instant::now();
-                let batch = run.next().ok_or_else(|| {
+                let mut batch = run.next().ok_or_else(|| {
                     TrainError::Unsupported(format!(
                         "epoch {epoch}: the loader ended before update {u} (plan of {num_batches} micro-batches)"
                     ))
                 })??;
                 win_wait += t_wait.elapsed().as_secs_f64();
                 let n = batch.len;
-                let mut images = batch.images().to_vec();
-                let labels = batch.labels.clone();
-                let micro_index = batch.batch_id as u64;
-                drop(batch);
-                let draw = mix.draw(seed, epoch, micro_index, size, size);
+                let draw = mix.draw(seed, epoch, batch.batch_id as u64, size, size);
                 if mixup {
-                    mix_u8_batch(&mut images, n, size, size, 3, &draw);
+                    // In place, in the loader's buffer: the batch is ours until dropped.
+                    mix_u8_batch(batch.images_mut(), n, size, size, 3, &draw);
                 }
-                let xs = feed.images(&images, n, size)?;
+                let xs = feed.images(batch.images(), n, size)?;
+                let labels = std::mem::take(&mut batch.labels);
+                drop(batch);
                 let dense;
                 let label_t;
                 let targets = if mixup {

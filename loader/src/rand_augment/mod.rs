@@ -399,45 +399,48 @@ impl RandAugment {
     /// Draws the ops for one image: for each layer an op, whether it applies (skipped ops
     /// are `None`), its magnitude, sign and filter.
     pub fn draw(&self, rng: &mut Rng) -> Vec<Option<OpDraw>> {
+        (0..self.config.num_layers)
+            .map(|_| self.draw_layer(rng))
+            .collect()
+    }
+
+    /// One layer's draw (see [`RandAugment::draw`]).
+    fn draw_layer(&self, rng: &mut Rng) -> Option<OpDraw> {
         let c = &self.config;
         let list = c.ops();
-        (0..c.num_layers)
-            .map(|_| {
-                let op = list[rng.below(list.len() as u64) as usize];
-                // timm: `if self.prob < 1.0 and random.random() > self.prob: return img`.
-                if c.prob < 1.0 && rng.f64() > c.prob {
-                    return None;
-                }
-                let m = if c.magnitude_std == f64::INFINITY {
-                    rng.uniform(0.0, c.magnitude)
-                } else if c.magnitude_std > 0.0 {
-                    c.magnitude + c.magnitude_std * rng.normal()
+        let op = list[rng.below(list.len() as u64) as usize];
+        // timm: `if self.prob < 1.0 and random.random() > self.prob: return img`.
+        if c.prob < 1.0 && rng.f64() > c.prob {
+            return None;
+        }
+        let m = if c.magnitude_std == f64::INFINITY {
+            rng.uniform(0.0, c.magnitude)
+        } else if c.magnitude_std > 0.0 {
+            c.magnitude + c.magnitude_std * rng.normal()
+        } else {
+            c.magnitude
+        };
+        let magnitude = m.min(c.magnitude_max).max(0.0);
+        // `_randomly_negate`: negative when random() > 0.5.
+        let negate = op.is_signed() && rng.f64() > 0.5;
+        let interpolation = match c.interpolation {
+            TrainInterpolation::Bilinear => Interpolation::Bilinear,
+            TrainInterpolation::Bicubic => Interpolation::Bicubic,
+            TrainInterpolation::Random if op.is_geometric() => {
+                if rng.below(2) == 0 {
+                    Interpolation::Bilinear
                 } else {
-                    c.magnitude
-                };
-                let magnitude = m.min(c.magnitude_max).max(0.0);
-                // `_randomly_negate`: negative when random() > 0.5.
-                let negate = op.is_signed() && rng.f64() > 0.5;
-                let interpolation = match c.interpolation {
-                    TrainInterpolation::Bilinear => Interpolation::Bilinear,
-                    TrainInterpolation::Bicubic => Interpolation::Bicubic,
-                    TrainInterpolation::Random if op.is_geometric() => {
-                        if rng.below(2) == 0 {
-                            Interpolation::Bilinear
-                        } else {
-                            Interpolation::Bicubic
-                        }
-                    }
-                    TrainInterpolation::Random => Interpolation::Bilinear,
-                };
-                Some(OpDraw {
-                    op,
-                    magnitude,
-                    negate,
-                    interpolation,
-                })
-            })
-            .collect()
+                    Interpolation::Bicubic
+                }
+            }
+            TrainInterpolation::Random => Interpolation::Bilinear,
+        };
+        Some(OpDraw {
+            op,
+            magnitude,
+            negate,
+            interpolation,
+        })
     }
 
     /// Runs one op on `img` (RGB8, `width` x `height`) with the given magnitude, sign and
@@ -529,8 +532,11 @@ pub fn op_matrix(op: Op, arg: OpArg, width: usize, height: usize) -> Option<ops:
 impl Augment for RandAugment {
     fn apply(&self, image: &mut [u8], size: u32, rng: &mut Rng) {
         let size = size as usize;
-        for d in self.draw(rng).into_iter().flatten() {
-            RandAugment::apply_op(&d, self.config.fill, image, size, size);
+        // Layer by layer, as `draw` orders the draws, without collecting them.
+        for _ in 0..self.config.num_layers {
+            if let Some(d) = self.draw_layer(rng) {
+                RandAugment::apply_op(&d, self.config.fill, image, size, size);
+            }
         }
     }
 }

@@ -443,7 +443,7 @@ fn fast_shift<const CUBIC: bool, const PASSES: u8>(
             let shift = m[1] * (y as f64 + 0.5) + m[2];
             let row = &src[y * width * CH..(y + 1) * width * CH];
             let out = &mut dst[y * width * CH..(y + 1) * width * CH];
-            shift_line::<CUBIC>(row, out, width, shift, |r, k| r[k]);
+            shift_line::<CUBIC>(row, out, width, shift);
         }
     } else if PASSES == 2 && unit && m[3] == 0.0 {
         // A vertical translation: every column moves by m5. Output row y blends input rows
@@ -455,10 +455,10 @@ fn fast_shift<const CUBIC: bool, const PASSES: u8>(
         let d = (shift - t0) as f32;
         let w = line_weights::<CUBIC>(d);
         let first = if CUBIC { -1 } else { 0 };
+        let mut acc = vec![0f32; stride];
         for y in lo..hi {
             let out = &mut dst[y * stride..(y + 1) * stride];
-            let mut acc = vec![0f32; 0];
-            acc.resize(stride, 0.0);
+            acc.fill(0.0);
             for (k, wk) in w.iter().enumerate().take(if CUBIC { 4 } else { 2 }) {
                 let r = (y as i64 + t0 as i64 + first + k as i64).clamp(0, height as i64 - 1);
                 let row = &src[r as usize * stride..(r as usize + 1) * stride];
@@ -525,13 +525,7 @@ fn line_weights<const CUBIC: bool>(d: f32) -> [f32; 4] {
 /// One row resampled at `x + shift` (the pixel centre convention folded in: input
 /// coordinate `x + 0.5 + shift`), pixels outside left as they are (the fill colour).
 #[inline(always)]
-fn shift_line<const CUBIC: bool>(
-    row: &[u8],
-    out: &mut [u8],
-    width: usize,
-    shift: f64,
-    _at: impl Fn(&[u8], usize) -> u8,
-) {
+fn shift_line<const CUBIC: bool>(row: &[u8], out: &mut [u8], width: usize, shift: f64) {
     let (lo, hi) = valid_range(width, shift);
     if lo >= hi {
         return;
@@ -624,10 +618,116 @@ fn fast_with_rows<const CUBIC: bool, const PASSES: u8>(
     first: i64,
 ) {
     const TAPS_MAX: usize = 4;
-    let (wf, hf) = (width as f64, height as f64);
     let (wi, hi) = (width as i64, height as i64);
     let stride = width * CH;
-    for (y, out_row) in dst.chunks_exact_mut(stride).enumerate() {
+    for_each_sample(dst, width, height, m, |out, xi, yi, dx, dy| {
+        let (dx, dy) = (dx as f32, dy as f32);
+        let weights = |d: f32| -> [f32; TAPS_MAX] {
+            if CUBIC {
+                cubic_weights(d)
+            } else {
+                [1.0 - d, d, 0.0, 0.0]
+            }
+        };
+        let mut acc = [0f32; CH];
+        if PASSES == 1 {
+            // One input row (y itself), horizontal taps.
+            let row = &src[yi as usize * stride..(yi as usize + 1) * stride];
+            let wx = weights(dx);
+            for (k, wk) in wx.iter().enumerate().take(taps) {
+                let c0 = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
+                let p = &row[c0..c0 + CH];
+                for c in 0..CH {
+                    acc[c] += wk * p[c] as f32;
+                }
+            }
+        } else if PASSES == 2 {
+            // One input column (x itself), vertical taps.
+            let c0 = xi as usize * CH;
+            let wy = weights(dy);
+            for (k, wk) in wy.iter().enumerate().take(taps) {
+                let r = (yi + first + k as i64).clamp(0, hi - 1) as usize;
+                let p = &src[r * stride + c0..r * stride + c0 + CH];
+                for c in 0..CH {
+                    acc[c] += wk * p[c] as f32;
+                }
+            }
+        } else if CUBIC && xi >= 1 && xi + 2 < wi && yi >= 1 && yi + 2 < hi {
+            // Interior: the 4 taps of a row are 12 contiguous bytes. Weighting all 12 at
+            // once and summing the channels at the end lets the compiler use vectors.
+            let (wx, wy) = (cubic_weights(dx), cubic_weights(dy));
+            let mut wx12 = [0f32; 12];
+            for (l, v) in wx12.iter_mut().enumerate() {
+                *v = wx[l / CH];
+            }
+            let mut acc = [0f32; 12];
+            let base = (yi as usize - 1) * stride + (xi as usize - 1) * CH;
+            for (j, wyj) in wy.iter().enumerate() {
+                let p: &[f32; 12] = srcf[base + j * stride..][..12].try_into().unwrap();
+                for l in 0..12 {
+                    acc[l] += wyj * (wx12[l] * p[l]);
+                }
+            }
+            for c in 0..CH {
+                out[c] = to_u8(acc[c] + acc[CH + c] + acc[2 * CH + c] + acc[3 * CH + c]);
+            }
+            return;
+        } else if !CUBIC && xi >= 0 && xi + 1 < wi && yi >= 0 && yi + 1 < hi {
+            let (wx, wy) = ([1.0 - dx, dx], [1.0 - dy, dy]);
+            let wx6 = [wx[0], wx[0], wx[0], wx[1], wx[1], wx[1]];
+            let mut acc = [0f32; 6];
+            let base = yi as usize * stride + xi as usize * CH;
+            for (j, wyj) in wy.iter().enumerate() {
+                let p: &[f32; 6] = srcf[base + j * stride..][..6].try_into().unwrap();
+                for l in 0..6 {
+                    acc[l] += wyj * (wx6[l] * p[l]);
+                }
+            }
+            for c in 0..CH {
+                out[c] = to_u8(acc[c] + acc[CH + c]);
+            }
+            return;
+        } else {
+            let (wx, wy) = (weights(dx), weights(dy));
+            let mut cols = [0usize; TAPS_MAX];
+            for (k, col) in cols.iter_mut().enumerate().take(taps) {
+                *col = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
+            }
+            for (j, wyj) in wy.iter().enumerate().take(taps) {
+                let r = (yi + first + j as i64).clamp(0, hi - 1) as usize;
+                let row = &src[r * stride..(r + 1) * stride];
+                let mut line = [0f32; CH];
+                for (&col, wk) in cols.iter().zip(&wx).take(taps) {
+                    let p = &row[col..col + CH];
+                    for c in 0..CH {
+                        line[c] += wk * p[c] as f32;
+                    }
+                }
+                for c in 0..CH {
+                    acc[c] += wyj * line[c];
+                }
+            }
+        }
+        for c in 0..CH {
+            out[c] = to_u8(acc[c]);
+        }
+    });
+}
+
+/// Pillow's sampling positions (`ImagingGenericTransform` with `affine_transform`): output
+/// pixel (x, y) maps its centre `(x + 0.5, y + 0.5)` through `m`; if that lands inside the
+/// input, `f(pixel, xi, yi, dx, dy)` gets the position relative to input pixel centres as its
+/// floor and fraction; pixels landing outside are left as they are (the fill).
+#[inline(always)]
+fn for_each_sample(
+    dst: &mut [u8],
+    width: usize,
+    height: usize,
+    m: AffineMatrix,
+    mut f: impl FnMut(&mut [u8], i64, i64, f64, f64),
+) {
+    let (wf, hf) = (width as f64, height as f64);
+    for (y, out_row) in dst.chunks_exact_mut(width * CH).enumerate() {
         let yc = y as f64 + 0.5;
         for (x, out) in out_row.chunks_exact_mut(CH).enumerate() {
             let xc = x as f64 + 0.5;
@@ -638,96 +738,7 @@ fn fast_with_rows<const CUBIC: bool, const PASSES: u8>(
             }
             let (xs, ys) = (xin - 0.5, yin - 0.5);
             let (xi, yi) = (floor(xs), floor(ys));
-            let (dx, dy) = ((xs - xi as f64) as f32, (ys - yi as f64) as f32);
-            let weights = |d: f32| -> [f32; TAPS_MAX] {
-                if CUBIC {
-                    cubic_weights(d)
-                } else {
-                    [1.0 - d, d, 0.0, 0.0]
-                }
-            };
-            let mut acc = [0f32; CH];
-            if PASSES == 1 {
-                // One input row (y itself), horizontal taps.
-                let row = &src[yi as usize * stride..(yi as usize + 1) * stride];
-                let wx = weights(dx);
-                for (k, wk) in wx.iter().enumerate().take(taps) {
-                    let c0 = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
-                    let p = &row[c0..c0 + CH];
-                    for c in 0..CH {
-                        acc[c] += wk * p[c] as f32;
-                    }
-                }
-            } else if PASSES == 2 {
-                // One input column (x itself), vertical taps.
-                let c0 = xi as usize * CH;
-                let wy = weights(dy);
-                for (k, wk) in wy.iter().enumerate().take(taps) {
-                    let r = (yi + first + k as i64).clamp(0, hi - 1) as usize;
-                    let p = &src[r * stride + c0..r * stride + c0 + CH];
-                    for c in 0..CH {
-                        acc[c] += wk * p[c] as f32;
-                    }
-                }
-            } else if CUBIC && xi >= 1 && xi + 2 < wi && yi >= 1 && yi + 2 < hi {
-                // Interior: the 4 taps of a row are 12 contiguous bytes. Weighting all 12 at
-                // once and summing the channels at the end lets the compiler use vectors.
-                let (wx, wy) = (cubic_weights(dx), cubic_weights(dy));
-                let mut wx12 = [0f32; 12];
-                for (l, v) in wx12.iter_mut().enumerate() {
-                    *v = wx[l / CH];
-                }
-                let mut acc = [0f32; 12];
-                let base = (yi as usize - 1) * stride + (xi as usize - 1) * CH;
-                for (j, wyj) in wy.iter().enumerate() {
-                    let p: &[f32; 12] = srcf[base + j * stride..][..12].try_into().unwrap();
-                    for l in 0..12 {
-                        acc[l] += wyj * (wx12[l] * p[l]);
-                    }
-                }
-                for c in 0..CH {
-                    out[c] = to_u8(acc[c] + acc[CH + c] + acc[2 * CH + c] + acc[3 * CH + c]);
-                }
-                continue;
-            } else if !CUBIC && xi >= 0 && xi + 1 < wi && yi >= 0 && yi + 1 < hi {
-                let (wx, wy) = ([1.0 - dx, dx], [1.0 - dy, dy]);
-                let wx6 = [wx[0], wx[0], wx[0], wx[1], wx[1], wx[1]];
-                let mut acc = [0f32; 6];
-                let base = yi as usize * stride + xi as usize * CH;
-                for (j, wyj) in wy.iter().enumerate() {
-                    let p: &[f32; 6] = srcf[base + j * stride..][..6].try_into().unwrap();
-                    for l in 0..6 {
-                        acc[l] += wyj * (wx6[l] * p[l]);
-                    }
-                }
-                for c in 0..CH {
-                    out[c] = to_u8(acc[c] + acc[CH + c]);
-                }
-                continue;
-            } else {
-                let (wx, wy) = (weights(dx), weights(dy));
-                let mut cols = [0usize; TAPS_MAX];
-                for (k, col) in cols.iter_mut().enumerate().take(taps) {
-                    *col = (xi + first + k as i64).clamp(0, wi - 1) as usize * CH;
-                }
-                for (j, wyj) in wy.iter().enumerate().take(taps) {
-                    let r = (yi + first + j as i64).clamp(0, hi - 1) as usize;
-                    let row = &src[r * stride..(r + 1) * stride];
-                    let mut line = [0f32; CH];
-                    for (&col, wk) in cols.iter().zip(&wx).take(taps) {
-                        let p = &row[col..col + CH];
-                        for c in 0..CH {
-                            line[c] += wk * p[c] as f32;
-                        }
-                    }
-                    for c in 0..CH {
-                        acc[c] += wyj * line[c];
-                    }
-                }
-            }
-            for c in 0..CH {
-                out[c] = to_u8(acc[c]);
-            }
+            f(out, xi, yi, xs - xi as f64, ys - yi as f64);
         }
     }
 }
@@ -771,90 +782,77 @@ fn exact_with<const CUBIC: bool, const PASSES: u8>(
     height: usize,
     m: AffineMatrix,
 ) {
-    let (wf, hf) = (width as f64, height as f64);
     let (wi, hi) = (width as i64, height as i64);
     let stride = width * CH;
     let px = |r: usize, col: usize, c: usize| src[r * stride + col + c] as f64;
-    for (y, out_row) in dst.chunks_exact_mut(stride).enumerate() {
-        let yc = y as f64 + 0.5;
-        for (x, out) in out_row.chunks_exact_mut(CH).enumerate() {
-            let xc = x as f64 + 0.5;
-            let xin = m[0] * xc + m[1] * yc + m[2];
-            let yin = m[3] * xc + m[4] * yc + m[5];
-            if !(xin >= 0.0 && xin < wf && yin >= 0.0 && yin < hf) {
-                continue;
+    for_each_sample(dst, width, height, m, |out, xi, yi, dx, dy| {
+        let col = |x: i64| x.clamp(0, wi - 1) as usize * CH;
+        let row_ok = |r: i64| r >= 0 && r < hi;
+        if CUBIC {
+            // Taps at xi-1..xi+2 (clamped) and rows yi-1..yi+2; a row below the image
+            // repeats the one before it, the first is clamped.
+            let cx = [col(xi - 1), col(xi), col(xi + 1), col(xi + 2)];
+            let r0 = (yi - 1).clamp(0, hi - 1) as usize;
+            for (c, o) in out.iter_mut().enumerate() {
+                let h = |r: usize| {
+                    if PASSES == 2 {
+                        px(r, cx[1], c)
+                    } else {
+                        cubic(
+                            px(r, cx[0], c),
+                            px(r, cx[1], c),
+                            px(r, cx[2], c),
+                            px(r, cx[3], c),
+                            dx,
+                        )
+                    }
+                };
+                let v = if PASSES == 1 {
+                    h(yi as usize)
+                } else {
+                    let v1 = h(r0);
+                    let v2 = if row_ok(yi) { h(yi as usize) } else { v1 };
+                    let v3 = if row_ok(yi + 1) {
+                        h((yi + 1) as usize)
+                    } else {
+                        v2
+                    };
+                    let v4 = if row_ok(yi + 2) {
+                        h((yi + 2) as usize)
+                    } else {
+                        v3
+                    };
+                    cubic(v1, v2, v3, v4, dy)
+                };
+                *o = v.clamp(0.0, 255.0) as u8;
             }
-            let (xs, ys) = (xin - 0.5, yin - 0.5);
-            let (xi, yi) = (floor(xs), floor(ys));
-            let (dx, dy) = (xs - xi as f64, ys - yi as f64);
-            let col = |x: i64| x.clamp(0, wi - 1) as usize * CH;
-            let row_ok = |r: i64| r >= 0 && r < hi;
-            if CUBIC {
-                // Taps at xi-1..xi+2 (clamped) and rows yi-1..yi+2; a row below the image
-                // repeats the one before it, the first is clamped.
-                let cx = [col(xi - 1), col(xi), col(xi + 1), col(xi + 2)];
-                let r0 = (yi - 1).clamp(0, hi - 1) as usize;
-                for (c, o) in out.iter_mut().enumerate() {
-                    let h = |r: usize| {
-                        if PASSES == 2 {
-                            px(r, cx[1], c)
-                        } else {
-                            cubic(
-                                px(r, cx[0], c),
-                                px(r, cx[1], c),
-                                px(r, cx[2], c),
-                                px(r, cx[3], c),
-                                dx,
-                            )
-                        }
-                    };
-                    let v = if PASSES == 1 {
-                        h(yi as usize)
+        } else {
+            let (x0, x1) = (col(xi), col(xi + 1));
+            let r0 = yi.clamp(0, hi - 1) as usize;
+            let lerp = |a: f64, b: f64, d: f64| a + (b - a) * d;
+            for (c, o) in out.iter_mut().enumerate() {
+                let h = |r: usize| {
+                    if PASSES == 2 {
+                        px(r, x0, c)
                     } else {
-                        let v1 = h(r0);
-                        let v2 = if row_ok(yi) { h(yi as usize) } else { v1 };
-                        let v3 = if row_ok(yi + 1) {
-                            h((yi + 1) as usize)
-                        } else {
-                            v2
-                        };
-                        let v4 = if row_ok(yi + 2) {
-                            h((yi + 2) as usize)
-                        } else {
-                            v3
-                        };
-                        cubic(v1, v2, v3, v4, dy)
-                    };
-                    *o = v.clamp(0.0, 255.0) as u8;
-                }
-            } else {
-                let (x0, x1) = (col(xi), col(xi + 1));
-                let r0 = yi.clamp(0, hi - 1) as usize;
-                let lerp = |a: f64, b: f64, d: f64| a + (b - a) * d;
-                for (c, o) in out.iter_mut().enumerate() {
-                    let h = |r: usize| {
-                        if PASSES == 2 {
-                            px(r, x0, c)
-                        } else {
-                            lerp(px(r, x0, c), px(r, x1, c), dx)
-                        }
-                    };
-                    let v = if PASSES == 1 {
-                        h(r0)
+                        lerp(px(r, x0, c), px(r, x1, c), dx)
+                    }
+                };
+                let v = if PASSES == 1 {
+                    h(r0)
+                } else {
+                    let v1 = h(r0);
+                    let v2 = if row_ok(yi + 1) {
+                        h((yi + 1) as usize)
                     } else {
-                        let v1 = h(r0);
-                        let v2 = if row_ok(yi + 1) {
-                            h((yi + 1) as usize)
-                        } else {
-                            v1
-                        };
-                        lerp(v1, v2, dy)
+                        v1
                     };
-                    *o = v as u8;
-                }
+                    lerp(v1, v2, dy)
+                };
+                *o = v as u8;
             }
         }
-    }
+    });
 }
 
 /// Python's `round(x, 15)` (correctly rounded through the shortest decimal form, as
