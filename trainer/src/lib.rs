@@ -5,6 +5,8 @@
 
 pub mod batch_aug;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod feed;
 pub mod loss;
 pub mod metrics;

@@ -1,0 +1,1 @@
+//! cuDNN convolutions on NHWC bf16 tensors (forward, backward data, backward filter).

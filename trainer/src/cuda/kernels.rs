@@ -1,0 +1,76 @@
+//! Compiling and loading our CUDA C kernels.
+//!
+//! Sources are plain CUDA C strings compiled at run time with NVRTC (no build-time nvcc, and the
+//! `nvrtc_compiles_every_module` test checks them on a machine without a GPU). bf16 values are
+//! handled as raw `unsigned short` bits with the conversions in [`PRELUDE`], so no CUDA header is
+//! needed. Each module is compiled once per process; candle's device caches the loaded module.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+use candle_core::cuda_backend::{CudaDevice, CudaFunc};
+use candle_core::{Error, Result};
+
+/// Helpers every module starts with: bf16 <-> f32 (round to nearest even, NaN kept).
+pub const PRELUDE: &str = r#"
+typedef unsigned short bf16;
+typedef unsigned char u8;
+__device__ __forceinline__ float bf2f(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
+__device__ __forceinline__ bf16 f2bf(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+"#;
+
+/// One kernel module: a name unique in the process and its source (without [`PRELUDE`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Module {
+    /// Module name (key of the PTX cache and of candle's module cache).
+    pub name: &'static str,
+    /// CUDA C source.
+    pub source: &'static str,
+}
+
+fn ptx_cache() -> &'static Mutex<HashMap<&'static str, String>> {
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Compiles `module` to PTX with NVRTC (cached per process).
+pub fn ptx(module: Module) -> Result<String> {
+    let mut cache = ptx_cache().lock().expect("ptx cache poisoned");
+    if let Some(p) = cache.get(module.name) {
+        return Ok(p.clone());
+    }
+    let src = format!("{PRELUDE}\n{}", module.source);
+    let opts = candle_core::cuda_backend::cudarc::nvrtc::CompileOptions {
+        // No `--use_fast_math`: the reductions and rsqrt must match the CPU within stated
+        // tolerances; fused multiply-add stays on (the default).
+        name: Some(format!("{}.cu", module.name)),
+        ..Default::default()
+    };
+    let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(&src, opts)
+        .map_err(|e| Error::Msg(format!("nvrtc: compiling kernel module {}: {e:?}", module.name)))?;
+    let text = ptx.to_src();
+    cache.insert(module.name, text.clone());
+    Ok(text)
+}
+
+/// The function `name` of `module` on `dev`, compiling and loading the module on first use.
+pub fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunc> {
+    let ptx = ptx(module)?;
+    dev.get_or_load_custom_func(name, module.name, &ptx)
+}
+
+/// A 1-D launch over `n` items with `threads` per block.
+pub fn grid_1d(n: usize, threads: u32) -> LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).max(1) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}

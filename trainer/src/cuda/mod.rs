@@ -1,0 +1,92 @@
+//! The CUDA fast path (feature `cuda`): cuDNN convolutions in NHWC, fused BatchNorm and pooling
+//! kernels, a multi-tensor LAMB, and the host-to-device feed.
+//!
+//! Everything here works on candle tensors that live on candle's CUDA stream: the ops are candle
+//! custom ops (so autograd, the graph and the allocator stay candle's), and their kernels are
+//! compiled once per process with NVRTC ([`kernels`]). The layer functions in
+//! [`crate::ops::nhwc`] pick these on a CUDA device and a CPU reference elsewhere, which is what
+//! the tests compare.
+
+pub mod conv;
+pub mod kernels;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
+
+/// The raw device address of the first element of a contiguous CUDA tensor, for kernels that
+/// take plain pointers (for instance to update a [`candle_core::Var`] in place).
+///
+/// The address stays valid while `t` (or any tensor sharing its storage) is alive.
+pub fn device_ptr(t: &Tensor) -> Result<u64> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        bail!("device_ptr: tensor is on {:?}, not CUDA", t.device().location())
+    };
+    storage_ptr(cs, layout)
+}
+
+/// The raw device address of the first element of `layout` in `cs` (contiguous layouts only).
+pub fn storage_ptr(cs: &CudaStorage, layout: &Layout) -> Result<u64> {
+    if !layout.is_contiguous() {
+        bail!("cuda op: a contiguous input is required, got strides {:?}", layout.stride())
+    }
+    let stream = cs.device().cuda_stream();
+    let offset = layout.start_offset() as u64;
+    let (base, elem) = match cs.dtype() {
+        DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+        DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+        DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
+        DType::U8 => (cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0, 1),
+        DType::U32 => (cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0, 4),
+        DType::I64 => (cs.as_cuda_slice::<i64>()?.device_ptr(&stream).0, 8),
+        dt => bail!("cuda op: unsupported dtype {dt:?}"),
+    };
+    Ok(base + offset * elem)
+}
+
+/// The CUDA device of a tensor.
+pub fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        d => bail!("expected a CUDA tensor, got one on {:?}", d.location()),
+    }
+}
+
+/// A new uninitialised CUDA tensor storage of `len` elements of `dtype`.
+///
+/// # Safety
+/// The caller writes every element before the storage is read.
+pub unsafe fn alloc_storage(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    let len = len.max(1);
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(len)?, dev.clone()),
+        DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(len)?, dev.clone()),
+        DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc::<u8>(len)?, dev.clone()),
+        dt => bail!("cuda alloc: unsupported dtype {dt:?}"),
+    })
+}
+
+/// A zero-filled CUDA tensor storage.
+pub fn zeros_storage(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    let len = len.max(1);
+    Ok(match dtype {
+        DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<f32>(len)?, dev.clone()),
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<half::bf16>(len)?, dev.clone())
+        }
+        DType::U8 => CudaStorage::wrap_cuda_slice(dev.alloc_zeros::<u8>(len)?, dev.clone()),
+        dt => bail!("cuda alloc: unsupported dtype {dt:?}"),
+    })
+}
+
+/// Wraps a storage as a tensor outside the autograd graph.
+pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<candle_core::Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
