@@ -49,3 +49,26 @@ pub fn print_json_line(base: &serde_json::Value, extra: serde_json::Value) {
     }
     println!("{v}");
 }
+
+/// `cpu` or `cuda:N` as a candle device; a CUDA request in a build without the `cuda` feature is
+/// an error (never a silent fall back to the CPU).
+pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    use anyhow::{bail, Context};
+    use candle_core::Device;
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = spec.strip_prefix("cuda:") else {
+        bail!("--device {spec:?}: expected cpu or cuda:N");
+    };
+    let ordinal: usize = ordinal
+        .parse()
+        .with_context(|| format!("--device {spec:?}: N must be a GPU index"))?;
+    if !candle_core::utils::cuda_is_available() {
+        bail!(
+            "--device {spec}: this binary was built without CUDA; rebuild with \
+             `cargo build --release -p tools --features cuda` (never falls back to the CPU)"
+        );
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: opening the GPU"))
+}

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use crate::model::ActivationLayout;
+
 /// ImageNet channel means (RGB), as timm's `IMAGENET_DEFAULT_MEAN`.
 pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations (RGB), as timm's `IMAGENET_DEFAULT_STD`.
@@ -51,6 +53,30 @@ impl Feed {
             .broadcast_sub(&self.mean)?
             .broadcast_div(&self.std)?
             .contiguous()
+    }
+
+    /// Normalised images in the layout a model takes: `[batch, 3, size, size]` f32 for
+    /// [`ActivationLayout::Nchw`]; `[batch, size, size, 3]` for [`ActivationLayout::Nhwc`], in
+    /// bf16 on CUDA (the fast path's activation dtype) and f32 elsewhere.
+    pub fn images_for(
+        &self,
+        images: &[u8],
+        batch: usize,
+        size: usize,
+        layout: ActivationLayout,
+    ) -> Result<Tensor> {
+        let xs = self.images(images, batch, size)?;
+        match layout {
+            ActivationLayout::Nchw => Ok(xs),
+            ActivationLayout::Nhwc => {
+                let dtype = if self.device.is_cuda() {
+                    DType::BF16
+                } else {
+                    DType::F32
+                };
+                xs.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()
+            }
+        }
     }
 
     /// Class labels as a u32 tensor of shape `[batch]`.

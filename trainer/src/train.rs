@@ -39,8 +39,8 @@ use crate::checkpoint::{self, RunState};
 use crate::feed::Feed;
 use crate::loss::Targets;
 use crate::metrics::{topk_correct, MetricsWriter};
-use crate::model::{ResNet, ResNetConfig};
-use crate::optim::{param_groups, Lamb, Sgd, TrainOptimizer};
+use crate::model::{ActivationLayout, ResNet, ResNetConfig};
+use crate::optim::{lamb_for_device, param_groups, Sgd, TrainOptimizer};
 use crate::recipe::{Interpolation, OptimizerKind, Recipe};
 
 /// Errors of a training or evaluation run. Messages name the file or setting involved.
@@ -316,7 +316,7 @@ pub fn evaluate(
         if batch.len == 0 {
             continue;
         }
-        let xs = feed.images(batch.images(), batch.len, size)?;
+        let xs = feed.images_for(batch.images(), batch.len, size, model.layout())?;
         let logits = model.forward_eval(&xs)?;
         let labels = feed.labels(&batch.labels)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
@@ -488,10 +488,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
 
     // Model, optimizer, schedule, loss.
     let feed = Feed::new(&opts.device)?;
-    let (varmap, model) = build_model(recipe, opts.model.as_ref(), num_classes, &opts.device)?;
+    let (varmap, mut model) = build_model(recipe, opts.model.as_ref(), num_classes, &opts.device)?;
+    if opts.device.is_cuda() {
+        // The fast path: channels-last bf16 activations, f32 master weights.
+        model.set_layout(ActivationLayout::Nhwc);
+    }
     let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
     let mut optimizer: Box<dyn TrainOptimizer> = match recipe.optim.name {
-        OptimizerKind::Lamb => Box::new(Lamb::new(groups, recipe.lamb_config())?),
+        OptimizerKind::Lamb => lamb_for_device(groups, recipe.lamb_config(), &opts.device)?,
         OptimizerKind::Sgd => Box::new(Sgd::new(groups, recipe.sgd_config())?),
     };
     let trainable = model.trainable_vars()?;

@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use serde_json::json;
 use trainer::recipe::{Interpolation, Recipe};
@@ -94,25 +93,6 @@ fn main() {
     }
 }
 
-fn device(spec: &str) -> Result<Device> {
-    if spec == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = spec.strip_prefix("cuda:") else {
-        bail!("--device {spec:?}: expected cpu or cuda:N");
-    };
-    let ordinal: usize = ordinal
-        .parse()
-        .with_context(|| format!("--device {spec:?}: N must be a GPU index"))?;
-    if !candle_core::utils::cuda_is_available() {
-        bail!(
-            "--device {spec}: this binary was built without CUDA; rebuild with \
-             `cargo build --release -p tools --features cuda` (never falls back to the CPU)"
-        );
-    }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: opening the GPU"))
-}
-
 fn load_recipe(args: &Args) -> Result<(Recipe, Option<Recipe>)> {
     let (mut recipe, base) = if Recipe::PRESETS.contains(&args.recipe.as_str()) {
         let r = Recipe::preset(&args.recipe)?;
@@ -174,7 +154,7 @@ fn eval_only(args: &Args) -> Result<()> {
         "bicubic" => Interpolation::Bicubic,
         other => bail!("--interpolation {other:?}: expected bilinear or bicubic"),
     };
-    let dev = device(&args.device)?;
+    let dev = tools::bench::parse_device(&args.device)?;
     let (recipe, _) = load_recipe(args)?;
     let (val, classes) = train::open_split(&args.data, "val")?;
     let (varmap, model) = train::build_model(&recipe, None, classes, &dev)?;
@@ -215,7 +195,7 @@ fn run(args: Args) -> Result<()> {
         .out
         .clone()
         .context("--out RUN_DIR is required for training")?;
-    let dev = device(&args.device)?;
+    let dev = tools::bench::parse_device(&args.device)?;
     let (recipe, base) = load_recipe(&args)?;
     let mut opts = TrainOptions::new(recipe, &args.data, &out);
     opts.base = base;

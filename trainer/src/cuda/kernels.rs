@@ -52,8 +52,14 @@ pub fn ptx(module: Module) -> Result<String> {
         name: Some(format!("{}.cu", module.name)),
         ..Default::default()
     };
-    let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(&src, opts)
-        .map_err(|e| Error::Msg(format!("nvrtc: compiling kernel module {}: {e:?}", module.name)))?;
+    let ptx = candle_core::cuda_backend::cudarc::nvrtc::compile_ptx_with_opts(&src, opts).map_err(
+        |e| {
+            Error::Msg(format!(
+                "nvrtc: compiling kernel module {}: {e:?}",
+                module.name
+            ))
+        },
+    )?;
     let text = ptx.to_src();
     cache.insert(module.name, text.clone());
     Ok(text)

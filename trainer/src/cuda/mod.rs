@@ -7,8 +7,12 @@
 //! [`crate::ops::nhwc`] pick these on a CUDA device and a CPU reference elsewhere, which is what
 //! the tests compare.
 
+pub mod bn;
 pub mod conv;
 pub mod kernels;
+pub mod memory;
+pub mod pool;
+pub mod profile;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::DevicePtr;
@@ -22,7 +26,10 @@ use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
 pub fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
-        bail!("device_ptr: tensor is on {:?}, not CUDA", t.device().location())
+        bail!(
+            "device_ptr: tensor is on {:?}, not CUDA",
+            t.device().location()
+        )
     };
     storage_ptr(cs, layout)
 }
@@ -30,7 +37,10 @@ pub fn device_ptr(t: &Tensor) -> Result<u64> {
 /// The raw device address of the first element of `layout` in `cs` (contiguous layouts only).
 pub fn storage_ptr(cs: &CudaStorage, layout: &Layout) -> Result<u64> {
     if !layout.is_contiguous() {
-        bail!("cuda op: a contiguous input is required, got strides {:?}", layout.stride())
+        bail!(
+            "cuda op: a contiguous input is required, got strides {:?}",
+            layout.stride()
+        )
     }
     let stream = cs.device().cuda_stream();
     let offset = layout.start_offset() as u64;
@@ -89,4 +99,21 @@ pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<candle_core::S
         candle_core::op::BackpropOp::none(),
         false,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel module compiles with NVRTC (no GPU needed: libnvrtc from the CUDA toolkit,
+    /// `eval "$(bash scripts/setup-cuda.sh --env)"` puts it on `LD_LIBRARY_PATH`).
+    #[test]
+    fn nvrtc_compiles_every_module() {
+        for m in [super::bn::MODULE, super::pool::MODULE] {
+            let p = super::kernels::ptx(m).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                p.contains(".entry"),
+                "{}: no kernel entry in the PTX",
+                m.name
+            );
+        }
+    }
 }

@@ -72,6 +72,40 @@ impl BatchNorm2d {
         &self.running_var
     }
 
+    /// The scale (gamma).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The shift (beta).
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    /// Epsilon added to the variance.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    /// Momentum of the running statistics (PyTorch convention: weight of the new batch).
+    pub fn momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    /// The evaluation transform folded into one f32 `scale` and `shift` per channel:
+    /// `gamma / sqrt(running_var + eps)` and `beta - running_mean * scale`.
+    pub fn folded_scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        let f = DType::F32;
+        let rm = self.running_mean.as_detached_tensor().to_dtype(f)?;
+        let rv = self.running_var.as_detached_tensor().to_dtype(f)?;
+        let scale = (rv + self.eps)?
+            .sqrt()?
+            .recip()?
+            .mul(&self.weight.detach().to_dtype(f)?)?;
+        let shift = self.bias.detach().to_dtype(f)?.sub(&rm.mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+
     fn channel_view(t: &Tensor, c: usize) -> Result<Tensor> {
         t.reshape((1, c, 1, 1))
     }

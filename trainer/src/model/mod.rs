@@ -23,7 +23,7 @@ pub mod resnet;
 pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
-pub use resnet::{BlockKind, ResNet, ResNetConfig, StemKind};
+pub use resnet::{ActivationLayout, BlockKind, ResNet, ResNetConfig, StemKind};
 
 /// Errors of model selection.
 #[derive(Debug, thiserror::Error)]

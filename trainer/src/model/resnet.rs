@@ -13,7 +13,7 @@ use super::batch_norm::BatchNorm2d;
 use super::drop_path::{drop_path, drop_path_rates};
 use super::params::{init_timm, Param, ParamKind};
 use super::ModelError;
-use crate::ops::{avg_pool2d_ceil, max_pool2d};
+use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,11 +206,24 @@ impl ResNetConfig {
     }
 }
 
+/// Memory layout of the activations (and of the network input).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationLayout {
+    /// `[N, C, H, W]`, PyTorch's default; candle's own ops.
+    #[default]
+    Nchw,
+    /// `[N, H, W, C]` (channels-last): the layer functions of [`crate::ops::nhwc`], which run
+    /// cuDNN and fused kernels for bf16 activations on CUDA.
+    Nhwc,
+}
+
 /// Per-forward settings threaded through the blocks.
 #[derive(Clone, Copy, Debug)]
 struct Ctx {
     train: bool,
     drop_path_seed: Option<u64>,
+    nhwc: bool,
 }
 
 /// Collects the named tensors of a network while it is built.
@@ -310,6 +323,36 @@ impl Conv {
             None => Ok(ys),
         }
     }
+
+    /// Channels-last forward; activations keep their dtype (the weight is cast per call).
+    fn forward_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = nhwc::conv2d(xs, &self.weight, self.stride, self.padding, self.groups)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(&b.to_dtype(ys.dtype())?.reshape((1, 1, 1, b.dim(0)?))?),
+            None => Ok(ys),
+        }
+    }
+
+    fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        if ctx.nhwc {
+            self.forward_nhwc(xs)
+        } else {
+            self.forward(xs)
+        }
+    }
+}
+
+/// BatchNorm then optional ReLU in the layout of `ctx`.
+fn bn_act(bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor> {
+    if ctx.nhwc {
+        return nhwc::batch_norm(xs, bn, ctx.train, relu);
+    }
+    let ys = bn.forward_t(xs, ctx.train)?;
+    if relu {
+        ys.relu()
+    } else {
+        Ok(ys)
+    }
 }
 
 /// timm `SEModule`: global mean, 1x1 conv down, ReLU, 1x1 conv up, sigmoid gate.
@@ -334,9 +377,18 @@ impl SqueezeExcite {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let s = xs.mean_keepdim((2, 3))?;
-        let s = self.fc2.forward(&self.fc1.forward(&s)?.relu()?)?;
+    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let s = if ctx.nhwc {
+            // Mean in f32 whatever the activation dtype.
+            xs.to_dtype(DType::F32)?
+                .mean_keepdim((1, 2))?
+                .to_dtype(xs.dtype())?
+        } else {
+            xs.mean_keepdim((2, 3))?
+        };
+        let s = self
+            .fc2
+            .forward_ctx(&self.fc1.forward_ctx(&s, ctx)?.relu()?, ctx)?;
         xs.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)
     }
 }
@@ -351,13 +403,13 @@ struct Downsample {
 }
 
 impl Downsample {
-    fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let xs = if self.avg_pool {
-            avg_pool2d_ceil(xs)?
-        } else {
-            xs.clone()
+    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let xs = match (self.avg_pool, ctx.nhwc) {
+            (false, _) => xs.clone(),
+            (true, false) => avg_pool2d_ceil(xs)?,
+            (true, true) => nhwc::avg_pool2d_ceil(xs)?,
         };
-        self.bn.forward_t(&self.conv.forward(&xs)?, train)
+        bn_act(&self.bn, &self.conv.forward_ctx(&xs, ctx)?, ctx, false)
     }
 }
 
@@ -376,13 +428,11 @@ impl Block {
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut ys = xs.clone();
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
-            ys = bn.forward_t(&conv.forward(&ys)?, ctx.train)?;
-            if i + 1 < self.branch.len() {
-                ys = ys.relu()?;
-            }
+            let relu = i + 1 < self.branch.len();
+            ys = bn_act(bn, &conv.forward_ctx(&ys, ctx)?, ctx, relu)?;
         }
         if let Some(se) = &self.se {
-            ys = se.forward(&ys)?;
+            ys = se.forward(&ys, ctx)?;
         }
         if ctx.train && self.drop_prob > 0.0 {
             let Some(seed) = ctx.drop_path_seed else {
@@ -391,10 +441,14 @@ impl Block {
             ys = drop_path(&ys, self.drop_prob, seed, self.index)?;
         }
         let shortcut = match &self.downsample {
-            Some(d) => d.forward(xs, ctx.train)?,
+            Some(d) => d.forward(xs, ctx)?,
             None => xs.clone(),
         };
-        (ys + shortcut)?.relu()
+        if ctx.nhwc {
+            nhwc::add_relu(&ys, &shortcut)
+        } else {
+            (ys + shortcut)?.relu()
+        }
     }
 }
 
@@ -415,6 +469,7 @@ pub struct ResNet {
     fc: candle_nn::Linear,
     params: Vec<Param>,
     drop_path_seed: Mutex<Option<u64>>,
+    layout: ActivationLayout,
 }
 
 impl ResNet {
@@ -543,7 +598,21 @@ impl ResNet {
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
             drop_path_seed: Mutex::new(None),
+            layout: ActivationLayout::Nchw,
         })
+    }
+
+    /// The activation layout the forward expects its input in (NCHW unless changed).
+    pub fn layout(&self) -> ActivationLayout {
+        self.layout
+    }
+
+    /// Switches the activation layout: with [`ActivationLayout::Nhwc`] the forward takes
+    /// `[N, H, W, C]` input, and bf16 input on CUDA runs the fused channels-last ops (see
+    /// [`crate::ops::nhwc`]). Parameters are unchanged (f32 masters in PyTorch layout), so the
+    /// layout never shows in checkpoints.
+    pub fn set_layout(&mut self, layout: ActivationLayout) {
+        self.layout = layout;
     }
 
     /// The configuration this network was built from.
@@ -609,6 +678,7 @@ impl ResNet {
             Ctx {
                 train: true,
                 drop_path_seed: Some(drop_path_seed),
+                nhwc: self.layout == ActivationLayout::Nhwc,
             },
         )
     }
@@ -624,27 +694,37 @@ impl ResNet {
             Ctx {
                 train: false,
                 drop_path_seed: None,
+                nhwc: self.layout == ActivationLayout::Nhwc,
             },
         )
     }
 
     fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut ys = match &self.stem {
-            Stem::Conv7x7(conv) => conv.forward(xs)?,
+            Stem::Conv7x7(conv) => conv.forward_ctx(xs, ctx)?,
             Stem::Deep(pairs, last) => {
                 let mut ys = xs.clone();
                 for (conv, bn) in pairs {
-                    ys = bn.forward_t(&conv.forward(&ys)?, ctx.train)?.relu()?;
+                    ys = bn_act(bn, &conv.forward_ctx(&ys, ctx)?, ctx, true)?;
                 }
-                last.forward(&ys)?
+                last.forward_ctx(&ys, ctx)?
             }
         };
-        ys = self.bn1.forward_t(&ys, ctx.train)?.relu()?;
-        ys = max_pool2d(&ys, 3, 2, 1)?;
+        ys = bn_act(&self.bn1, &ys, ctx, true)?;
+        ys = if ctx.nhwc {
+            nhwc::max_pool(&ys, 3, 2, 1)?
+        } else {
+            max_pool2d(&ys, 3, 2, 1)?
+        };
         for block in &self.blocks {
             ys = block.forward(&ys, ctx)?;
         }
-        let pooled = ys.mean((2, 3))?;
+        let pooled = if ctx.nhwc {
+            // f32 features: the classifier and the loss run in f32.
+            nhwc::global_avg_pool(&ys)?.to_dtype(self.fc.weight().dtype())?
+        } else {
+            ys.mean((2, 3))?
+        };
         candle_nn::Module::forward(&self.fc, &pooled)
     }
 }
@@ -671,6 +751,7 @@ impl ModuleT for ResNet {
             Ctx {
                 train: true,
                 drop_path_seed: seed,
+                nhwc: self.layout == ActivationLayout::Nhwc,
             },
         )
     }

@@ -1,7 +1,9 @@
-//! Custom candle operations the ResNet needs and candle lacks (CPU implementations).
+//! Custom candle operations the ResNet needs and candle lacks (CPU implementations), and the
+//! channels-last layer functions of the fast CUDA path ([`nhwc`]).
 
 pub mod avg_pool;
 pub mod max_pool;
+pub mod nhwc;
 
 pub use avg_pool::avg_pool2d_ceil;
 pub use max_pool::max_pool2d;

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# issue6-check.sh - run ON the GPU machine (one H100), from the repository root:
+#   bash scripts/gpu/issue6-check.sh
+# Needs gpu-bin/ from scripts/build-cuda.sh (carry it: `carry: ["gpu-bin"]`). About 5 minutes:
+#   1. the CUDA op tests and the GPU-vs-CPU training-step test (prebuilt test binaries);
+#   2. train-bench: ResNet-50, batch 256, 224 and 160 px, with the per-op breakdown;
+#   3. the PyTorch + timm anchor on the same GPU (scripts/gpu/torch_baseline.py);
+#   4. the ratio of the two, as JSON lines.
+# Everything is logged to $OUT (or ./gpu-out).
+set -u
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/issue6.log") 2>&1
+. scripts/gpu/libs.sh
+echo "=== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+cat "$BIN/BUILDINFO" 2>/dev/null
+check_ldd "$BIN/train-bench"
+
+echo "=== op tests (GPU vs CPU references)"
+for t in "$BIN"/tests/*; do
+  [ -x "$t" ] || continue
+  echo "--- $t"
+  timeout 240 "$t" --test-threads 1 --nocapture 2>&1 | grep -vE '^\s*$' | tail -60
+  echo "exit code $?"
+done
+
+echo "=== train-bench (ours)"
+for size in 224 160; do
+  timeout 150 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
+    --warmup 3 --device cuda:0 --breakdown | tee -a "$OUT/train-bench.jsonl"
+  echo "exit code ${PIPESTATUS[0]}"
+done
+
+echo "=== PyTorch + timm anchor (same GPU)"
+TB_STEPS=20 TB_WARMUP=5 timeout 240 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
+
+echo "=== ratio"
+"$PY" - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+ours = {}
+for line in open(f"{out}/train-bench.jsonl"):
+    line = line.strip()
+    if line.startswith("{"):
+        r = json.loads(line)
+        ours[r["size"]] = r
+torch = {}
+for line in open(f"{out}/torch.txt"):
+    m = re.search(r"torch bf16-autocast channels_last: batch 256 (\d+)px: (\d+) img/s.*peak mem ([\d.]+) GiB", line)
+    if m:
+        torch[int(m.group(1))] = (float(m.group(2)), float(m.group(3)))
+for size in (224, 160):
+    if size in ours and size in torch:
+        o = ours[size]
+        t_ips, t_mem = torch[size]
+        print(json.dumps({
+            "size": size, "ours_images_per_s": round(o["images_per_s"], 1),
+            "torch_images_per_s": t_ips, "ratio": round(o["images_per_s"] / t_ips, 3),
+            "ours_peak_gib": round((o.get("peak_mem_bytes") or 0) / 2**30, 2),
+            "torch_peak_gib": t_mem,
+        }))
+PY
+echo "=== done $(date -u +%FT%TZ)"

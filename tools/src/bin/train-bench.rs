@@ -1,0 +1,223 @@
+//! `train-bench`: images/s of the full training step on GPU-resident synthetic data.
+//!
+//! ```text
+//! train-bench --model resnet50 --batch-size 256 --size 224 --steps N --device cuda:0
+//!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32] [--breakdown]
+//! ```
+//!
+//! One step is what `train` does per update: forward (BatchNorm on batch statistics, stochastic
+//! depth of the A1 recipe), BCE with the A1 target threshold on dense smoothed one-hot targets,
+//! backward, LAMB with the A1 settings (global-norm clip, weight-decay groups). The images are
+//! random u8 pixels normalised once and kept on the device, so the loader is not measured (see
+//! `loader-bench` and the end-to-end script for that). On CUDA the defaults are channels-last
+//! bf16 activations with f32 master weights (the fast path); `--layout nchw --dtype f32` measures
+//! candle's own ops instead.
+//!
+//! Prints one JSON line: `images_per_s`, `ms_per_step`, `peak_mem_bytes` (CUDA: the memory pool's
+//! high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`), and with
+//! `--breakdown` the GPU time per custom op and per phase (forward, backward, optimizer; timed
+//! with events on extra steps, after the timed ones).
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarMap;
+use clap::Parser;
+use serde_json::json;
+use trainer::feed::Feed;
+use trainer::loss::Targets;
+use trainer::model::{ActivationLayout, ResNetConfig};
+use trainer::optim::{lamb_for_device, param_groups};
+use trainer::recipe::Recipe;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "train-bench",
+    about = "Training-step throughput on synthetic data"
+)]
+struct Args {
+    /// Model name (timm).
+    #[arg(long, default_value = "resnet50")]
+    model: String,
+    /// Images per step.
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Untimed steps first (cuDNN algorithm search, kernel compilation, memory pool growth).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cuda:0")]
+    device: String,
+    /// Activation layout: auto = nhwc on CUDA, nchw on the CPU.
+    #[arg(long, default_value = "auto")]
+    layout: String,
+    /// Activation dtype: auto = bf16 on CUDA, f32 on the CPU.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Classes.
+    #[arg(long, default_value_t = 1000)]
+    num_classes: usize,
+    /// Also time each custom op and each phase (on 3 extra steps).
+    #[arg(long)]
+    breakdown: bool,
+}
+
+fn sync(dev: &Device) -> Result<()> {
+    dev.synchronize().context("device synchronize")
+}
+
+fn run(args: Args) -> Result<()> {
+    let dev = tools::bench::parse_device(&args.device)?;
+    let layout = match (args.layout.as_str(), dev.is_cuda()) {
+        ("auto", true) | ("nhwc", _) => ActivationLayout::Nhwc,
+        ("auto", false) | ("nchw", _) => ActivationLayout::Nchw,
+        (l, _) => bail!("--layout {l:?}: expected auto, nchw or nhwc"),
+    };
+    let dtype = match (args.dtype.as_str(), dev.is_cuda()) {
+        ("auto", true) | ("bf16", _) => DType::BF16,
+        ("auto", false) | ("f32", _) => DType::F32,
+        (d, _) => bail!("--dtype {d:?}: expected auto, bf16 or f32"),
+    };
+    if args.batch_size < 2 || args.steps == 0 {
+        bail!("--batch-size must be at least 2 and --steps at least 1")
+    }
+    let recipe = Recipe::a1();
+    let cfg = ResNetConfig::by_name(&args.model)?
+        .with_num_classes(args.num_classes)
+        .with_drop_path_rate(recipe.model.drop_path_rate);
+    let varmap = VarMap::new();
+    let mut model = cfg.build_seeded(&varmap, 0, DType::F32, &dev)?;
+    model.set_layout(layout);
+    let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
+    let mut opt = lamb_for_device(groups, recipe.lamb_config(), &dev)?;
+    let loss_fn = recipe.train_loss();
+
+    // GPU-resident inputs: random pixels, normalised once, in the model's layout and dtype.
+    let (b, s) = (args.batch_size, args.size);
+    let mut rng = loader::rng::Rng::for_item(7, &[]);
+    let pixels: Vec<u8> = (0..b * s * s * 3).map(|_| rng.below(256) as u8).collect();
+    let feed = Feed::new(&dev)?;
+    let xs = feed.images(&pixels, b, s)?;
+    let xs = match layout {
+        ActivationLayout::Nchw => xs.to_dtype(dtype)?,
+        ActivationLayout::Nhwc => xs.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()?,
+    };
+    let labels: Vec<u32> = (0..b)
+        .map(|_| rng.below(args.num_classes as u64) as u32)
+        .collect();
+    let dense =
+        loader::mix::mixed_targets(&labels, args.num_classes, 1.0, recipe.augment.smoothing);
+    let targets = feed.targets(&dense, b, args.num_classes)?;
+
+    let mut step_no = 0u64;
+    let mut step = |phases: bool| -> Result<(f32, [f64; 3])> {
+        let mut t = [0f64; 3];
+        let t0 = Instant::now();
+        let logits = model.forward_train(&xs, loader::rng::derive(0, &[step_no]))?;
+        let loss = loss_fn.forward(&logits, Targets::Dense(&targets))?;
+        if phases {
+            sync(&dev)?;
+            t[0] = t0.elapsed().as_secs_f64();
+        }
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        if phases {
+            sync(&dev)?;
+            t[1] = t1.elapsed().as_secs_f64();
+        }
+        let t2 = Instant::now();
+        opt.step(&grads, 1e-3)?;
+        if phases {
+            sync(&dev)?;
+            t[2] = t2.elapsed().as_secs_f64();
+        }
+        step_no += 1;
+        let l = if phases {
+            loss.to_scalar::<f32>()?
+        } else {
+            f32::NAN
+        };
+        Ok((l, t))
+    };
+
+    let t_warm = Instant::now();
+    for _ in 0..args.warmup {
+        step(false)?;
+    }
+    sync(&dev)?;
+    let warmup_s = t_warm.elapsed().as_secs_f64();
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &dev {
+        trainer::cuda::memory::reset_peak_used(d)?;
+    }
+    let t0 = Instant::now();
+    for _ in 0..args.steps {
+        step(false)?;
+    }
+    sync(&dev)?;
+    let dt = t0.elapsed().as_secs_f64() / args.steps as f64;
+    #[allow(unused_mut)]
+    let mut peak: Option<u64> = None;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &dev {
+        peak = Some(trainer::cuda::memory::peak_used(d)?);
+    }
+
+    let mut line = json!({
+        "bench": "train-bench",
+        "model": args.model, "batch_size": b, "size": s, "steps": args.steps,
+        "warmup_steps": args.warmup, "warmup_s": warmup_s,
+        "device": args.device, "layout": format!("{layout:?}").to_lowercase(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "images_per_s": b as f64 / dt, "ms_per_step": dt * 1e3,
+        "peak_mem_bytes": peak,
+        "git_rev": tools::bench::git_rev(),
+    });
+    if args.breakdown {
+        let n = 3;
+        #[cfg(feature = "cuda")]
+        trainer::cuda::profile::enable(true);
+        let mut phases = [0f64; 3];
+        let mut loss = 0f32;
+        for _ in 0..n {
+            let (l, t) = step(true)?;
+            loss = l;
+            for (p, v) in phases.iter_mut().zip(t) {
+                *p += v / n as f64;
+            }
+        }
+        let obj = line.as_object_mut().expect("object");
+        obj.insert("loss".into(), json!(loss));
+        obj.insert(
+            "phase_ms".into(),
+            json!({"forward_and_loss": phases[0] * 1e3, "backward": phases[1] * 1e3, "optimizer": phases[2] * 1e3}),
+        );
+        #[cfg(feature = "cuda")]
+        {
+            let ops: serde_json::Map<String, serde_json::Value> = trainer::cuda::profile::summary()
+                .into_iter()
+                .map(|(k, (ms, count))| {
+                    (
+                        k.to_string(),
+                        json!({"ms_per_step": ms / n as f64, "calls_per_step": count / n}),
+                    )
+                })
+                .collect();
+            trainer::cuda::profile::enable(false);
+            obj.insert("op_ms".into(), serde_json::Value::Object(ops));
+        }
+    }
+    println!("{line}");
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tools::bench::exit_on_error("train-bench", run(Args::parse()))
+}

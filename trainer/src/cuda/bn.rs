@@ -1,0 +1,508 @@
+//! BatchNorm on channels-last bf16 activations, optionally fused with the ReLU after it.
+//!
+//! A `[N, H, W, C]` contiguous tensor is an `[M, C]` matrix (`M = N * H * W`), so per-channel
+//! statistics are column reductions. Training forward, three launches:
+//! 1. `bn_stats_partial`: per chunk of rows, shifted sums `sum(x - k)` and `sum((x - k)^2)` with
+//!    `k` the channel's first value (no cancellation when the mean is large against the spread);
+//!    each thread owns two adjacent channels (32-bit loads) and 1/8 of the chunk's rows;
+//! 2. `bn_stats_finalize`: per channel, the chunks summed in a fixed order in f64 (so the result
+//!    does not depend on scheduling), mean, biased variance, `1 / sqrt(var + eps)`, the running
+//!    statistics updated in place (PyTorch: unbiased variance, momentum 0.1), and the folded
+//!    `scale = gamma * invstd`, `shift = beta - mean * scale`;
+//! 3. `bn_apply`: `y = x * scale + shift` (ReLU), f32 maths, one rounding to bf16.
+//!
+//! Backward, three launches: partial sums of `g` and `g * xhat` (with `g = dy`, masked by `y > 0`
+//! when the ReLU is fused), their fixed-order total (`dbeta`, `dgamma`), and
+//! `dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M)`.
+//!
+//! The per-channel statistics of a forward are kept in the op (candle keeps the op alive in the
+//! graph until the backward) instead of being recomputed.
+
+use std::sync::Mutex;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::kernels::{self, Module};
+use super::{alloc_storage, device_ptr, storage_ptr, tensor_from_storage};
+
+/// The kernels of this module.
+pub const MODULE: Module = Module {
+    name: "rsb_batch_norm",
+    source: r#"
+#define TX 32
+#define TY 8
+
+extern "C" __global__ void bn_stats_partial(const bf16* x, int M, int C, int rows, float* part) {
+    __shared__ float sh[4][TY][TX + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int c = (blockIdx.x * TX + tx) * 2;
+    int chunk = blockIdx.y;
+    int r0 = chunk * rows;
+    int r1 = min(M, r0 + rows);
+    float s0 = 0.f, q0 = 0.f, s1 = 0.f, q1 = 0.f;
+    if (c < C) {
+        unsigned int kk = *(const unsigned int*)(x + c);
+        float k0 = bf2f((bf16)(kk & 0xffffu)), k1 = bf2f((bf16)(kk >> 16));
+        for (int r = r0 + ty; r < r1; r += TY) {
+            unsigned int v = *(const unsigned int*)(x + (size_t)r * C + c);
+            float a = bf2f((bf16)(v & 0xffffu)) - k0;
+            float b = bf2f((bf16)(v >> 16)) - k1;
+            s0 += a; q0 += a * a; s1 += b; q1 += b * b;
+        }
+    }
+    sh[0][ty][tx] = s0; sh[1][ty][tx] = q0; sh[2][ty][tx] = s1; sh[3][ty][tx] = q1;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        float S0 = 0.f, Q0 = 0.f, S1 = 0.f, Q1 = 0.f;
+        for (int j = 0; j < TY; ++j) {
+            S0 += sh[0][j][tx]; Q0 += sh[1][j][tx]; S1 += sh[2][j][tx]; Q1 += sh[3][j][tx];
+        }
+        float* s = part + (size_t)chunk * 2 * C;
+        s[c] = S0; s[c + 1] = S1; s[C + c] = Q0; s[C + c + 1] = Q1;
+    }
+}
+
+// stats: [4][C] = mean, invstd, scale, shift.
+extern "C" __global__ void bn_stats_finalize(
+    const bf16* x, const float* part, int chunks, int M, int C, float eps, float momentum,
+    float* running_mean, float* running_var, const float* gamma, const float* beta,
+    float* stats) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double s = 0.0, q = 0.0;
+    for (int i = 0; i < chunks; ++i) {
+        s += (double)part[(size_t)i * 2 * C + c];
+        q += (double)part[(size_t)i * 2 * C + C + c];
+    }
+    double k = (double)bf2f(x[c]);
+    double dm = s / (double)M;
+    double var = q / (double)M - dm * dm;
+    if (var < 0.0) var = 0.0;
+    float mean = (float)(k + dm);
+    float invstd = 1.0f / sqrtf((float)var + eps);
+    float unbiased = (float)(var * (double)M / (double)(M - 1));
+    running_mean[c] = running_mean[c] * (1.0f - momentum) + mean * momentum;
+    running_var[c] = running_var[c] * (1.0f - momentum) + unbiased * momentum;
+    float sc = gamma[c] * invstd;
+    stats[c] = mean;
+    stats[C + c] = invstd;
+    stats[2 * C + c] = sc;
+    stats[3 * C + c] = beta[c] - mean * sc;
+}
+
+extern "C" __global__ void bn_apply(const bf16* x, const float* scale, const float* shift,
+                                    long long pairs, int C, int relu, bf16* y) {
+    long long step = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += step) {
+        int c = (int)((2 * i) % C);
+        unsigned int v = ((const unsigned int*)x)[i];
+        float a = bf2f((bf16)(v & 0xffffu)) * scale[c] + shift[c];
+        float b = bf2f((bf16)(v >> 16)) * scale[c + 1] + shift[c + 1];
+        if (relu) { a = a < 0.f ? 0.f : a; b = b < 0.f ? 0.f : b; }
+        ((unsigned int*)y)[i] = (unsigned int)f2bf(a) | ((unsigned int)f2bf(b) << 16);
+    }
+}
+
+extern "C" __global__ void bn_bwd_partial(const bf16* x, const bf16* y, const bf16* dy,
+                                          const float* stats, int M, int C, int rows, int relu,
+                                          float* part) {
+    __shared__ float sh[4][TY][TX + 1];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int c = (blockIdx.x * TX + tx) * 2;
+    int chunk = blockIdx.y;
+    int r0 = chunk * rows;
+    int r1 = min(M, r0 + rows);
+    float g0 = 0.f, h0 = 0.f, g1 = 0.f, h1 = 0.f;
+    if (c < C) {
+        float m0 = stats[c], m1 = stats[c + 1], i0 = stats[C + c], i1 = stats[C + c + 1];
+        for (int r = r0 + ty; r < r1; r += TY) {
+            size_t o = (size_t)r * C + c;
+            unsigned int xv = *(const unsigned int*)(x + o);
+            unsigned int dv = *(const unsigned int*)(dy + o);
+            float d0 = bf2f((bf16)(dv & 0xffffu)), d1 = bf2f((bf16)(dv >> 16));
+            if (relu) {
+                unsigned int yv = *(const unsigned int*)(y + o);
+                if (!(bf2f((bf16)(yv & 0xffffu)) > 0.f)) d0 = 0.f;
+                if (!(bf2f((bf16)(yv >> 16)) > 0.f)) d1 = 0.f;
+            }
+            g0 += d0; h0 += d0 * (bf2f((bf16)(xv & 0xffffu)) - m0) * i0;
+            g1 += d1; h1 += d1 * (bf2f((bf16)(xv >> 16)) - m1) * i1;
+        }
+    }
+    sh[0][ty][tx] = g0; sh[1][ty][tx] = h0; sh[2][ty][tx] = g1; sh[3][ty][tx] = h1;
+    __syncthreads();
+    if (ty == 0 && c < C) {
+        float G0 = 0.f, H0 = 0.f, G1 = 0.f, H1 = 0.f;
+        for (int j = 0; j < TY; ++j) {
+            G0 += sh[0][j][tx]; H0 += sh[1][j][tx]; G1 += sh[2][j][tx]; H1 += sh[3][j][tx];
+        }
+        float* s = part + (size_t)chunk * 2 * C;
+        s[c] = G0; s[c + 1] = G1; s[C + c] = H0; s[C + c + 1] = H1;
+    }
+}
+
+extern "C" __global__ void bn_bwd_finalize(const float* part, int chunks, int C,
+                                           float* dgamma, float* dbeta) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double g = 0.0, h = 0.0;
+    for (int i = 0; i < chunks; ++i) {
+        g += (double)part[(size_t)i * 2 * C + c];
+        h += (double)part[(size_t)i * 2 * C + C + c];
+    }
+    dbeta[c] = (float)g;
+    dgamma[c] = (float)h;
+}
+
+extern "C" __global__ void bn_bwd_dx(const bf16* x, const bf16* y, const bf16* dy,
+                                     const float* stats, const float* gamma,
+                                     const float* dgamma, const float* dbeta, long long pairs,
+                                     int M, int C, int relu, bf16* dx) {
+    long long step = (long long)gridDim.x * blockDim.x;
+    float inv_m = 1.0f / (float)M;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += step) {
+        int c = (int)((2 * i) % C);
+        unsigned int xv = ((const unsigned int*)x)[i];
+        unsigned int dv = ((const unsigned int*)dy)[i];
+        float out[2];
+        for (int j = 0; j < 2; ++j) {
+            int cc = c + j;
+            float d = bf2f((bf16)(j ? (dv >> 16) : (dv & 0xffffu)));
+            if (relu) {
+                unsigned int yv = ((const unsigned int*)y)[i];
+                if (!(bf2f((bf16)(j ? (yv >> 16) : (yv & 0xffffu))) > 0.f)) d = 0.f;
+            }
+            float invstd = stats[C + cc];
+            float xhat = (bf2f((bf16)(j ? (xv >> 16) : (xv & 0xffffu))) - stats[cc]) * invstd;
+            out[j] = gamma[cc] * invstd * (d - dbeta[cc] * inv_m - xhat * dgamma[cc] * inv_m);
+        }
+        ((unsigned int*)dx)[i] = (unsigned int)f2bf(out[0]) | ((unsigned int)f2bf(out[1]) << 16);
+    }
+}
+"#,
+};
+
+const TX: usize = 32;
+const TY: usize = 8;
+
+/// Chunking of the `M` rows for the column reductions: enough blocks to fill the GPU.
+fn chunking(m: usize, c: usize) -> (usize, usize) {
+    let col_blocks = c.div_ceil(2 * TX);
+    let want = 1024usize
+        .div_ceil(col_blocks)
+        .clamp(1, m.div_ceil(TY).max(1));
+    let rows = m.div_ceil(want);
+    (m.div_ceil(rows), rows)
+}
+
+fn elementwise_cfg(pairs: usize) -> LaunchConfig {
+    let threads = 256u32;
+    let blocks = pairs.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn check_input(x: &CudaStorage, xl: &Layout) -> Result<(usize, usize)> {
+    if x.dtype() != DType::BF16 {
+        bail!("batch norm nhwc: input must be bf16, got {:?}", x.dtype())
+    }
+    let dims = xl.shape().dims();
+    let Some((&c, rest)) = dims.split_last() else {
+        bail!("batch norm nhwc: scalar input")
+    };
+    let m: usize = rest.iter().product();
+    if c % 2 != 0 || m < 2 {
+        bail!(
+            "batch norm nhwc: needs an even channel count and more than one value per channel, got {:?}",
+            dims
+        )
+    }
+    if !storage_ptr(x, xl)?.is_multiple_of(4) {
+        bail!("batch norm nhwc: input not 4-byte aligned (a view with an odd offset?)")
+    }
+    Ok((m, c))
+}
+
+fn f32_param(s: &CudaStorage, l: &Layout, c: usize, what: &str) -> Result<u64> {
+    if s.dtype() != DType::F32 || l.shape().dims() != [c] {
+        bail!(
+            "batch norm nhwc: {what} must be f32 [{c}], got {:?} {:?}",
+            s.dtype(),
+            l.shape()
+        )
+    }
+    storage_ptr(s, l)
+}
+
+/// Launches `bn_apply` (`y = x * scale + shift`, optional ReLU) into a new bf16 storage.
+fn apply(
+    dev: &CudaDevice,
+    x: u64,
+    scale: u64,
+    shift: u64,
+    m: usize,
+    c: usize,
+    relu: bool,
+) -> Result<CudaStorage> {
+    let y = unsafe { alloc_storage(dev, DType::BF16, m * c) }?;
+    let yp = storage_ptr(&y, &Layout::contiguous(m * c))?;
+    let f = kernels::func(dev, MODULE, "bn_apply")?;
+    let pairs = (m * c / 2) as i64;
+    let (ci, ri) = (c as i32, relu as i32);
+    let mut b = f.builder();
+    b.arg(&x)
+        .arg(&scale)
+        .arg(&shift)
+        .arg(&pairs)
+        .arg(&ci)
+        .arg(&ri)
+        .arg(&yp);
+    unsafe { b.launch(elementwise_cfg(m * c / 2)) }.map_err(candle_core::Error::wrap)?;
+    Ok(y)
+}
+
+/// Training BatchNorm (+ ReLU): `(x, gamma, beta) -> y`, updating the running statistics.
+#[derive(Debug)]
+pub struct BatchNormTrain {
+    /// Running mean (f32 `[C]`, updated in place).
+    pub running_mean: Tensor,
+    /// Running variance (f32 `[C]`, updated in place).
+    pub running_var: Tensor,
+    /// Epsilon.
+    pub eps: f64,
+    /// Momentum of the running statistics.
+    pub momentum: f64,
+    /// Fused ReLU.
+    pub relu: bool,
+    /// `[4, C]` mean, invstd, scale, shift of the forward, for the backward.
+    saved: Mutex<Option<Tensor>>,
+}
+
+impl BatchNormTrain {
+    /// A training BatchNorm over the given running statistics.
+    pub fn new(
+        running_mean: Tensor,
+        running_var: Tensor,
+        eps: f64,
+        momentum: f64,
+        relu: bool,
+    ) -> Self {
+        Self {
+            running_mean,
+            running_var,
+            eps,
+            momentum,
+            relu,
+            saved: Mutex::new(None),
+        }
+    }
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-nhwc-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("batch-norm-nhwc-train: CUDA only (trainer::ops::nhwc has the CPU path)")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+        bs: &CudaStorage,
+        bl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, c) = check_input(xs, xl)?;
+        let dev = xs.device().clone();
+        let xp = storage_ptr(xs, xl)?;
+        let gp = f32_param(gs, gl, c, "gamma")?;
+        let bp = f32_param(bs, bl, c, "beta")?;
+        let rm = device_ptr(&self.running_mean)?;
+        let rv = device_ptr(&self.running_var)?;
+        let (chunks, rows) = chunking(m, c);
+        let _t = super::profile::scope(&dev, "batch norm forward");
+
+        let part = unsafe { dev.alloc::<f32>(chunks * 2 * c) }?;
+        let f = kernels::func(&dev, MODULE, "bn_stats_partial")?;
+        let (mi, ci, ri) = (m as i32, c as i32, rows as i32);
+        let mut b = f.builder();
+        b.arg(&xp).arg(&mi).arg(&ci).arg(&ri).arg(&part);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(2 * TX) as u32, chunks as u32, 1),
+            block_dim: (TX as u32, TY as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+
+        let stats = unsafe { alloc_storage(&dev, DType::F32, 4 * c) }?;
+        let sp = storage_ptr(&stats, &Layout::contiguous(4 * c))?;
+        let f = kernels::func(&dev, MODULE, "bn_stats_finalize")?;
+        let (chunks_i, eps, mom) = (chunks as i32, self.eps as f32, self.momentum as f32);
+        let mut b = f.builder();
+        b.arg(&xp)
+            .arg(&part)
+            .arg(&chunks_i)
+            .arg(&mi)
+            .arg(&ci)
+            .arg(&eps)
+            .arg(&mom);
+        b.arg(&rm).arg(&rv).arg(&gp).arg(&bp).arg(&sp);
+        unsafe { b.launch(kernels::grid_1d(c, 128)) }.map_err(candle_core::Error::wrap)?;
+
+        let y = apply(
+            &dev,
+            xp,
+            sp + 8 * c as u64,
+            sp + 12 * c as u64,
+            m,
+            c,
+            self.relu,
+        )?;
+        *self.saved.lock().expect("bn stats poisoned") = Some(tensor_from_storage(stats, (4, c)));
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = self
+            .saved
+            .lock()
+            .expect("bn stats poisoned")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm backward ran twice".into()))?;
+        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+        let dev = super::cuda_device(x)?;
+        let c = gamma.dim(0)?;
+        let m = x.elem_count() / c;
+        let (xp, yp, dyp) = (device_ptr(x)?, device_ptr(y)?, device_ptr(&dy)?);
+        let (sp, gp) = (device_ptr(&stats)?, device_ptr(gamma)?);
+        let (chunks, rows) = chunking(m, c);
+        let relu = self.relu as i32;
+        let (mi, ci, ri) = (m as i32, c as i32, rows as i32);
+        let _t = super::profile::scope(&dev, "batch norm backward");
+
+        let part = unsafe { dev.alloc::<f32>(chunks * 2 * c) }?;
+        let f = kernels::func(&dev, MODULE, "bn_bwd_partial")?;
+        let mut b = f.builder();
+        b.arg(&xp)
+            .arg(&yp)
+            .arg(&dyp)
+            .arg(&sp)
+            .arg(&mi)
+            .arg(&ci)
+            .arg(&ri)
+            .arg(&relu);
+        b.arg(&part);
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(2 * TX) as u32, chunks as u32, 1),
+            block_dim: (TX as u32, TY as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.map_err(candle_core::Error::wrap)?;
+
+        let dgamma = unsafe { alloc_storage(&dev, DType::F32, c) }?;
+        let dbeta = unsafe { alloc_storage(&dev, DType::F32, c) }?;
+        let dgp = storage_ptr(&dgamma, &Layout::contiguous(c))?;
+        let dbp = storage_ptr(&dbeta, &Layout::contiguous(c))?;
+        let f = kernels::func(&dev, MODULE, "bn_bwd_finalize")?;
+        let chunks_i = chunks as i32;
+        let mut b = f.builder();
+        b.arg(&part).arg(&chunks_i).arg(&ci).arg(&dgp).arg(&dbp);
+        unsafe { b.launch(kernels::grid_1d(c, 128)) }.map_err(candle_core::Error::wrap)?;
+
+        let dx = unsafe { alloc_storage(&dev, DType::BF16, m * c) }?;
+        let dxp = storage_ptr(&dx, &Layout::contiguous(m * c))?;
+        let f = kernels::func(&dev, MODULE, "bn_bwd_dx")?;
+        let pairs = (m * c / 2) as i64;
+        let mut b = f.builder();
+        b.arg(&xp)
+            .arg(&yp)
+            .arg(&dyp)
+            .arg(&sp)
+            .arg(&gp)
+            .arg(&dgp)
+            .arg(&dbp);
+        b.arg(&pairs).arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
+        unsafe { b.launch(elementwise_cfg(m * c / 2)) }.map_err(candle_core::Error::wrap)?;
+
+        Ok((
+            Some(tensor_from_storage(dx, x.shape().clone())),
+            Some(tensor_from_storage(dgamma, c)),
+            Some(tensor_from_storage(dbeta, c)),
+        ))
+    }
+}
+
+/// Evaluation BatchNorm (+ ReLU) with a folded per-channel `scale` and `shift` (f32 `[C]`).
+#[derive(Clone, Copy, Debug)]
+pub struct BatchNormApply {
+    /// Fused ReLU.
+    pub relu: bool,
+}
+
+impl CustomOp3 for BatchNormApply {
+    fn name(&self) -> &'static str {
+        "batch-norm-nhwc-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("batch-norm-nhwc-apply: CUDA only (trainer::ops::nhwc has the CPU path)")
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ss: &CudaStorage,
+        sl: &Layout,
+        hs: &CudaStorage,
+        hl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, c) = check_input(xs, xl)?;
+        let dev = xs.device().clone();
+        let y = apply(
+            &dev,
+            storage_ptr(xs, xl)?,
+            f32_param(ss, sl, c, "scale")?,
+            f32_param(hs, hl, c, "shift")?,
+            m,
+            c,
+            self.relu,
+        )?;
+        Ok((y, xl.shape().clone()))
+    }
+}

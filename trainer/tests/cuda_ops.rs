@@ -1,0 +1,324 @@
+//! The CUDA channels-last ops against their CPU references (f32), on random shapes. These run
+//! on a machine with a GPU (`cargo test --features cuda`, or the prebuilt test binary that
+//! `scripts/build-cuda.sh` stages); without one each test prints that it was skipped.
+//!
+//! Tolerances: the GPU computes from bf16 inputs in f32 and rounds its outputs to bf16 (relative
+//! step 2^-8 = 0.39 %); the CPU reference gets the same bf16-rounded inputs and computes in f32.
+//! So elementwise results may differ by one bf16 rounding, and reductions (convolutions, BN
+//! statistics, gradients that are sums over the batch) by that plus f32 summation order. The
+//! relative L2 error bound is 1e-2 for outputs and gradients (observed errors are reported), and
+//! exact equality where no rounding happens (max-pool forward, its argmax routing).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::VarMap;
+use trainer::model::{ActivationLayout, BatchNorm2d, ResNetConfig};
+use trainer::ops::nhwc;
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Relative L2 error of `got` against `want` (both moved to the CPU in f64).
+fn rel(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let g = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let w = want
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?;
+    let num = (&g - &w)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = w.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt().max(1e-30);
+    Ok(num / den)
+}
+
+/// A random bf16 tensor on the GPU and the same values in f32 on the CPU.
+fn pair(shape: &[usize], dev: &Device, std: f64) -> Result<(Tensor, Tensor)> {
+    let cpu = Tensor::randn(0f32, std as f32, shape, &Device::Cpu)?
+        .to_dtype(DType::BF16)?
+        .to_dtype(DType::F32)?;
+    Ok((cpu.to_device(dev)?.to_dtype(DType::BF16)?, cpu))
+}
+
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+    let r = rel(got, want)?;
+    eprintln!("{what}: relative error {r:.2e}");
+    assert!(r < tol, "{what}: relative error {r:e} above {tol:e}");
+    Ok(())
+}
+
+#[test]
+fn conv2d_matches_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    // (n, h, w, c, k, r, stride, pad, groups): 3x3, strided 1x1, grouped, the 7x7 stem.
+    let cases = [
+        (2, 9, 9, 16, 32, 3, 1, 1, 1),
+        (3, 8, 8, 32, 64, 1, 2, 0, 1),
+        (2, 8, 8, 32, 32, 3, 2, 1, 4),
+        (2, 32, 32, 3, 64, 7, 2, 3, 1),
+        (4, 7, 7, 64, 24, 3, 1, 1, 1),
+    ];
+    for (n, h, w, c, k, r, stride, pad, groups) in cases {
+        let name = format!("conv {n}x{h}x{w}x{c} -> {k} k{r} s{stride} p{pad} g{groups}");
+        let (xg, xc) = pair(&[n, h, w, c], &dev, 1.0)?;
+        let wc = Tensor::randn(0f32, 0.1, (k, c / groups, r, r), &Device::Cpu)?
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F32)?;
+        let (wvc, wvg) = (
+            Var::from_tensor(&wc)?,
+            Var::from_tensor(&wc.to_device(&dev)?)?,
+        );
+        let (xvc, xvg) = (Var::from_tensor(&xc)?, Var::from_tensor(&xg)?);
+        let yc = nhwc::conv2d(xvc.as_tensor(), wvc.as_tensor(), stride, pad, groups)?;
+        let yg = nhwc::conv2d(xvg.as_tensor(), wvg.as_tensor(), stride, pad, groups)?;
+        assert_eq!(yg.dims(), yc.dims(), "{name}");
+        assert_close(&format!("{name} forward"), &yg, &yc, 1e-2)?;
+        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
+        let gc = (yc * rc)?.sum_all()?.backward()?;
+        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let dx = gg.get(xvg.as_tensor()).expect("dx");
+        assert_close(
+            &format!("{name} dx"),
+            dx,
+            gc.get(xvc.as_tensor()).expect("dx"),
+            1e-2,
+        )?;
+        let dw = gg.get(wvg.as_tensor()).expect("dw");
+        assert_eq!(dw.dtype(), DType::F32, "master-weight gradient stays f32");
+        assert_close(
+            &format!("{name} dw"),
+            dw,
+            gc.get(wvc.as_tensor()).expect("dw"),
+            1e-2,
+        )?;
+    }
+    Ok(())
+}
+
+fn bn_on(dev: &Device, c: usize) -> Result<BatchNorm2d> {
+    let w = Tensor::randn(1f32, 0.2, c, &Device::Cpu)?.to_device(dev)?;
+    let b = Tensor::randn(0f32, 0.2, c, &Device::Cpu)?.to_device(dev)?;
+    let rm = Tensor::randn(0f32, 0.1, c, &Device::Cpu)?.to_device(dev)?;
+    let rv = Tensor::randn(1f32, 0.1, c, &Device::Cpu)?
+        .abs()?
+        .to_device(dev)?;
+    BatchNorm2d::new(
+        Var::from_tensor(&w)?.as_tensor().clone(),
+        Var::from_tensor(&b)?.as_tensor().clone(),
+        &rm,
+        &rv,
+    )
+}
+
+fn bn_copy(src: &BatchNorm2d, dev: &Device) -> Result<BatchNorm2d> {
+    BatchNorm2d::new(
+        Var::from_tensor(&src.weight().to_device(dev)?)?
+            .as_tensor()
+            .clone(),
+        Var::from_tensor(&src.bias().to_device(dev)?)?
+            .as_tensor()
+            .clone(),
+        &src.running_mean().as_tensor().to_device(dev)?,
+        &src.running_var().as_tensor().to_device(dev)?,
+    )
+}
+
+#[test]
+fn batch_norm_matches_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for (n, h, w, c, relu, mean) in [
+        (4, 7, 9, 64, true, 0.0),
+        (2, 5, 5, 256, false, 3.0),
+        (8, 14, 14, 96, true, -1.0),
+    ] {
+        let name = format!("bn {n}x{h}x{w}x{c} relu {relu} mean {mean}");
+        let bg = bn_on(&dev, c)?;
+        let bc = bn_copy(&bg, &Device::Cpu)?;
+        let (xg, xc) = pair(&[n, h, w, c], &dev, 2.0)?;
+        let (xg, xc) = (
+            (xg.to_dtype(DType::F32)? + mean)?.to_dtype(DType::BF16)?,
+            (xc + mean)?,
+        );
+        let xc = xc.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+        let (xvg, xvc) = (Var::from_tensor(&xg)?, Var::from_tensor(&xc)?);
+        let yg = nhwc::batch_norm(xvg.as_tensor(), &bg, true, relu)?;
+        let yc = nhwc::batch_norm(xvc.as_tensor(), &bc, true, relu)?;
+        assert_close(&format!("{name} forward"), &yg, &yc, 1e-2)?;
+        for (what, g, c) in [
+            ("running mean", bg.running_mean(), bc.running_mean()),
+            ("running var", bg.running_var(), bc.running_var()),
+        ] {
+            assert_close(
+                &format!("{name} {what}"),
+                g.as_tensor(),
+                c.as_tensor(),
+                1e-4,
+            )?;
+        }
+        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
+        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let gc = (yc * rc)?.sum_all()?.backward()?;
+        assert_close(
+            &format!("{name} dx"),
+            gg.get(xvg.as_tensor()).expect("dx"),
+            gc.get(xvc.as_tensor()).expect("dx"),
+            1e-2,
+        )?;
+        for (what, g, c) in [
+            ("dgamma", bg.weight(), bc.weight()),
+            ("dbeta", bg.bias(), bc.bias()),
+        ] {
+            assert_close(
+                &format!("{name} {what}"),
+                gg.get(g).expect("grad"),
+                gc.get(c).expect("grad"),
+                1e-2,
+            )?;
+        }
+        let eg = nhwc::batch_norm(&xg, &bg, false, relu)?;
+        let ec = nhwc::batch_norm(&xc, &bc, false, relu)?;
+        assert_close(&format!("{name} eval"), &eg, &ec, 1e-2)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn pooling_and_add_relu_match_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    for (n, h, w, c) in [(2, 9, 9, 64), (3, 16, 12, 32), (2, 112, 112, 64)] {
+        let name = format!("max-pool {n}x{h}x{w}x{c}");
+        let (xg, xc) = pair(&[n, h, w, c], &dev, 1.0)?;
+        let (xvg, xvc) = (Var::from_tensor(&xg)?, Var::from_tensor(&xc)?);
+        let yg = nhwc::max_pool(xvg.as_tensor(), 3, 2, 1)?;
+        let yc = nhwc::max_pool(xvc.as_tensor(), 3, 2, 1)?;
+        assert_eq!(rel(&yg, &yc)?, 0.0, "{name}: max of bf16 values is exact");
+        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
+        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let gc = (yc * rc)?.sum_all()?.backward()?;
+        assert_close(
+            &format!("{name} dx"),
+            gg.get(xvg.as_tensor()).expect("dx"),
+            gc.get(xvc.as_tensor()).expect("dx"),
+            1e-2,
+        )?;
+    }
+    let (xg, xc) = pair(&[4, 7, 7, 256], &dev, 1.0)?;
+    let (xvg, xvc) = (Var::from_tensor(&xg)?, Var::from_tensor(&xc)?);
+    let (pg, pc) = (
+        nhwc::global_avg_pool(xvg.as_tensor())?,
+        nhwc::global_avg_pool(xvc.as_tensor())?,
+    );
+    assert_eq!(pg.dtype(), DType::F32);
+    assert_close("avg-pool forward", &pg, &pc, 1e-5)?;
+    let r = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu)?;
+    let gg = (pg * r.to_device(&dev)?)?.sum_all()?.backward()?;
+    let gc = (pc * r)?.sum_all()?.backward()?;
+    assert_close(
+        "avg-pool dx",
+        gg.get(xvg.as_tensor()).expect("dx"),
+        gc.get(xvc.as_tensor()).expect("dx"),
+        1e-2,
+    )?;
+
+    let (ag, ac) = pair(&[2, 5, 5, 64], &dev, 1.0)?;
+    let (bg, bc) = pair(&[2, 5, 5, 64], &dev, 1.0)?;
+    let (avg, avc, bvg, bvc) = (
+        Var::from_tensor(&ag)?,
+        Var::from_tensor(&ac)?,
+        Var::from_tensor(&bg)?,
+        Var::from_tensor(&bc)?,
+    );
+    let yg = nhwc::add_relu(avg.as_tensor(), bvg.as_tensor())?;
+    let yc = nhwc::add_relu(avc.as_tensor(), bvc.as_tensor())?;
+    assert_close("add+relu forward", &yg, &yc, 1e-2)?;
+    let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
+    let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+    let gc = (yc * rc)?.sum_all()?.backward()?;
+    for (vg, vc) in [(&avg, &avc), (&bvg, &bvc)] {
+        assert_close(
+            "add+relu grad",
+            gg.get(vg.as_tensor()).expect("grad"),
+            gc.get(vc.as_tensor()).expect("grad"),
+            2e-2,
+        )?;
+    }
+    Ok(())
+}
+
+/// One training step of a small ResNet-50-shaped network, GPU (channels-last bf16, f32 masters)
+/// against the CPU (NCHW f32) from the same initial weights: logits and every gradient. bf16
+/// activations through 16 layers compound the rounding, so the bound is 5e-2 relative.
+#[test]
+fn training_step_matches_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let cfg = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        num_classes: 10,
+        ..ResNetConfig::by_name("resnet50").expect("known")
+    }
+    .with_drop_path_rate(0.1);
+    let (vc, vg) = (VarMap::new(), VarMap::new());
+    let mc = cfg.build_seeded(&vc, 3, DType::F32, &Device::Cpu)?;
+    let mut mg = cfg.build_seeded(&vg, 3, DType::F32, &dev)?;
+    mg.set_layout(ActivationLayout::Nhwc);
+    for (m, d) in [(&mc, Device::Cpu), (&mg, dev.clone())] {
+        for (name, var) in m.trainable_vars()? {
+            if name.ends_with("bn3.weight") {
+                var.set(&Tensor::full(0.5f32, var.shape(), &d)?)?;
+            }
+        }
+    }
+    let x = Tensor::randn(0f32, 1.0, (8, 3, 64, 64), &Device::Cpu)?
+        .to_dtype(DType::BF16)?
+        .to_dtype(DType::F32)?;
+    let xg = x
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .to_device(&dev)?
+        .to_dtype(DType::BF16)?;
+    let lc = mc.forward_train(&x, 11)?;
+    let lg = mg.forward_train(&xg, 11)?;
+    assert_close("tiny resnet50 logits", &lg, &lc, 5e-2)?;
+    let gc = lc.sqr()?.sum_all()?.backward()?;
+    let gg = lg.sqr()?.sum_all()?.backward()?;
+    let mut worst = (0f64, String::new());
+    for ((name, a), (_, b)) in mc.trainable_vars()?.iter().zip(mg.trainable_vars()?.iter()) {
+        let r = rel(
+            gg.get(b.as_tensor()).expect("grad"),
+            gc.get(a.as_tensor()).expect("grad"),
+        )?;
+        if r > worst.0 {
+            worst = (r, name.clone());
+        }
+    }
+    eprintln!(
+        "tiny resnet50: worst gradient relative error {:.2e} ({})",
+        worst.0, worst.1
+    );
+    assert!(
+        worst.0 < 5e-2,
+        "gradient of {} off by {:e}",
+        worst.1,
+        worst.0
+    );
+    for ((name, a), (_, b)) in mc.running_stats().iter().zip(mg.running_stats().iter()) {
+        assert_close(&format!("running stat {name}"), b, a, 2e-2)?;
+    }
+    Ok(())
+}
