@@ -8,8 +8,12 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
-use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::cuda_backend::{CudaDevice, CudaFunc};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, LaunchArgs, LaunchConfig,
+};
+use candle_core::cuda_backend::CudaDevice;
 use candle_core::{Error, Result};
 
 /// Helpers every module starts with: bf16 <-> f32 (round to nearest even, NaN kept).
@@ -65,10 +69,30 @@ pub fn ptx(module: Module) -> Result<String> {
     Ok(text)
 }
 
+/// A loaded kernel and the stream it launches on (candle's stream of the device).
+pub struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    /// Starts a launch: push the arguments in order (`.arg(&x)`), then
+    /// `unsafe { b.launch(cfg) }`.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
 /// The function `name` of `module` on `dev`, compiling and loading the module on first use.
-pub fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<CudaFunc> {
+pub fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<Kernel> {
     let ptx = ptx(module)?;
-    dev.get_or_load_custom_func(name, module.name, &ptx)
+    let func = dev
+        .get_or_load_custom_func(name, module.name, &ptx)?
+        .into_cuda_function();
+    Ok(Kernel {
+        func,
+        stream: dev.cuda_stream(),
+    })
 }
 
 /// A 1-D launch over `n` items with `threads` per block.

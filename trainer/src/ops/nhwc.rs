@@ -80,7 +80,7 @@ pub fn batch_norm(x: &Tensor, bn: &BatchNorm2d, train: bool, relu: bool) -> Resu
                 bn.momentum(),
                 relu,
             );
-            return x.apply_op3_arc(&gamma, &beta, std::sync::Arc::new(op));
+            return x.apply_op3(&gamma, &beta, op);
         }
         let (scale, shift) = bn.folded_scale_shift()?;
         return x.apply_op3_no_bwd(&scale, &shift, &BatchNormApply { relu });
@@ -98,7 +98,7 @@ pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Res
     #[cfg(feature = "cuda")]
     if is_fast(x) {
         let op = crate::cuda::pool::MaxPoolNhwc::new(kernel, stride, padding)?;
-        return x.contiguous()?.apply_op1_arc(std::sync::Arc::new(op));
+        return x.contiguous()?.apply_op1(op);
     }
     to_nhwc(&super::max_pool2d(&to_nchw(x)?, kernel, stride, padding)?)
 }
