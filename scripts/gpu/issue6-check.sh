@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # issue6-check.sh - run ON the GPU machine (one H100), from the repository root:
 #   bash scripts/gpu/issue6-check.sh
-# Needs gpu-bin/ from scripts/build-cuda.sh (carry it: `carry: ["gpu-bin"]`). About 5 minutes:
+# Needs gpu-bin/ from scripts/build-cuda.sh (carry it: `carry: ["gpu-bin"]`). About 5 minutes,
+# at most 580 s by its timeouts (3 test binaries x 60, 2 x 100, 200):
 #   1. the CUDA op tests and the GPU-vs-CPU training-step test (prebuilt test binaries);
 #   2. train-bench: ResNet-50, batch 256, 224 and 160 px, with the per-op breakdown;
 #   3. the PyTorch + timm anchor on the same GPU (scripts/gpu/torch_baseline.py);
@@ -21,19 +22,19 @@ echo "=== op tests (GPU vs CPU references)"
 for t in "$BIN"/tests/*; do
   [ -x "$t" ] || continue
   echo "--- $t"
-  timeout 240 "$t" --test-threads 1 --nocapture 2>&1 | grep -vE '^\s*$' | tail -60
+  timeout 60 "$t" --test-threads 1 --nocapture 2>&1 | grep -vE '^\s*$' | tail -60
   echo "exit code $?"
 done
 
 echo "=== train-bench (ours)"
 for size in 224 160; do
-  timeout 150 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
+  timeout 100 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
     --warmup 3 --device cuda:0 --breakdown | tee -a "$OUT/train-bench.jsonl"
   echo "exit code ${PIPESTATUS[0]}"
 done
 
 echo "=== PyTorch + timm anchor (same GPU)"
-TB_STEPS=20 TB_WARMUP=5 timeout 240 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
+TB_STEPS=20 TB_WARMUP=5 timeout 200 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
 
 echo "=== ratio"
 "$PY" - "$OUT" <<'PY'

@@ -38,13 +38,21 @@ pub struct Module {
     pub source: &'static str,
 }
 
-fn ptx_cache() -> &'static Mutex<HashMap<&'static str, String>> {
-    static CACHE: OnceLock<Mutex<HashMap<&'static str, String>>> = OnceLock::new();
+fn ptx_cache() -> &'static Mutex<HashMap<&'static str, Arc<str>>> {
+    static CACHE: OnceLock<Mutex<HashMap<&'static str, Arc<str>>>> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Loaded functions by (device ordinal, module, function): one hash lookup per launch.
+type FuncCache = Mutex<HashMap<(usize, &'static str, &'static str), CudaFunction>>;
+
+fn func_cache() -> &'static FuncCache {
+    static CACHE: OnceLock<FuncCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 /// Compiles `module` to PTX with NVRTC (cached per process).
-pub fn ptx(module: Module) -> Result<String> {
+pub fn ptx(module: Module) -> Result<Arc<str>> {
     let mut cache = ptx_cache().lock().expect("ptx cache poisoned");
     if let Some(p) = cache.get(module.name) {
         return Ok(p.clone());
@@ -64,7 +72,7 @@ pub fn ptx(module: Module) -> Result<String> {
             ))
         },
     )?;
-    let text = ptx.to_src();
+    let text: Arc<str> = ptx.to_src().into();
     cache.insert(module.name, text.clone());
     Ok(text)
 }
@@ -84,15 +92,24 @@ impl Kernel {
 }
 
 /// The function `name` of `module` on `dev`, compiling and loading the module on first use.
-pub fn func(dev: &CudaDevice, module: Module, name: &str) -> Result<Kernel> {
+pub fn func(dev: &CudaDevice, module: Module, name: &'static str) -> Result<Kernel> {
+    let stream = dev.cuda_stream();
+    let key = (stream.context().ordinal(), module.name, name);
+    if let Some(f) = func_cache().lock().expect("kernel cache poisoned").get(&key) {
+        return Ok(Kernel {
+            func: f.clone(),
+            stream,
+        });
+    }
     let ptx = ptx(module)?;
     let func = dev
         .get_or_load_custom_func(name, module.name, &ptx)?
         .into_cuda_function();
-    Ok(Kernel {
-        func,
-        stream: dev.cuda_stream(),
-    })
+    func_cache()
+        .lock()
+        .expect("kernel cache poisoned")
+        .insert(key, func.clone());
+    Ok(Kernel { func, stream })
 }
 
 /// A 1-D launch over `n` items with `threads` per block.
