@@ -10,6 +10,7 @@
 pub mod bn;
 pub mod conv;
 pub mod kernels;
+pub mod lamb;
 pub mod memory;
 pub mod pool;
 pub mod profile;
