@@ -68,9 +68,7 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::kernels::{self, Module};
-use crate::optim::{
-    LambConfig, OptimError, ParamGroup, StepReport, TrainOptimizer,
-};
+use crate::optim::{LambConfig, OptimError, ParamGroup, StepReport, TrainOptimizer};
 
 /// Elements per chunk: one thread block of the per-chunk kernels handles this many (64 KiB of
 /// f32 per array). ResNet-50 (25.6 M parameters in 161 tensors) makes about 1,700 chunks.
@@ -294,7 +292,9 @@ fn msg(text: String) -> OptimError {
     OptimError::Candle(candle_core::Error::Msg(text))
 }
 
-fn drv<T>(r: Result<T, candle_core::cuda_backend::cudarc::driver::DriverError>) -> Result<T, OptimError> {
+fn drv<T>(
+    r: Result<T, candle_core::cuda_backend::cudarc::driver::DriverError>,
+) -> Result<T, OptimError> {
     r.map_err(|e| msg(format!("CudaLamb: CUDA driver: {e:?}")))
 }
 
@@ -497,7 +497,11 @@ impl CudaLamb {
                 )));
             }
             let g = g.detach().to_dtype(DType::F32)?;
-            let g = if g.is_contiguous() { g } else { g.contiguous()? };
+            let g = if g.is_contiguous() {
+                g
+            } else {
+                g.contiguous()?
+            };
             out.push(Some(g));
         }
         Ok(out)
@@ -513,10 +517,8 @@ impl CudaLamb {
             if slot.numel > 0 {
                 drv(self.stream.memcpy_dtod(&src.slice(range.clone()), &mut dst))?;
             }
-            let storage = candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(
-                dst,
-                self.dev.clone(),
-            );
+            let storage =
+                candle_core::cuda_backend::CudaStorage::wrap_cuda_slice(dst, self.dev.clone());
             let t = super::tensor_from_storage(storage, slot.numel.max(1));
             Ok(t.narrow(0, 0, slot.numel)?.reshape(shape.clone())?)
         };
@@ -558,7 +560,8 @@ impl TrainOptimizer for CudaLamb {
             // Waits for the previous step's copy of this buffer (already done: step 6 syncs).
             let table = drv(self.ptrs_host.as_mut_slice())?;
             for (i, (slot, g)) in self.slots.iter().zip(&gs).enumerate() {
-                table[i] = super::device_ptr(self.groups[slot.group].params[slot.index].var.as_tensor())?;
+                table[i] =
+                    super::device_ptr(self.groups[slot.group].params[slot.index].var.as_tensor())?;
                 table[n + i] = match g {
                     Some(g) => super::device_ptr(g)?,
                     None => 0,
@@ -593,7 +596,9 @@ impl TrainOptimizer for CudaLamb {
         let per_chunk = blocks(self.num_chunks.max(1));
         if self.num_chunks > 0 {
             let mut b = self.stream.launch_builder(&self.funcs[0]);
-            b.arg(&self.chunks).arg(&grad_ptrs).arg(&mut self.grad_partial);
+            b.arg(&self.chunks)
+                .arg(&grad_ptrs)
+                .arg(&mut self.grad_partial);
             // SAFETY: argument types and counts match `lamb_grad_sumsq`; the gradient addresses
             // are those of `gs`, alive until after the synchronisation below.
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_grad_sumsq: {e:?}")))?;
@@ -652,7 +657,9 @@ impl TrainOptimizer for CudaLamb {
             // SAFETY: matches `lamb_apply`; the parameter addresses are those of our Vars.
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_apply: {e:?}")))?;
         }
-        drv(self.stream.memcpy_dtoh(&self.scalars, &mut self.report_host))?;
+        drv(self
+            .stream
+            .memcpy_dtoh(&self.scalars, &mut self.report_host))?;
         // The one synchronisation per step (see the module docs): the report, and the moment
         // after which the gradient copies in `gs` and the pointer table may go.
         drv(self.stream.synchronize())?;
@@ -754,8 +761,12 @@ impl TrainOptimizer for CudaLamb {
                     }
                 }
                 None => {
-                    drv(self.stream.memset_zeros(&mut self.exp_avg.slice_mut(range.clone())))?;
-                    drv(self.stream.memset_zeros(&mut self.exp_avg_sq.slice_mut(range)))?;
+                    drv(self
+                        .stream
+                        .memset_zeros(&mut self.exp_avg.slice_mut(range.clone())))?;
+                    drv(self
+                        .stream
+                        .memset_zeros(&mut self.exp_avg_sq.slice_mut(range)))?;
                 }
             }
             self.has_state[i] = loaded[i].is_some();
@@ -826,7 +837,10 @@ mod tests {
     fn nvrtc_compiles_the_lamb_kernels() {
         let ptx = kernels::ptx(MODULE).expect("NVRTC compiles the LAMB kernels");
         for name in KERNELS {
-            assert!(ptx.contains(&format!(".entry {name}")), "{name} missing from the PTX");
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{name} missing from the PTX"
+            );
         }
         // No contracted multiply-add in the element-wise maths: every f32 product is rounded.
         assert!(!ptx.contains("fma.rn.f32"), "an f32 fma slipped in");
