@@ -71,12 +71,12 @@ use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
 
-use super::kernels::{self, Module};
+use super::kernels::{self, Kernel, Module};
 use crate::optim::{LambConfig, OptimError, ParamGroup, StepReport, TrainOptimizer};
 
 /// Elements per chunk: one thread block of the per-chunk kernels handles this many (64 KiB of
@@ -335,7 +335,7 @@ pub struct CudaLamb {
     u_sumsq: CudaSlice<f32>,
     scalars: CudaSlice<f64>,
     report_host: PinnedHostSlice<f64>,
-    funcs: [CudaFunction; 4],
+    funcs: [Kernel; 4],
 }
 
 impl std::fmt::Debug for CudaLamb {
@@ -421,11 +421,7 @@ impl CudaLamb {
             .iter()
             .map(|s| (groups[s.group].weight_decay != 0.0 || config.always_adapt) as i32)
             .collect();
-        let ptx = kernels::ptx(MODULE)?;
-        let f = |k: usize| -> Result<CudaFunction, OptimError> {
-            let func = dev.get_or_load_custom_func(KERNELS[k], MODULE.name, &ptx)?;
-            Ok(func.into_cuda_function())
-        };
+        let f = |k: usize| kernels::func(&dev, MODULE, KERNELS[k]);
         let funcs = [f(0)?, f(1)?, f(2)?, f(3)?];
         let ctx = stream.context();
         Ok(Self {
@@ -604,7 +600,7 @@ impl TrainOptimizer for CudaLamb {
 
         let per_chunk = blocks(self.num_chunks.max(1));
         if self.num_chunks > 0 {
-            let mut b = self.stream.launch_builder(&self.funcs[0]);
+            let mut b = self.funcs[0].builder();
             b.arg(&self.chunks)
                 .arg(&grad_ptrs)
                 .arg(&mut self.grad_partial);
@@ -613,7 +609,7 @@ impl TrainOptimizer for CudaLamb {
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_grad_sumsq: {e:?}")))?;
         }
         {
-            let mut b = self.stream.launch_builder(&self.funcs[1]);
+            let mut b = self.funcs[1].builder();
             b.arg(&self.grad_partial)
                 .arg(&num_chunks)
                 .arg(&has_max)
@@ -623,7 +619,7 @@ impl TrainOptimizer for CudaLamb {
             unsafe { b.launch(blocks(1)) }.map_err(|e| msg(format!("lamb_global_norm: {e:?}")))?;
         }
         if self.num_chunks > 0 {
-            let mut b = self.stream.launch_builder(&self.funcs[2]);
+            let mut b = self.funcs[2].builder();
             b.arg(&self.chunks)
                 .arg(&params)
                 .arg(&grad_ptrs)
@@ -645,7 +641,7 @@ impl TrainOptimizer for CudaLamb {
             // SAFETY: matches `lamb_moments`; moments sized by the slots' offsets and numels.
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_moments: {e:?}")))?;
 
-            let mut b = self.stream.launch_builder(&self.funcs[3]);
+            let mut b = self.funcs[3].builder();
             b.arg(&self.chunks)
                 .arg(&self.tensor_chunks)
                 .arg(&params)
