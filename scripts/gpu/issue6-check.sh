@@ -22,8 +22,10 @@ echo "=== op tests (GPU vs CPU references)"
 for t in "$BIN"/tests/*; do
   [ -x "$t" ] || continue
   echo "--- $t"
-  timeout 60 "$t" --test-threads 1 --nocapture 2>&1 | grep -vE '^\s*$' | tail -60
-  echo "exit code $?"
+  timeout 60 "$t" --test-threads 1 --nocapture > "$OUT/test-$(basename "$t").log" 2>&1
+  rc=$?
+  grep -vE '^\s*$' "$OUT/test-$(basename "$t").log" | tail -60
+  echo "exit code $rc$([ $rc = 124 ] && echo ' (TIMEOUT)')"
 done
 
 echo "=== train-bench (ours)"

@@ -242,6 +242,10 @@ pub fn lamb_for_device(
     config: LambConfig,
     device: &Device,
 ) -> Result<Box<dyn TrainOptimizer>, OptimError> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return Ok(Box::new(crate::cuda::lamb::CudaLamb::new(groups, config)?));
+    }
     let _ = device;
     Ok(Box::new(Lamb::new(groups, config)?))
 }
