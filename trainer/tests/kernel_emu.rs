@@ -28,7 +28,8 @@
 //!   sums over `M` terms in another order; the kernel totals its chunks in f64).
 //! * Exact (bit-equal after rounding the reference to bf16): BN evaluation apply (same f32
 //!   operations `x * scale + shift` as candle); max-pool forward (a max) and backward (gradients
-//!   are multiples of 1/64 below 4, so every sum is exact in f32 and f64); add +
+//!   are multiples of 1/64 below 4, so every sum is exact in f32 and f64), also with NaN inputs
+//!   (a NaN wins its window, as in PyTorch and the CPU op; a NaN output matches any NaN); add +
 //!   ReLU forward and backward (pre-activations are never exactly 0: there candle's ReLU gradient
 //!   passes, the kernel's and PyTorch's do not).
 //! * Global average pool forward (f32): `HW * 2^-23 * max|x|`, the worst-case accumulation error
@@ -854,6 +855,15 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
     // Values in {-1, 0, 1, 2}: ties in most windows.
     let ties = |r: &mut Rng| (r.next() % 4) as f32 - 1.0;
     maxpool_case(&exe, root, "max-pool ties", [2, 9, 8, 7], ties, 9)?;
+    // About 4 % NaN: a NaN wins its window (PyTorch, and the CPU op).
+    let nans = |r: &mut Rng| {
+        if r.next().is_multiple_of(25) {
+            f32::NAN
+        } else {
+            r.normal()
+        }
+    };
+    maxpool_case(&exe, root, "max-pool NaN", [2, 11, 10, 4], nans, 12)?;
     gap_case(&exe, root, [3, 7, 5, 40], 10)?;
     add_relu_case(&exe, root, [2, 9, 9, 30], 11)?;
     println!(
