@@ -95,7 +95,11 @@ impl Kernel {
 pub fn func(dev: &CudaDevice, module: Module, name: &'static str) -> Result<Kernel> {
     let stream = dev.cuda_stream();
     let key = (stream.context().ordinal(), module.name, name);
-    if let Some(f) = func_cache().lock().expect("kernel cache poisoned").get(&key) {
+    if let Some(f) = func_cache()
+        .lock()
+        .expect("kernel cache poisoned")
+        .get(&key)
+    {
         return Ok(Kernel {
             func: f.clone(),
             stream,
