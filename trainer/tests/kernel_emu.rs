@@ -8,12 +8,11 @@
 //! that switch at `__syncthreads`) and the generic launcher `kernel_emu/harness.cpp`, and runs a
 //! launch script written here. The script replays the Rust launch code of `bn.rs` / `pool.rs`
 //! (grid and block dimensions, argument order and types, pointer offsets such as the folded
-//! `scale` at `stats + 8 * C` bytes); the launcher checks each argument's kind against the
-//! kernel's parameter type, fills new buffers with NaN bytes (as `alloc` leaves memory
-//! uninitialised) and puts an inaccessible page after every buffer, so an out-of-bounds access
-//! fails the test. The geometry helpers (`chunking`, `elementwise_cfg`, `grid_1d`) are mirrored
-//! below and the test fails if their text in the sources changes. Without `g++` (or with one
-//! too old for C++17) the test prints `skipped: ...` and passes.
+//! `scale` at `stats + 8 * C` bytes); `launch_code_matches_the_mirror` fails when that Rust code
+//! changes. The launcher checks each argument's kind against the kernel's parameter type, fills
+//! new buffers with NaN bytes (as `alloc` leaves memory uninitialised) and puts an inaccessible
+//! page after every buffer, so an out-of-bounds access fails the test. Without `g++` (or with
+//! one too old for C++17) the test prints `skipped: ...` and passes.
 //!
 //! Inputs are random bf16 values; the references get the same values as f32. Tolerances:
 //! * bf16 outputs of f32 maths (BN forward, BN `dx`): `|got - ref| <= 2^-7 |ref| + a * max|ref|`.
@@ -46,7 +45,7 @@ use trainer::model::BatchNorm2d;
 use trainer::ops::nhwc;
 
 // ---------------------------------------------------------------------------------------------
-// Mirrors of the launch geometry (bn.rs, kernels.rs); `geometry_mirrors_match_sources` pins them.
+// Mirrors of the launch geometry (bn.rs, kernels.rs); `launch_code_matches_the_mirror` pins them.
 
 const TX: usize = 32;
 const TY: usize = 8;
@@ -80,35 +79,125 @@ fn reduction_cfg(c: usize, chunks: usize) -> Cfg {
     ((c.div_ceil(2 * TX), chunks, 1), (TX, TY, 1))
 }
 
-const MIRRORED: [(&str, &str); 5] = [
+/// Source text the replayed launches below mirror (compared without whitespace): the geometry
+/// helpers, and each launch's arguments and configuration. A change there fails
+/// `launch_code_matches_the_mirror` until this file follows it.
+const MIRRORED: [(&str, &str); 18] = [
     (
         "src/cuda/bn.rs",
-        "const TX: usize = 32;\nconst TY: usize = 8;",
+        "const TX: usize = 32; const TY: usize = 8;",
     ),
     (
         "src/cuda/bn.rs",
-        "    let col_blocks = c.div_ceil(2 * TX);
-    let want = 1024usize
-        .div_ceil(col_blocks)
-        .clamp(1, m.div_ceil(TY).max(1));
-    let rows = m.div_ceil(want);
-    (m.div_ceil(rows), rows)",
+        "let col_blocks = c.div_ceil(2 * TX);
+         let want = 1024usize.div_ceil(col_blocks).clamp(1, m.div_ceil(TY).max(1));
+         let rows = m.div_ceil(want);
+         (m.div_ceil(rows), rows)",
     ),
     (
         "src/cuda/bn.rs",
-        "    let threads = 256u32;
-    let blocks = pairs.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;",
-    ),
-    (
-        "src/cuda/bn.rs",
-        "grid_dim: (c.div_ceil(2 * TX) as u32, chunks as u32, 1),
-            block_dim: (TX as u32, TY as u32, 1),",
+        "let threads = 256u32;
+         let blocks = pairs.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;",
     ),
     (
         "src/cuda/kernels.rs",
-        "    let blocks = n.div_ceil(threads as usize).max(1) as u32;",
+        "let blocks = n.div_ceil(threads as usize).max(1) as u32;",
+    ),
+    // bn.rs, BatchNormTrain::cuda_fwd.
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&xp).arg(&mi).arg(&ci).arg(&ri).arg(&part);
+         let cfg = LaunchConfig { grid_dim: (c.div_ceil(2 * TX) as u32, chunks as u32, 1),
+         block_dim: (TX as u32, TY as u32, 1),",
+    ),
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&xp).arg(&part).arg(&chunks_i).arg(&mi).arg(&ci).arg(&eps).arg(&mom);
+         b.arg(&rm).arg(&rv).arg(&gp).arg(&bp).arg(&sp);
+         unsafe { b.launch(kernels::grid_1d(c, 128)) }",
+    ),
+    (
+        "src/cuda/bn.rs",
+        "apply(&dev, xp, sp + 8 * c as u64, sp + 12 * c as u64, m, c, self.relu, )?",
+    ),
+    // bn.rs, apply.
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&x).arg(&scale).arg(&shift).arg(&pairs).arg(&ci).arg(&ri).arg(&yp);
+         unsafe { b.launch(elementwise_cfg(m * c / 2)) }",
+    ),
+    // bn.rs, BatchNormTrain::bwd.
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&xp).arg(&yp).arg(&dyp).arg(&sp).arg(&mi).arg(&ci).arg(&ri).arg(&relu);
+         b.arg(&part);
+         let cfg = LaunchConfig { grid_dim: (c.div_ceil(2 * TX) as u32, chunks as u32, 1),
+         block_dim: (TX as u32, TY as u32, 1),",
+    ),
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&part).arg(&chunks_i).arg(&ci).arg(&dgp).arg(&dbp);
+         unsafe { b.launch(kernels::grid_1d(c, 128)) }",
+    ),
+    (
+        "src/cuda/bn.rs",
+        "b.arg(&xp).arg(&yp).arg(&dyp).arg(&sp).arg(&gp).arg(&dgp).arg(&dbp);
+         b.arg(&pairs).arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
+         unsafe { b.launch(elementwise_cfg(m * c / 2)) }",
+    ),
+    // pool.rs.
+    (
+        "src/cuda/pool.rs",
+        "let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+         let mut b = f.builder();
+         b.arg(&xp);
+         for v in &d { b.arg(v); }
+         b.arg(&yp).arg(&ip);
+         unsafe { b.launch(grid_1d(len, 256)) }",
+    ),
+    ("src/cuda/pool.rs", "let len = n * h * w * c;"),
+    (
+        "src/cuda/pool.rs",
+        "let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+         let mut b = f.builder();
+         b.arg(&dyp).arg(&ip);
+         for v in &d { b.arg(v); }
+         b.arg(&dxp);
+         unsafe { b.launch(grid_1d(len, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+         let mut b = f.builder();
+         b.arg(&xp).arg(&ni).arg(&hwi).arg(&ci).arg(&yp);
+         unsafe { b.launch(grid_1d(n * c, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+         let mut b = f.builder();
+         b.arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dxp);
+         unsafe { b.launch(grid_1d(len, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let ni = n as i64;
+         let mut lb = f.builder();
+         lb.arg(&ap).arg(&bp).arg(&ni).arg(&yp);
+         unsafe { lb.launch(grid_1d(n, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let ni = n as i64;
+         let mut b = f.builder();
+         b.arg(&yp).arg(&dyp).arg(&ni).arg(&dxp);
+         unsafe { b.launch(grid_1d(n, 256)) }",
     ),
 ];
+
+fn squash(s: &str) -> String {
+    s.split_whitespace().collect()
+}
 
 // ---------------------------------------------------------------------------------------------
 // Sources, build, launch scripts.
@@ -790,11 +879,12 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn geometry_mirrors_match_sources() {
+fn launch_code_matches_the_mirror() {
     for (file, text) in MIRRORED {
         assert!(
-            source_file(file).contains(text),
-            "{file} no longer contains the launch geometry mirrored in tests/kernel_emu.rs:\n{text}"
+            squash(&source_file(file)).contains(&squash(text)),
+            "{file} no longer contains this launch code, replayed by tests/kernel_emu.rs \
+             (update the replay):\n{text}"
         );
     }
 }
