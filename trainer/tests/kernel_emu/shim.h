@@ -108,7 +108,7 @@ inline void launch(const char* name, uint3 grid, uint3 block, bool syncs,
                 }
                 for (unsigned int t = 0; t < nt; ++t) {
                     Fiber& f = fibers[t];
-                    if (f.stack.empty()) f.stack.resize(256 * 1024);
+                    if (f.stack.empty()) f.stack.resize(64 * 1024);
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = f.stack.data();
                     f.ctx.uc_stack.ss_size = f.stack.size();
