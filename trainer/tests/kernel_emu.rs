@@ -839,7 +839,7 @@ fn gap_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()>
 
 fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
     let len: usize = shape.iter().product();
-    println!("add + relu: [{:?}], {len} values", shape);
+    println!("add + relu: {shape:?}, {len} values");
     let mut rng = Rng(seed);
     let a = bf16_vec(len, || rng.normal());
     let mut b = bf16_vec(len, || rng.normal());
