@@ -1,9 +1,10 @@
 //! Channels-last bf16 pooling and the residual add + ReLU, as candle custom ops.
 //!
 //! * Max-pool `k x k`, stride `s`, padding `p` (the stem's 3/2/1): the forward records the
-//!   window position of each maximum (the first one in row-major window order, as the CPU op) in
-//!   a u8 map; the backward gathers, per input element, the gradients of the outputs whose
-//!   maximum it was. No atomics: the result does not depend on scheduling.
+//!   window position of each maximum (the first one in row-major window order; a NaN counts as a
+//!   maximum, so the last NaN of a window wins: both as the CPU op) in a u8 map; the backward
+//!   gathers, per input element, the gradients of the outputs whose maximum it was. No atomics:
+//!   the result does not depend on scheduling.
 //! * Global average pool `[N, H, W, C] -> [N, C]`: sums in f32, output f32 (the classifier runs
 //!   in f32).
 //! * `relu(a + b)` for the end of a residual block, one pass; its backward masks the gradient by
@@ -42,7 +43,8 @@ extern "C" __global__ void maxpool_fwd(const bf16* x, int N, int H, int W, int C
             int iw = ow * s - p + kw;
             if (iw < 0 || iw >= W) continue;
             float v = bf2f(x[(((size_t)n * H + ih) * W + iw) * C + c]);
-            if (bi < 0 || v > best) { best = v; bi = kh * k + kw; }
+            // A NaN wins (`v != v`), as in PyTorch and the CPU op.
+            if (bi < 0 || v > best || v != v) { best = v; bi = kh * k + kw; }
         }
     }
     y[i] = f2bf(best);
