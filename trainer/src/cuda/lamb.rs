@@ -56,8 +56,8 @@
 //! tensor's chunks in f64 (the CPU sums each tensor in f32). The norms thus differ by about 1e-7
 //! relative, which moves the clip factor and trust ratios by as much and the results by an ulp
 //! or two. Measured without a GPU by running these kernels' source on the CPU
-//! (`trainer/tests/lamb_emu/run.sh`: the source compiled as C++ with a thread per CUDA thread
-//! and a barrier for `__syncthreads`) against [`crate::optim::Lamb`] over the parameters and
+//! (`trainer/tests/lamb_emu.rs`: the source compiled as C++ with `g++`, the threads of a block as
+//! fibers that switch at `__syncthreads`) against [`crate::optim::Lamb`] over the parameters and
 //! step schedule of `trainer/tests/cuda_lamb.rs`: bit-identical parameters and moments when
 //! neither clipping nor the trust ratio is in play, otherwise at most 3e-7 of each tensor's
 //! largest magnitude after six steps. The GPU tests allow 1e-5 of it.

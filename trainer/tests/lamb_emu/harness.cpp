@@ -8,7 +8,7 @@
 #include <string>
 
 #include "shim.h"
-#include "kernels.cu"  // PRELUDE + lamb.rs's MODULE source, extracted by run.sh
+#include "kernels.cu"  // PRELUDE + lamb.rs's MODULE source, written by ../lamb_emu.rs
 
 static uint64_t rng_state;
 // splitmix64 to a float in [-1, 1), as `uniform` in cuda_lamb.rs.
@@ -113,14 +113,14 @@ int main(int argc, char** argv) {
         float b1 = (float)beta1, b2 = (float)beta2, b3 = (float)beta3;
         float one_minus_b2 = (float)(1.0 - beta2), eps = (float)eps_d, lr = (float)lrs[k];
 
-        launch(num_chunks, 256, [&] { lamb_grad_sumsq(chunks.data(), grad_ptrs.data(), grad_partial.data()); });
-        launch(1, 256, [&] { lamb_global_norm(grad_partial.data(), num_chunks, has_max, 1.0, scalars); });
-        launch(num_chunks, 256, [&] {
+        launch("lamb_grad_sumsq", num_chunks, 256, [&] { lamb_grad_sumsq(chunks.data(), grad_ptrs.data(), grad_partial.data()); });
+        launch("lamb_global_norm", 1, 256, [&] { lamb_global_norm(grad_partial.data(), num_chunks, has_max, 1.0, scalars); });
+        launch("lamb_moments", num_chunks, 256, [&] {
             lamb_moments(chunks.data(), param_ptrs.data(), grad_ptrs.data(), offsets.data(), wds, adapt,
                          m.data(), v.data(), scalars, b1, b3, b2, one_minus_b2, inv_bc1, inv_bc2_sqrt,
                          eps, w_sumsq.data(), u_sumsq.data());
         });
-        launch(num_chunks, 256, [&] {
+        launch("lamb_apply", num_chunks, 256, [&] {
             lamb_apply(chunks.data(), tensor_chunks.data(), param_ptrs.data(), grad_ptrs.data(),
                        offsets.data(), wds, adapt, m.data(), v.data(), scalars, w_sumsq.data(),
                        u_sumsq.data(), inv_bc1, inv_bc2_sqrt, eps, lr, trust_clip);
