@@ -4,10 +4,11 @@
 // * Blocks run one after another (x fastest, then y, then z). The threads of a block are
 //   cooperative fibers (ucontext) on one OS thread: each runs until `__syncthreads()` or its end,
 //   then the next one runs; a round ends when every live thread waits at the barrier, and the
-//   next round resumes them (in reverse order every other round, so a read of another thread's
-//   value without a barrier sees a stale value in one of the two orders). A thread that returns
-//   no longer takes part in barriers. Kernels without `__syncthreads` run their threads as plain
-//   calls.
+//   next round resumes them (in reverse order every other round, starting with the block's
+//   index, so a read of another thread's value without a barrier sees a stale value in one of the
+//   two orders, and the blocks of a launch see both whatever the number of barriers before the
+//   read). A thread that returns no longer takes part in barriers. Kernels without
+//   `__syncthreads` run their threads as plain calls.
 // * `__shared__` variables are function-local statics: one block runs at a time.
 // * Maths is plain IEEE single/double (compile with -ffp-contract=off: nothing is fused).
 #pragma once
@@ -119,7 +120,7 @@ inline void launch(const char* name, uint3 grid, uint3 block, bool syncs,
                 for (unsigned int round = 0;; ++round) {
                     unsigned int live = 0;
                     for (unsigned int i = 0; i < nt; ++i) {
-                        unsigned int t = round % 2 ? nt - 1 - i : i;
+                        unsigned int t = (round + bx + by + bz) % 2 ? nt - 1 - i : i;
                         if (fibers[t].done) continue;
                         set_thread(t);
                         current = (int)t;
