@@ -20,6 +20,16 @@ impl HostStorage for Vec<u8> {
     }
 }
 
+/// Any storage behind one type (heap or page-locked buffers in the same loader type).
+impl HostStorage for Box<dyn HostStorage> {
+    fn bytes(&self) -> &[u8] {
+        (**self).bytes()
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        (**self).bytes_mut()
+    }
+}
+
 /// A sample left out of its batch under [`crate::OnCorrupt::Skip`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkippedSample {
@@ -52,6 +62,27 @@ pub struct Batch<S: HostStorage = Vec<u8>> {
 }
 
 impl<S: HostStorage> Batch<S> {
+    /// A batch outside any loader (for tests and tools): `len` images of `size` px in
+    /// `storage`, labelled `labels`; dropping it frees the storage. Panics if `storage` is
+    /// smaller than the images or `labels` is not `len` long.
+    pub fn detached(batch_id: usize, len: usize, size: u32, labels: Vec<u32>, storage: S) -> Self {
+        assert!(storage.bytes().len() >= len * (size as usize).pow(2) * 3, "storage too small");
+        assert_eq!(labels.len(), len, "one label per image");
+        // A pool nobody reads: the storage is dropped when the batch is.
+        let (home, _) = crossbeam_channel::bounded(0);
+        Batch {
+            epoch: 0,
+            batch_id,
+            len,
+            size,
+            indices: (0..len as u32).collect(),
+            labels,
+            skipped: Vec::new(),
+            storage: Some(storage),
+            home,
+        }
+    }
+
     /// The images, `len * size * size * 3` bytes.
     pub fn images(&self) -> &[u8] {
         let n = self.len * (self.size as usize).pow(2) * 3;

@@ -29,12 +29,18 @@ impl Feed {
     /// A feed to `device` with the ImageNet statistics.
     pub fn new(device: &Device) -> Result<Self> {
         // timm builds `torch.tensor([x * 255 for x in mean])`: the product in double, then f32.
-        let scaled = |v: [f64; 3]| v.map(|x| (x * 255.0) as f32);
+        let (mean, std) = Self::scaled_stats();
         Ok(Feed {
             device: device.clone(),
-            mean: Tensor::new(&scaled(IMAGENET_MEAN), device)?.reshape((1, 3, 1, 1))?,
-            std: Tensor::new(&scaled(IMAGENET_STD), device)?.reshape((1, 3, 1, 1))?,
+            mean: Tensor::new(&mean, device)?.reshape((1, 3, 1, 1))?,
+            std: Tensor::new(&std, device)?.reshape((1, 3, 1, 1))?,
         })
+    }
+
+    /// `255 * mean` and `255 * std` per channel (RGB) in f32, as the normalisation uses them.
+    pub fn scaled_stats() -> ([f32; 3], [f32; 3]) {
+        let scaled = |v: [f64; 3]| v.map(|x| (x * 255.0) as f32);
+        (scaled(IMAGENET_MEAN), scaled(IMAGENET_STD))
     }
 
     /// The target device.

@@ -16,3 +16,4 @@ pub mod optim;
 pub mod recipe;
 pub mod schedule;
 pub mod train;
+pub mod transfer;

@@ -27,10 +27,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 use indicatif::{ProgressBar, ProgressStyle};
-use loader::mix::{mix_u8_batch, mixed_targets, MixConfig};
+use loader::mix::{mixed_targets, MixConfig, MixDraw, MixKind};
 use loader::rand_augment::{RandAugment, RandAugmentConfig};
 use loader::transform::{Interpolation as LoaderInterp, RrcConfig, TrainInterpolation};
-use loader::{Augment, Loader, LoaderConfig, LoaderState, PlanConfig, Transform};
+use loader::{Augment, EpochRun, Loader, LoaderConfig, LoaderState, PlanConfig, Transform};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use shards::Split;
@@ -42,6 +42,7 @@ use crate::metrics::{topk_correct, MetricsWriter};
 use crate::model::{ActivationLayout, ResNet, ResNetConfig};
 use crate::optim::{lamb_for_device, param_groups, Sgd, TrainOptimizer};
 use crate::recipe::{Interpolation, OptimizerKind, Recipe};
+use crate::transfer::{device_upload, DynStorage, Upload, EXTRA_BUFFERS};
 
 /// Errors of a training or evaluation run. Messages name the file or setting involved.
 #[derive(Debug, thiserror::Error)]
@@ -398,6 +399,62 @@ impl GradAccumulator {
     }
 }
 
+/// What the training loop needs to stage a micro-batch.
+struct StageCtx {
+    mix: MixConfig,
+    mixup: bool,
+    seed: u64,
+    size: usize,
+    num_batches: usize,
+}
+
+/// A micro-batch whose copy to the device has started; its images come from
+/// [`Upload::next_images`], in order.
+struct Staged {
+    len: usize,
+    labels: Vec<u32>,
+    lam: f64,
+}
+
+/// Takes the next micro-batch from the loader, draws its Mixup/CutMix and starts its upload.
+/// Adds the time blocked on the loader and on copy completion to `wait_s`.
+fn stage_next(
+    run: &mut EpochRun<'_, DynStorage>,
+    upload: &mut dyn Upload,
+    ctx: &StageCtx,
+    epoch: u64,
+    wait_s: &mut f64,
+) -> Result<Staged> {
+    let t_wait = Instant::now();
+    let next = run.next();
+    *wait_s += t_wait.elapsed().as_secs_f64();
+    let mut batch = next.ok_or_else(|| {
+        TrainError::Unsupported(format!(
+            "epoch {epoch}: the loader ended at micro-batch {} (plan of {} micro-batches)",
+            run.state().next_batch,
+            ctx.num_batches
+        ))
+    })??;
+    let draw = if ctx.mixup {
+        ctx.mix
+            .draw(ctx.seed, epoch, batch.batch_id as u64, ctx.size, ctx.size)
+    } else {
+        MixDraw {
+            lam: 1.0,
+            kind: MixKind::None,
+        }
+    };
+    let labels = std::mem::take(&mut batch.labels);
+    let len = batch.len;
+    upload.start(batch, &draw)?;
+    *wait_s += upload.take_wait_s();
+    Ok(Staged {
+        len,
+        labels,
+        lam: draw.lam,
+    })
+}
+
 /// Tags that keep the run's random streams apart.
 const DROP_PATH_TAG: u64 = 0x4452_4f50;
 
@@ -474,7 +531,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     };
     let mut lcfg = LoaderConfig::new(train_transform(recipe)?, plan);
     lcfg.num_workers = workers(recipe.run.workers);
-    let mut loader = Loader::new_with(train_split, lcfg, rand_augment(recipe)?)?;
+    // The loader's buffers and the way batches reach the device: page-locked buffers and
+    // asynchronous copies on CUDA, heap buffers and a synchronous feed on the CPU.
+    let feed = Feed::new(&opts.device)?;
+    let (buffers, mut upload) = device_upload(
+        &opts.device,
+        &feed,
+        lcfg.num_buffers() + EXTRA_BUFFERS,
+        lcfg.buffer_bytes(),
+    )?;
+    let mut loader = Loader::with_buffers(train_split, lcfg, buffers, rand_augment(recipe)?)?;
     let num_batches = loader.plan(0)?.num_batches();
     let updates_per_epoch = (num_batches / accum) as u64;
     if updates_per_epoch == 0 {
@@ -487,7 +553,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     }
 
     // Model, optimizer, schedule, loss.
-    let feed = Feed::new(&opts.device)?;
     let (varmap, mut model) = build_model(recipe, opts.model.as_ref(), num_classes, &opts.device)?;
     if opts.device.is_cuda() {
         // The fast path: channels-last bf16 activations, f32 master weights.
@@ -504,6 +569,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     let loss_fn = recipe.train_loss();
     let mix = mix_config(recipe);
     let mixup = recipe.mixup_active();
+    let stage = StageCtx {
+        mix,
+        mixup,
+        seed,
+        size,
+        num_batches,
+    };
     let total_epochs = (recipe.schedule.epochs + recipe.schedule.cooldown_epochs) as u64;
     let total_steps = total_epochs * updates_per_epoch;
 
@@ -618,6 +690,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         };
         let first_update = start.next_batch as u64 / accum as u64;
         let mut run = loader.resume(start)?;
+        // The micro-batches this epoch uses end here (a remainder of fewer than `accum` is
+        // left out); `fetched` counts those taken from the loader, one ahead of the step.
+        let end_batch = updates_per_epoch as usize * accum;
+        let mut fetched = start.next_batch;
+        let mut ahead: Option<Staged> = None;
+        debug_assert_eq!(upload.pending(), 0, "no upload left over from the last epoch");
         for u in first_update..updates_per_epoch {
             if opts.max_steps.is_some_and(|m| step >= m) {
                 interrupted = true;
@@ -626,46 +704,52 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             let lr = schedule.lr_at(step, updates_per_epoch);
             let mut grads = GradAccumulator::new(&trainable);
             let mut loss_sum = 0f64;
+            let last_update = u + 1 == updates_per_epoch || opts.max_steps == Some(step + 1);
             for a in 0..accum {
-                let t_wait = Instant::now();
-                let mut batch = run.next().ok_or_else(|| {
-                    TrainError::Unsupported(format!(
-                        "epoch {epoch}: the loader ended before update {u} (plan of {num_batches} micro-batches)"
-                    ))
-                })??;
-                win_wait += t_wait.elapsed().as_secs_f64();
-                let n = batch.len;
-                let draw = mix.draw(seed, epoch, batch.batch_id as u64, size, size);
-                if mixup {
-                    // In place, in the loader's buffer: the batch is ours until dropped.
-                    mix_u8_batch(batch.images_mut(), n, size, size, 3, &draw);
-                }
-                let xs = feed.images(batch.images(), n, size)?;
-                let labels = std::mem::take(&mut batch.labels);
-                drop(batch);
+                let cur = match ahead.take() {
+                    Some(cur) => cur,
+                    None => {
+                        fetched += 1;
+                        stage_next(&mut run, upload.as_mut(), &stage, epoch, &mut win_wait)?
+                    }
+                };
+                let xs = upload.next_images(model.layout())?;
+                let n = cur.len;
                 let dense;
                 let label_t;
                 let targets = if mixup {
                     dense = feed.targets(
-                        &mixed_targets(&labels, num_classes, draw.lam, recipe.augment.smoothing),
+                        &mixed_targets(&cur.labels, num_classes, cur.lam, recipe.augment.smoothing),
                         n,
                         num_classes,
                     )?;
                     Targets::Dense(&dense)
                 } else {
-                    label_t = feed.labels(&labels)?;
+                    label_t = feed.labels(&cur.labels)?;
                     Targets::Classes(&label_t)
                 };
                 let dp_seed = loader::rng::derive(seed, &[DROP_PATH_TAG, epoch, step, a as u64]);
                 let logits = model.forward_train(&xs, dp_seed)?;
                 let loss = loss_fn.forward(&logits, targets)?;
-                loss_sum += loss.to_scalar::<f32>()? as f64;
                 let scaled = if accum > 1 {
-                    (loss / accum as f64)?
+                    (&loss / accum as f64)?
                 } else {
-                    loss
+                    loss.clone()
                 };
                 grads.add(scaled.backward()?)?;
+                // While the device works through this micro-batch, take the next one from the
+                // loader and start its copy (on CUDA it overlaps this step's compute).
+                if fetched < end_batch && !(last_update && a + 1 == accum) {
+                    fetched += 1;
+                    ahead = Some(stage_next(
+                        &mut run,
+                        upload.as_mut(),
+                        &stage,
+                        epoch,
+                        &mut win_wait,
+                    )?);
+                }
+                loss_sum += loss.to_scalar::<f32>()? as f64;
                 win_images += n as u64;
             }
             let report = optimizer.step(&grads.into_store(), lr)?;
@@ -696,9 +780,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             let every = recipe.run.checkpoint_every_steps;
             if every > 0 && step.is_multiple_of(every) && u + 1 < updates_per_epoch {
-                save(step, run.state(), optimizer.as_ref())?;
+                // The run's own state counts the prefetched micro-batch: resume after the update.
+                let state = LoaderState {
+                    epoch,
+                    next_batch: (u as usize + 1) * accum,
+                };
+                save(step, state, optimizer.as_ref())?;
             }
         }
+        drop(ahead);
         drop(run);
         let last = epoch + 1 == total_epochs;
         if (epoch + 1) % recipe.run.eval_every_epochs as u64 == 0 || last {

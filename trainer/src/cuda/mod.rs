@@ -9,6 +9,7 @@
 
 pub mod bn;
 pub mod conv;
+pub mod feed;
 pub mod kernels;
 pub mod lamb;
 pub mod memory;

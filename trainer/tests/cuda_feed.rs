@@ -1,0 +1,165 @@
+//! The CUDA feed against its CPU definitions: Mixup/CutMix bytes (`loader::mix::mix_u8_batch`),
+//! normalisation (`trainer::feed::Feed`), and the asynchronous upload path end to end.
+//! Needs a GPU; each test prints a message and passes when none is present.
+#![cfg(feature = "cuda")]
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{DType, Device, Result};
+use loader::mix::{mix_u8_batch, CutBox, MixDraw, MixKind};
+use loader::Batch;
+use trainer::cuda::feed::{mix_u8, normalise_u8, pinned_buffers, CudaUpload};
+use trainer::feed::Feed;
+use trainer::model::ActivationLayout;
+use trainer::transfer::{DynStorage, Upload};
+
+fn gpu() -> Option<candle_core::cuda_backend::CudaDevice> {
+    match Device::new_cuda(0) {
+        Ok(Device::Cuda(d)) => Some(d),
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn draws(size: usize) -> Vec<MixDraw> {
+    let mut v = vec![
+        MixDraw {
+            lam: 1.0,
+            kind: MixKind::None,
+        },
+        MixDraw {
+            lam: 0.5,
+            kind: MixKind::Mixup,
+        },
+        MixDraw {
+            lam: 0.123_456_789,
+            kind: MixKind::Mixup,
+        },
+        MixDraw {
+            lam: 0.5,
+            kind: MixKind::CutMix(CutBox {
+                y0: 1,
+                y1: size - 2,
+                x0: 3,
+                x1: size,
+            }),
+        },
+    ];
+    // Real draws of the A2 recipe.
+    let cfg = loader::mix::MixConfig {
+        mixup_alpha: 0.1,
+        cutmix_alpha: 1.0,
+        mix_prob: 1.0,
+        switch_prob: 0.5,
+        label_smoothing: 0.0,
+    };
+    v.extend((0..12).map(|step| cfg.draw(5, 1, step, size, size)));
+    v
+}
+
+fn images(n: usize, size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = loader::rng::Rng::new(seed);
+    (0..n * size * size * 3)
+        .map(|_| rng.below(256) as u8)
+        .collect()
+}
+
+#[test]
+fn mix_kernel_gives_the_host_bytes() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (n, size) = (6, 17);
+    let host = images(n, size, 1);
+    let src = dev.cuda_stream().clone_htod(&host).w()?;
+    for d in draws(size) {
+        let mut want = host.clone();
+        mix_u8_batch(&mut want, n, size, size, 3, &d);
+        let out = mix_u8(&dev, &src, n, size, &d)?;
+        let got = dev.cuda_stream().clone_dtoh(&out).w()?;
+        assert_eq!(got, want, "{d:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn normalise_kernels_match_the_cpu_feed() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (n, size) = (4, 9);
+    let host = images(n, size, 2);
+    let src = dev.cuda_stream().clone_htod(&host).w()?;
+    let cpu = Feed::new(&Device::Cpu)?;
+    for d in draws(size) {
+        let mut mixed = host.clone();
+        mix_u8_batch(&mut mixed, n, size, size, 3, &d);
+        let want = cpu.images(&mixed, n, size)?; // [n, 3, s, s] f32
+        let got = normalise_u8(&dev, &src, n, size, &d, ActivationLayout::Nchw)?;
+        assert_eq!(got.dims(), &[n, 3, size, size]);
+        let (w, g) = (
+            want.flatten_all()?.to_vec1::<f32>()?,
+            got.flatten_all()?.to_vec1::<f32>()?,
+        );
+        assert!(
+            w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "f32 NCHW differs for {d:?}"
+        );
+        let want_bf = want.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(DType::BF16)?;
+        let got = normalise_u8(&dev, &src, n, size, &d, ActivationLayout::Nhwc)?;
+        assert_eq!(got.dims(), &[n, size, size, 3]);
+        assert_eq!(got.dtype(), DType::BF16);
+        let (w, g) = (
+            want_bf.flatten_all()?.to_vec1::<half::bf16>()?,
+            got.flatten_all()?.to_vec1::<half::bf16>()?,
+        );
+        assert!(
+            w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "bf16 NHWC differs for {d:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn the_async_upload_delivers_every_batch_in_order() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let (n, size) = (8, 32);
+    let bytes = n * size * size * 3;
+    let cpu = Feed::new(&Device::Cpu)?;
+    let mut up = CudaUpload::new(&dev, bytes)?;
+    let ds = draws(size);
+    let mut want = std::collections::VecDeque::new();
+    for (k, d) in ds.iter().enumerate() {
+        let host = images(n, size, 100 + k as u64);
+        let mut buf = pinned_buffers(&dev, 1, bytes)?.pop().expect("one buffer");
+        loader::HostStorage::bytes_mut(&mut buf).copy_from_slice(&host);
+        let batch = Batch::detached(k, n, size as u32, vec![0; n], Box::new(buf) as DynStorage);
+        up.start(batch, d)?;
+        let mut mixed = host;
+        mix_u8_batch(&mut mixed, n, size, size, 3, d);
+        want.push_back(
+            cpu.images(&mixed, n, size)?
+                .permute((0, 2, 3, 1))?
+                .contiguous()?
+                .to_dtype(DType::BF16)?,
+        );
+        // One batch ahead, as the training loop runs it.
+        if up.pending() == 2 {
+            let got = up.next_images(ActivationLayout::Nhwc)?;
+            let w = want.pop_front().expect("expected batch");
+            assert_eq!(
+                got.flatten_all()?.to_vec1::<half::bf16>()?,
+                w.flatten_all()?.to_vec1::<half::bf16>()?
+            );
+        }
+    }
+    while up.pending() > 0 {
+        let got = up.next_images(ActivationLayout::Nhwc)?;
+        let w = want.pop_front().expect("expected batch");
+        assert_eq!(
+            got.flatten_all()?.to_vec1::<half::bf16>()?,
+            w.flatten_all()?.to_vec1::<half::bf16>()?
+        );
+    }
+    assert!(want.is_empty());
+    Ok(())
+}
