@@ -66,7 +66,10 @@ impl<S: HostStorage> Batch<S> {
     /// `storage`, labelled `labels`; dropping it frees the storage. Panics if `storage` is
     /// smaller than the images or `labels` is not `len` long.
     pub fn detached(batch_id: usize, len: usize, size: u32, labels: Vec<u32>, storage: S) -> Self {
-        assert!(storage.bytes().len() >= len * (size as usize).pow(2) * 3, "storage too small");
+        assert!(
+            storage.bytes().len() >= len * (size as usize).pow(2) * 3,
+            "storage too small"
+        );
         assert_eq!(labels.len(), len, "one label per image");
         // A pool nobody reads: the storage is dropped when the batch is.
         let (home, _) = crossbeam_channel::bounded(0);

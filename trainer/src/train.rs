@@ -695,7 +695,11 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         let end_batch = updates_per_epoch as usize * accum;
         let mut fetched = start.next_batch;
         let mut ahead: Option<Staged> = None;
-        debug_assert_eq!(upload.pending(), 0, "no upload left over from the last epoch");
+        debug_assert_eq!(
+            upload.pending(),
+            0,
+            "no upload left over from the last epoch"
+        );
         for u in first_update..updates_per_epoch {
             if opts.max_steps.is_some_and(|m| step >= m) {
                 interrupted = true;

@@ -317,10 +317,19 @@ mod tests {
         let mut q = InFlight::new(4);
         let fences: Vec<TestFence> = (0..3).map(|_| TestFence::new()).collect();
         for (id, f) in fences.iter().enumerate() {
-            q.push(Buffer { id, home: tx.clone() }, f.clone())?;
+            q.push(
+                Buffer {
+                    id,
+                    home: tx.clone(),
+                },
+                f.clone(),
+            )?;
         }
         assert_eq!(q.release_completed()?, 0);
-        assert!(returned(&rx).is_empty(), "nothing completed, nothing returned");
+        assert!(
+            returned(&rx).is_empty(),
+            "nothing completed, nothing returned"
+        );
         // A later copy completing first does not overtake the earlier one.
         fences[1].complete();
         assert_eq!(q.release_completed()?, 0);
@@ -333,7 +342,10 @@ mod tests {
         assert_eq!(q.release_completed()?, 1);
         assert_eq!(returned(&rx), vec![2]);
         assert!(q.is_empty());
-        assert!(fences.iter().all(|f| f.waits.get() == 0), "no blocking wait");
+        assert!(
+            fences.iter().all(|f| f.waits.get() == 0),
+            "no blocking wait"
+        );
         Ok(())
     }
 
@@ -342,18 +354,42 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let mut q = InFlight::new(2);
         let fences: Vec<TestFence> = (0..4).map(|_| TestFence::new()).collect();
-        q.push(Buffer { id: 0, home: tx.clone() }, fences[0].clone())?;
-        q.push(Buffer { id: 1, home: tx.clone() }, fences[1].clone())?;
+        q.push(
+            Buffer {
+                id: 0,
+                home: tx.clone(),
+            },
+            fences[0].clone(),
+        )?;
+        q.push(
+            Buffer {
+                id: 1,
+                home: tx.clone(),
+            },
+            fences[1].clone(),
+        )?;
         assert!(returned(&rx).is_empty());
         // The third push blocks on the first fence only.
-        q.push(Buffer { id: 2, home: tx.clone() }, fences[2].clone())?;
+        q.push(
+            Buffer {
+                id: 2,
+                home: tx.clone(),
+            },
+            fences[2].clone(),
+        )?;
         assert_eq!(returned(&rx), vec![0]);
         assert_eq!(fences[0].waits.get(), 1);
         assert_eq!(fences[1].waits.get(), 0);
         assert_eq!(q.len(), 2);
         // A completed one is released without waiting.
         fences[1].complete();
-        q.push(Buffer { id: 3, home: tx.clone() }, fences[3].clone())?;
+        q.push(
+            Buffer {
+                id: 3,
+                home: tx.clone(),
+            },
+            fences[3].clone(),
+        )?;
         assert_eq!(returned(&rx), vec![1]);
         assert_eq!(fences[2].waits.get(), 0);
         assert!(q.len() <= q.capacity());
@@ -370,7 +406,14 @@ mod tests {
         {
             let mut q = InFlight::new(3);
             for (id, f) in fences.iter().enumerate() {
-                q.push(Buffer { id, home: tx.clone() }, f.clone()).unwrap();
+                q.push(
+                    Buffer {
+                        id,
+                        home: tx.clone(),
+                    },
+                    f.clone(),
+                )
+                .unwrap();
             }
         }
         assert_eq!(returned(&rx), vec![0, 1, 2]);
@@ -383,11 +426,24 @@ mod tests {
         let mut q = InFlight::new(1);
         let mut bad = TestFence::new();
         bad.fail = true;
-        q.push(Buffer { id: 0, home: tx.clone() }, bad).unwrap();
+        q.push(
+            Buffer {
+                id: 0,
+                home: tx.clone(),
+            },
+            bad,
+        )
+        .unwrap();
         let e = q.release_completed().unwrap_err();
         assert!(e.to_string().contains("copy failed"), "{e}");
         let e = q
-            .push(Buffer { id: 1, home: tx.clone() }, TestFence::new())
+            .push(
+                Buffer {
+                    id: 1,
+                    home: tx.clone(),
+                },
+                TestFence::new(),
+            )
             .unwrap_err();
         assert!(e.to_string().contains("copy failed"), "{e}");
         assert!(q.drain().is_err());

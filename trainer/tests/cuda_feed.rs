@@ -1,6 +1,7 @@
 //! The CUDA feed against its CPU definitions: Mixup/CutMix bytes (`loader::mix::mix_u8_batch`),
 //! normalisation (`trainer::feed::Feed`), and the asynchronous upload path end to end.
-//! Needs a GPU; each test prints a message and passes when none is present.
+//! Needs a GPU, except the NVRTC compile test; the others print a message and pass when none is
+//! present.
 #![cfg(feature = "cuda")]
 
 use candle_core::cuda_backend::WrapErr;
@@ -66,6 +67,16 @@ fn images(n: usize, size: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The feed kernels compile with NVRTC (no GPU needed; libnvrtc on the library path).
+#[test]
+fn nvrtc_compiles_the_feed_kernels() {
+    let ptx =
+        trainer::cuda::kernels::ptx(trainer::cuda::feed::MODULE).unwrap_or_else(|e| panic!("{e}"));
+    for name in ["mix_u8", "feed_nhwc_bf16", "feed_nchw_f32"] {
+        assert!(ptx.contains(name), "{name} missing from the PTX");
+    }
+}
+
 #[test]
 fn mix_kernel_gives_the_host_bytes() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
@@ -103,7 +114,10 @@ fn normalise_kernels_match_the_cpu_feed() -> Result<()> {
             w.iter().zip(&g).all(|(a, b)| a.to_bits() == b.to_bits()),
             "f32 NCHW differs for {d:?}"
         );
-        let want_bf = want.permute((0, 2, 3, 1))?.contiguous()?.to_dtype(DType::BF16)?;
+        let want_bf = want
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .to_dtype(DType::BF16)?;
         let got = normalise_u8(&dev, &src, n, size, &d, ActivationLayout::Nhwc)?;
         assert_eq!(got.dims(), &[n, size, size, 3]);
         assert_eq!(got.dtype(), DType::BF16);

@@ -24,8 +24,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    result, CudaContext, CudaEvent, CudaSlice, CudaStream, LaunchArgs, PinnedHostSlice,
-    PushKernelArg,
+    result, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchArgs,
+    PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Result, Tensor};
@@ -122,6 +122,14 @@ const THREADS: u32 = 256;
 /// Blocks at most (the kernels loop over the rest).
 const MAX_BLOCKS: usize = 8192;
 
+/// The kernel `name` of [`MODULE`], compiled and loaded on first use (candle caches the module).
+fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    let ptx = kernels::ptx(MODULE)?;
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE.name, &ptx)?
+        .into_cuda_function())
+}
+
 fn grid(total: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
     let mut cfg = kernels::grid_1d(total, THREADS);
     cfg.grid_dim.0 = cfg.grid_dim.0.min(MAX_BLOCKS as u32);
@@ -178,6 +186,28 @@ fn check_batch(src: &CudaSlice<u8>, n: usize, size: usize) -> Result<usize> {
     Ok(total)
 }
 
+/// The scalar arguments of the `feed_*` kernels, after the source and output pointers.
+struct FeedArgs {
+    n: i32,
+    size: i32,
+    mix: MixArgs,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl FeedArgs {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.n).arg(&self.size).arg(&self.size);
+        b.arg(&self.mix.mode).arg(&self.mix.l).arg(&self.mix.r);
+        for v in &self.mix.b {
+            b.arg(v);
+        }
+        for v in self.mean.iter().chain(&self.std) {
+            b.arg(v);
+        }
+    }
+}
+
 /// Mixes `n` u8 NHWC images of `size` x `size` in `src` by `draw` into a new device buffer
 /// (the device version of `loader::mix::mix_u8_batch`, same bytes). Runs on `dev`'s stream.
 pub fn mix_u8(
@@ -191,9 +221,10 @@ pub fn mix_u8(
     let m = mix_args(draw, n)?;
     // SAFETY: the kernel writes every one of the `total` bytes (and the allocation is at least 1).
     let mut dst = unsafe { dev.alloc::<u8>(total.max(1))? };
-    let func = kernels::func(dev, MODULE, "mix_u8")?;
+    let func = kernel(dev, "mix_u8")?;
+    let stream = dev.cuda_stream();
     let (n_i, s_i) = (n as i32, size as i32);
-    let mut b = func.builder();
+    let mut b = stream.launch_builder(&func);
     b.arg(src).arg(&mut dst).arg(&n_i).arg(&s_i).arg(&s_i);
     b.arg(&m.mode).arg(&m.l).arg(&m.r);
     b.arg(&m.b[0]).arg(&m.b[1]).arg(&m.b[2]).arg(&m.b[3]);
@@ -225,32 +256,35 @@ pub fn normalise_u8(
         ActivationLayout::Nhwc => (DType::BF16, "feed_nhwc_bf16"),
         ActivationLayout::Nchw => (DType::F32, "feed_nchw_f32"),
     };
-    let func = kernels::func(dev, MODULE, name)?;
+    let func = kernel(dev, name)?;
+    let stream = dev.cuda_stream();
     // SAFETY: the kernel writes every one of the `total` elements.
     let mut storage = unsafe { super::alloc_storage(dev, dtype, total)? };
-    let (n_i, s_i) = (n as i32, size as i32);
-    let launch = |b: &mut LaunchArgs| {
-        b.arg(&n_i).arg(&s_i).arg(&s_i);
-        b.arg(&m.mode).arg(&m.l).arg(&m.r);
-        b.arg(&m.b[0]).arg(&m.b[1]).arg(&m.b[2]).arg(&m.b[3]);
-        b.arg(&mean[0]).arg(&mean[1]).arg(&mean[2]);
-        b.arg(&std[0]).arg(&std[1]).arg(&std[2]);
-        // SAFETY: the argument list matches the kernel in MODULE; `src` holds at least `total`
-        // bytes (checked) and the output `total` elements of the kernel's type.
-        unsafe { b.launch(grid(total)) }.w().map(|_| ())
+    let args = FeedArgs {
+        n: n as i32,
+        size: size as i32,
+        mix: m,
+        mean,
+        std,
     };
     match layout {
         ActivationLayout::Nhwc => {
             let out = storage.as_cuda_slice_mut::<half::bf16>()?;
-            let mut b = func.builder();
+            let mut b = stream.launch_builder(&func);
             b.arg(src).arg(out);
-            launch(&mut b)?;
+            args.push(&mut b);
+            // SAFETY: the argument list matches the kernel in MODULE; `src` holds at least
+            // `total` bytes (checked) and the output `total` elements of the kernel's type.
+            unsafe { b.launch(grid(total)) }.w()?;
         }
         ActivationLayout::Nchw => {
             let out = storage.as_cuda_slice_mut::<f32>()?;
-            let mut b = func.builder();
+            let mut b = stream.launch_builder(&func);
             b.arg(src).arg(out);
-            launch(&mut b)?;
+            args.push(&mut b);
+            // SAFETY: the argument list matches the kernel in MODULE; `src` holds at least
+            // `total` bytes (checked) and the output `total` elements of the kernel's type.
+            unsafe { b.launch(grid(total)) }.w()?;
         }
     }
     Ok(match layout {
@@ -389,7 +423,7 @@ impl CudaUpload {
             slots.push(Slot { buf, consumed });
         }
         // Compile and load the kernels now rather than in the first step.
-        kernels::func(dev, MODULE, "feed_nhwc_bf16")?;
+        kernel(dev, "feed_nhwc_bf16")?;
         Ok(CudaUpload {
             dev: dev.clone(),
             compute,
@@ -483,15 +517,6 @@ impl Drop for CudaUpload {
 mod tests {
     use super::*;
 
-    /// Compiles the kernels with NVRTC (no GPU needed; needs libnvrtc on the library path).
-    #[test]
-    fn nvrtc_compiles_the_feed_kernels() {
-        let ptx = kernels::ptx(MODULE).expect("the feed kernels compile");
-        for name in ["mix_u8", "feed_nhwc_bf16", "feed_nchw_f32"] {
-            assert!(ptx.contains(name), "{name} missing from the PTX");
-        }
-    }
-
     #[test]
     fn draws_become_kernel_arguments() -> Result<()> {
         let cut = MixDraw {
@@ -510,7 +535,10 @@ mod tests {
             kind: MixKind::Mixup,
         };
         let m = mix_args(&mixup, 2)?;
-        assert_eq!((m.mode, m.l, m.r), (1, 0.3f64 as f32, (1.0 - 0.3f64) as f32));
+        assert_eq!(
+            (m.mode, m.l, m.r),
+            (1, 0.3f64 as f32, (1.0 - 0.3f64) as f32)
+        );
         assert!(mix_args(&mixup, 3).is_err());
         let none = MixDraw {
             lam: 1.0,
