@@ -5,8 +5,9 @@
 # Run from anywhere: bash scripts/gpu/e2e-bench.sh. Needs gpu-bin/ (scripts/build-cuda.sh
 # stages train, make-imagenet-like, shard-imagenet in gpu-bin/bundle.tar.xz; carry it:
 # `carry: ["gpu-bin"]`) and /opt/torch/.venv (torch + timm). Phases, each under its own timeout:
-#   1. make-imagenet-like: CLASSES x PER_CLASS JPEGs at ImageNet-like sizes (about 3.5 GiB by
-#      default), in parallel on every core;
+#   1. make-imagenet-like: CLASSES x PER_CLASS JPEGs at ImageNet's mean size (about 180k pixels)
+#      and, at quality 98, about ImageNet's mean file size (~100 KB; 3.5 GB by default), in
+#      parallel on every core;
 #   2. shard-imagenet: the same images as tar shards for our loader;
 #   3. our train, A2 at 224 and A3 at 160 on cuda:0, batch BATCH, WARMUP + STEPS updates, a
 #      metrics line per update (images_per_s, loader_wait_frac);
@@ -17,16 +18,21 @@
 # its timed steps alone).
 #
 # Results: $OUT/results.jsonl (one JSON line per phase), logs and metrics under $OUT.
-# Env: OUT (./e2e-out), BIN (the unpacked bundle, see libs.sh), WORK (data, /tmp/e2e-data), CLASSES (100), PER_CLASS (300),
-# STEPS (60), WARMUP (10), BATCH (256), WORKERS (16), DEVICE (cuda:0), SKIP_TIMM=1,
-# SKIP_OURS=1, T_GEN/T_SHARD/T_OURS/T_TIMM (timeouts in s).
+# Env: OUT (./e2e-out), BIN (the unpacked bundle, see libs.sh), WORK (data, /tmp/e2e-data),
+# CLASSES (100), PER_CLASS (350), QUALITY (98), STEPS (60), WARMUP (10), BATCH (256),
+# WORKERS (16), DEVICE (cuda:0), TRAIN_ARGS (more `train` flags), SKIP_TIMM=1, SKIP_OURS=1,
+# T_GEN/T_SHARD/T_OURS/T_TIMM (timeouts in s). A CPU smoke test of the script itself:
+#   BIN=target/debug DEVICE=cpu SKIP_TIMM=1 CLASSES=4 PER_CLASS=20 BATCH=8 STEPS=2 WARMUP=1 \
+#   WORKERS=2 TRAIN_ARGS="--model resnet18 --size 32 --set data.test_size_px=32" \
+#   bash scripts/gpu/e2e-bench.sh
 set -u
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 OUT=${OUT:-$ROOT/e2e-out}
 WORK=${WORK:-/tmp/e2e-data}
 CLASSES=${CLASSES:-100}
-PER_CLASS=${PER_CLASS:-300}
+PER_CLASS=${PER_CLASS:-350}
+QUALITY=${QUALITY:-98}
 STEPS=${STEPS:-60}
 WARMUP=${WARMUP:-10}
 BATCH=${BATCH:-256}
@@ -71,7 +77,7 @@ if [ ! -d "$SRC/train" ]; then
   rm -rf "$SRC"
   t0=$(date +%s.%N)
   timeout "$T_GEN" "$BIN/make-imagenet-like" "$SRC" --classes "$CLASSES" --per-class "$PER_CLASS" \
-    --val-per-class 2 --val-layout folders --threads "$(nproc)"
+    --val-per-class 2 --val-layout folders --quality "$QUALITY" --threads "$(nproc)"
   rc=$?
   t1=$(date +%s.%N)
   record phase=generate rc="\"$(phase_rc $rc)\"" seconds="$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')" \
@@ -132,7 +138,8 @@ ours() { # LABEL PRESET
   timeout "$T_OURS" "$BIN/train" --recipe "$preset" --data "$SHARDS" --out "$run" --device "$DEVICE" \
     --epochs 1 --batch-size "$BATCH" --micro-batch "$BATCH" --workers "$WORKERS" \
     --train-samples "$samples" --val-samples "$BATCH" --no-bar \
-    --set schedule.warmup_epochs=0 --set run.log_every_steps=1 > "$OUT/ours-$label.log" 2>&1
+    --set schedule.warmup_epochs=0 --set run.log_every_steps=1 ${TRAIN_ARGS:-} \
+    > "$OUT/ours-$label.log" 2>&1
   local rc=$?
   b=$(jiffies)
   tail -5 "$OUT/ours-$label.log"
