@@ -24,8 +24,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    result, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchArgs,
-    PinnedHostSlice, PushKernelArg,
+    result, CudaContext, CudaEvent, CudaSlice, CudaStream, LaunchArgs, PinnedHostSlice,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Result, Tensor};
@@ -122,14 +122,6 @@ const THREADS: u32 = 256;
 /// Blocks at most (the kernels loop over the rest).
 const MAX_BLOCKS: usize = 8192;
 
-/// The kernel `name` of [`MODULE`], compiled and loaded on first use (candle caches the module).
-fn kernel(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    let ptx = kernels::ptx(MODULE)?;
-    Ok(dev
-        .get_or_load_custom_func(name, MODULE.name, &ptx)?
-        .into_cuda_function())
-}
-
 fn grid(total: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
     let mut cfg = kernels::grid_1d(total, THREADS);
     cfg.grid_dim.0 = cfg.grid_dim.0.min(MAX_BLOCKS as u32);
@@ -146,7 +138,7 @@ struct MixArgs {
 }
 
 fn mix_args(draw: &MixDraw, n: usize) -> Result<MixArgs> {
-    if draw.kind != MixKind::None && n % 2 != 0 {
+    if draw.kind != MixKind::None && !n.is_multiple_of(2) {
         bail!("Mixup/CutMix needs an even batch size, got {n}");
     }
     let (l, r) = (draw.lam as f32, (1.0 - draw.lam) as f32);
@@ -221,10 +213,9 @@ pub fn mix_u8(
     let m = mix_args(draw, n)?;
     // SAFETY: the kernel writes every one of the `total` bytes (and the allocation is at least 1).
     let mut dst = unsafe { dev.alloc::<u8>(total.max(1))? };
-    let func = kernel(dev, "mix_u8")?;
-    let stream = dev.cuda_stream();
+    let func = kernels::func(dev, MODULE, "mix_u8")?;
     let (n_i, s_i) = (n as i32, size as i32);
-    let mut b = stream.launch_builder(&func);
+    let mut b = func.builder();
     b.arg(src).arg(&mut dst).arg(&n_i).arg(&s_i).arg(&s_i);
     b.arg(&m.mode).arg(&m.l).arg(&m.r);
     b.arg(&m.b[0]).arg(&m.b[1]).arg(&m.b[2]).arg(&m.b[3]);
@@ -256,8 +247,7 @@ pub fn normalise_u8(
         ActivationLayout::Nhwc => (DType::BF16, "feed_nhwc_bf16"),
         ActivationLayout::Nchw => (DType::F32, "feed_nchw_f32"),
     };
-    let func = kernel(dev, name)?;
-    let stream = dev.cuda_stream();
+    let func = kernels::func(dev, MODULE, name)?;
     // SAFETY: the kernel writes every one of the `total` elements.
     let mut storage = unsafe { super::alloc_storage(dev, dtype, total)? };
     let args = FeedArgs {
@@ -270,7 +260,7 @@ pub fn normalise_u8(
     match layout {
         ActivationLayout::Nhwc => {
             let out = storage.as_cuda_slice_mut::<half::bf16>()?;
-            let mut b = stream.launch_builder(&func);
+            let mut b = func.builder();
             b.arg(src).arg(out);
             args.push(&mut b);
             // SAFETY: the argument list matches the kernel in MODULE; `src` holds at least
@@ -279,7 +269,7 @@ pub fn normalise_u8(
         }
         ActivationLayout::Nchw => {
             let out = storage.as_cuda_slice_mut::<f32>()?;
-            let mut b = stream.launch_builder(&func);
+            let mut b = func.builder();
             b.arg(src).arg(out);
             args.push(&mut b);
             // SAFETY: the argument list matches the kernel in MODULE; `src` holds at least
@@ -423,7 +413,7 @@ impl CudaUpload {
             slots.push(Slot { buf, consumed });
         }
         // Compile and load the kernels now rather than in the first step.
-        kernel(dev, "feed_nhwc_bf16")?;
+        kernels::func(dev, MODULE, "feed_nhwc_bf16")?;
         Ok(CudaUpload {
             dev: dev.clone(),
             compute,
