@@ -130,7 +130,8 @@ EOF
 
 # 3. Our trainer.
 ours() { # LABEL PRESET
-  local label=$1 preset=$2 run="$OUT/runs/ours-$1"
+  # The run directory (checkpoints of hundreds of MB) stays out of $OUT; its metrics are copied.
+  local label=$1 preset=$2 run="$WORK/runs/ours-$1"
   rm -rf "$run"
   local samples=$(((WARMUP + STEPS) * BATCH))
   local a b
@@ -143,6 +144,7 @@ ours() { # LABEL PRESET
   local rc=$?
   b=$(jiffies)
   tail -5 "$OUT/ours-$label.log"
+  cp "$run/metrics.jsonl" "$OUT/ours-$label.metrics.jsonl" 2>/dev/null
   # shellcheck disable=SC2086
   summarise "$run" "$label" "$(phase_rc $rc)" "$(cpu_busy $a $b)"
 }
