@@ -5,8 +5,9 @@ Reads an ImageNet-style folder (DATA/train/<class>/*.JPEG) with timm's ImageData
 `create_loader` (worker processes, pinned memory, the CUDA prefetcher, FastCollateMixup as the
 collate function, RandAugment), and trains timm's resnet50 on it: bf16 autocast, channels_last,
 timm.optim.Lamb, timm.loss.BinaryCrossEntropy(target_threshold=0.2). After --warmup steps it
-times --steps steps, reading the loss every step (a device sync, as our trainer does), and
-counts the time spent waiting in `next(loader)`.
+times --steps steps. The loop is our trainer's: launch the step, take the next batch from the
+loader (the time blocked there counts as waiting for data; the device is still working on the
+step meanwhile), then read the loss (a device sync).
 
 Prints one JSON line: images_per_s, loader_wait_frac (waiting for data / wall time), CPU
 utilisation over the timed steps (from /proc/stat), peak GPU memory.
@@ -94,23 +95,26 @@ def main() -> int:
     images = 0
     t0 = None
     cpu0 = None
+    xs, ys = next(it)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             cpu0 = cpu_jiffies()
             wait_s, images = 0.0, 0
-        tw = time.perf_counter()
-        xs, ys = next(it)
-        wait_s += time.perf_counter() - tw
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(xs.contiguous(memory_format=torch.channels_last))
             loss = criterion(out, ys)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        loss_value = loss.item()  # a device sync per step, like our trainer's loss readback
         images += xs.shape[0]
+        # As our trainer: the next batch is taken while the device works through this step,
+        # and the time blocked on the loader counts as waiting; then the loss is read (a sync).
+        tw = time.perf_counter()
+        xs, ys = next(it)
+        wait_s += time.perf_counter() - tw
+        loss_value = loss.item()
         if step == 0:
             setup_s = time.perf_counter() - t_setup
     torch.cuda.synchronize()
