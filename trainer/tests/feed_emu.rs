@@ -8,6 +8,8 @@
 //! `-ffp-contract=off`, which is what they are on the GPU. Without `g++` the test prints
 //! `skipped: ...` and passes.
 
+mod emu;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -15,21 +17,6 @@ use candle_core::{DType, Device, Result};
 use loader::mix::{mix_u8_batch, CutBox, MixConfig, MixDraw, MixKind};
 use trainer::feed::Feed;
 use trainer::model::ActivationLayout;
-
-fn source_file(rel: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// The text between `start` and the next `"#` after it.
-fn raw_string_after(text: &str, start: &str) -> String {
-    let at = text
-        .find(start)
-        .unwrap_or_else(|| panic!("{start:?} not found"))
-        + start.len();
-    let end = text[at..].find("\"#").expect("end of the raw string");
-    text[at..at + end].to_string()
-}
 
 const RN: &str = r#"
 inline float __fadd_rn(float a, float b) { return a + b; }
@@ -39,11 +26,9 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 "#;
 
 fn build_harness(dir: &Path) -> std::result::Result<PathBuf, String> {
-    let prelude = raw_string_after(
-        &source_file("src/cuda/kernels.rs"),
-        "pub const PRELUDE: &str = r#\"",
-    );
-    let kernels = raw_string_after(&source_file("src/cuda/feed.rs"), "source: r#\"");
+    emu::gxx_usable(dir)?;
+    let prelude = emu::prelude();
+    let kernels = emu::module_source("src/cuda/feed.rs");
     std::fs::write(dir.join("rn.h"), RN).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("kernels.cu"), format!("{prelude}\n{kernels}"))
         .map_err(|e| e.to_string())?;
@@ -226,7 +211,7 @@ fn emulated_feed_kernels_match_the_cpu_definitions() -> Result<()> {
 
 #[test]
 fn launch_geometry_matches_the_mirror() {
-    let text = source_file("src/cuda/feed.rs");
+    let text = emu::source_file("src/cuda/feed.rs");
     for line in [
         "const THREADS: u32 = 256;",
         "const MAX_BLOCKS: usize = 8192;",

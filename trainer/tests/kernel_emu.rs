@@ -42,6 +42,8 @@
 //!
 //! The observed errors are printed (`cargo test -p trainer --test kernel_emu -- --nocapture`).
 
+mod emu;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -207,35 +209,12 @@ fn squash(s: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Sources, build, launch scripts.
 
-fn source_file(rel: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn between<'a>(text: &'a str, start: &str, end: &str, what: &str) -> &'a str {
-    let rest = text
-        .split_once(start)
-        .unwrap_or_else(|| panic!("{what}: no `{start}`"))
-        .1;
-    rest.split_once(end)
-        .unwrap_or_else(|| panic!("{what}: no `{end}`"))
-        .0
-}
-
 /// `kernels.cu` (PRELUDE + the modules) and `kernels.inc` (`K(name, uses_syncthreads)`).
 fn kernel_sources() -> (String, String) {
-    let prelude = source_file("src/cuda/kernels.rs");
-    let mut cu = between(
-        &prelude,
-        "pub const PRELUDE: &str = r#\"",
-        "\"#;",
-        "PRELUDE",
-    )
-    .to_string();
+    let mut cu = emu::prelude();
     let mut inc = String::new();
     for file in ["src/cuda/bn.rs", "src/cuda/pool.rs"] {
-        let text = source_file(file);
-        let src = between(&text, "source: r#\"", "\"#,", file);
+        let src = emu::module_source(file);
         cu.push_str(&format!("\n// ---- {file}\n{src}"));
         let marker = "__global__ void ";
         let starts: Vec<usize> = src.match_indices(marker).map(|(i, _)| i).collect();
@@ -251,55 +230,17 @@ fn kernel_sources() -> (String, String) {
 
 /// Builds the launcher in `dir`; `None` (with the reason) when no usable g++ is installed.
 fn build_harness(dir: &Path) -> std::result::Result<PathBuf, String> {
-    let probe = dir.join("probe.cpp");
-    std::fs::write(
-        &probe,
-        "#include <ucontext.h>\n#include <tuple>\n#include <type_traits>\n\
-         inline int v = 0;\nint main() { if constexpr (std::is_pointer_v<int*>) \
-         { ucontext_t c; getcontext(&c); } return std::get<0>(std::tuple<int>{v}); }\n",
-    )
-    .unwrap();
-    let ok = Command::new("g++")
-        .args(["-std=c++17", "-o"])
-        .arg(dir.join("probe"))
-        .arg(&probe)
-        .output();
-    match ok {
-        Err(e) => return Err(format!("g++ not runnable ({e})")),
-        Ok(o) if !o.status.success() => {
-            return Err(format!(
-                "g++ cannot build C++17 with ucontext: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ))
-        }
-        Ok(_) => {}
-    }
+    emu::gxx_usable(dir)?;
     let (cu, inc) = kernel_sources();
     std::fs::write(dir.join("kernels.cu"), cu).unwrap();
     std::fs::write(dir.join("kernels.inc"), inc).unwrap();
     let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kernel_emu");
-    let exe = dir.join("harness");
-    let out = Command::new("g++")
-        .args([
-            "-std=c++17",
-            "-O1",
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-            "-Wall",
-        ])
-        .arg(format!("-I{}", here.display()))
-        .arg(format!("-I{}", dir.display()))
-        .arg(here.join("harness.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .expect("g++ ran a moment ago");
-    assert!(
-        out.status.success(),
-        "compiling the kernels as C++ failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(exe)
+    Ok(emu::compile(
+        dir,
+        &here.join("harness.cpp"),
+        &[&here, dir],
+        "the kernels",
+    ))
 }
 
 /// A launch script and its data files, in a directory of its own.
@@ -887,7 +828,7 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
 fn launch_code_matches_the_mirror() {
     for (file, text) in MIRRORED {
         assert!(
-            squash(&source_file(file)).contains(&squash(text)),
+            squash(&emu::source_file(file)).contains(&squash(text)),
             "{file} no longer contains this launch code, replayed by tests/kernel_emu.rs \
              (update the replay):\n{text}"
         );

@@ -16,6 +16,8 @@
 //! magnitude, bit-equal in configuration 2 (no clipping, no trust ratio); the printout
 //! (`--nocapture`) gives how many values are not bit-equal and the largest difference.
 
+mod emu;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -193,84 +195,23 @@ fn check(dir: &Path, cfg: usize) {
 // ---------------------------------------------------------------------------------------------
 // Sources, build, runs.
 
-fn source_file(rel: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn between<'a>(text: &'a str, start: &str, end: &str, what: &str) -> &'a str {
-    let rest = text
-        .split_once(start)
-        .unwrap_or_else(|| panic!("{what}: no `{start}`"))
-        .1;
-    rest.split_once(end)
-        .unwrap_or_else(|| panic!("{what}: no `{end}`"))
-        .0
-}
-
-/// `kernels.cu`: PRELUDE + the LAMB module's source.
-fn kernel_source() -> String {
-    let kernels = source_file("src/cuda/kernels.rs");
-    let prelude = between(
-        &kernels,
-        "pub const PRELUDE: &str = r#\"",
-        "\"#;",
-        "PRELUDE",
-    );
-    let lamb = source_file("src/cuda/lamb.rs");
-    let module = between(&lamb, "source: r#\"", "\"#,", "src/cuda/lamb.rs");
-    format!("{prelude}\n// ---- src/cuda/lamb.rs\n{module}")
-}
-
-/// Builds the harness in `dir`; `Err` (with the reason) when no usable g++ is installed.
+/// Builds the harness in `dir` around PRELUDE + the LAMB module's source; `Err` (with the
+/// reason) when no usable g++ is installed.
 fn build_harness(dir: &Path) -> Result<PathBuf, String> {
-    let probe = dir.join("probe.cpp");
-    std::fs::write(
-        &probe,
-        "#include <ucontext.h>\n#include <tuple>\n#include <type_traits>\n\
-         inline int v = 0;\nint main() { if constexpr (std::is_pointer_v<int*>) \
-         { ucontext_t c; getcontext(&c); } return std::get<0>(std::tuple<int>{v}); }\n",
-    )
-    .unwrap();
-    let ok = Command::new("g++")
-        .args(["-std=c++17", "-o"])
-        .arg(dir.join("probe"))
-        .arg(&probe)
-        .output();
-    match ok {
-        Err(e) => return Err(format!("g++ not runnable ({e})")),
-        Ok(o) if !o.status.success() => {
-            return Err(format!(
-                "g++ cannot build C++17 with ucontext: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ))
-        }
-        Ok(_) => {}
-    }
-    std::fs::write(dir.join("kernels.cu"), kernel_source()).unwrap();
-    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lamb_emu");
-    let exe = dir.join("harness");
-    let out = Command::new("g++")
-        .args([
-            "-std=c++17",
-            "-O1",
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-            "-Wall",
-        ])
-        .arg(format!("-I{}", here.display()))
-        .arg(format!("-I{}", dir.display()))
-        .arg(here.join("harness.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .expect("g++ ran a moment ago");
-    assert!(
-        out.status.success(),
-        "compiling the LAMB kernels as C++ failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    emu::gxx_usable(dir)?;
+    let source = format!(
+        "{}\n// ---- src/cuda/lamb.rs\n{}",
+        emu::prelude(),
+        emu::module_source("src/cuda/lamb.rs")
     );
-    Ok(exe)
+    std::fs::write(dir.join("kernels.cu"), source).unwrap();
+    let here = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lamb_emu");
+    Ok(emu::compile(
+        dir,
+        &here.join("harness.cpp"),
+        &[&here, dir],
+        "the LAMB kernels",
+    ))
 }
 
 /// Runs the harness for configuration `cfg` in `root/cfg{cfg}`; returns that directory.

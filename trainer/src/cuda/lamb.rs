@@ -77,7 +77,10 @@ use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
 
 use super::kernels::{self, Kernel, Module};
-use crate::optim::{LambConfig, OptimError, ParamGroup, StepReport, TrainOptimizer};
+use crate::optim::{
+    check_groups, check_keys, read_moment, read_step, step_tensor, LambConfig, OptimError,
+    ParamGroup, StepReport, TrainOptimizer, STEP_KEY,
+};
 
 /// Elements per chunk: one thread block of the per-chunk kernels handles this many (64 KiB of
 /// f32 per array). ResNet-50 (25.6 M parameters in 161 tensors) makes about 1,700 chunks.
@@ -85,9 +88,6 @@ pub const CHUNK_ELEMS: usize = 16384;
 
 /// Threads per block of every kernel here (a power of two: the block reductions halve it).
 const THREADS: u32 = 256;
-
-/// Key of the step count in the state tensors (as [`crate::optim::Lamb`]).
-const STEP_KEY: &str = "step";
 
 /// The kernels. The element-wise maths mirrors `optim/lamb.rs` operation by operation.
 pub const MODULE: Module = Module {
@@ -353,22 +353,13 @@ impl CudaLamb {
     /// An optimizer over `groups` (see [`param_groups`](crate::optim::param_groups)): f32,
     /// contiguous `Var`s, all on the same CUDA device, with unique names; at least one.
     pub fn new(groups: Vec<ParamGroup>, config: LambConfig) -> Result<Self, OptimError> {
-        let mut seen = HashSet::new();
+        check_groups(&groups)?;
         let mut slots = Vec::new();
         let mut dev: Option<CudaDevice> = None;
         let mut total = 0usize;
         for (gi, group) in groups.iter().enumerate() {
             for (pi, p) in group.params.iter().enumerate() {
                 let t = p.var.as_tensor();
-                if t.dtype() != DType::F32 {
-                    return Err(OptimError::UnsupportedDType {
-                        name: p.name.clone(),
-                        dtype: t.dtype(),
-                    });
-                }
-                if !seen.insert(p.name.as_str()) {
-                    return Err(OptimError::DuplicateName(p.name.clone()));
-                }
                 let Device::Cuda(d) = t.device() else {
                     return Err(msg(format!(
                         "CudaLamb: parameter {:?} is on {:?}, not CUDA",
@@ -702,8 +693,7 @@ impl TrainOptimizer for CudaLamb {
     /// # Panics
     /// On a CUDA error while copying the moments out (the trait method returns no `Result`).
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let step = Tensor::new(self.step as i64, &Device::Cpu).expect("a CPU scalar");
-        let mut out = vec![(STEP_KEY.to_string(), step)];
+        let mut out = vec![(STEP_KEY.to_string(), step_tensor(self.step))];
         for (slot, &has) in self.slots.iter().zip(&self.has_state) {
             if has {
                 let (k1, k2) = Self::moment_keys(&self.param(slot).name);
@@ -719,14 +709,13 @@ impl TrainOptimizer for CudaLamb {
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), OptimError> {
         let step = read_step(tensors)?;
-        let dev = Device::Cuda(self.dev.clone());
         let mut known = HashSet::new();
         let mut loaded = Vec::with_capacity(self.slots.len());
         for slot in &self.slots {
             let p = self.param(slot);
             let (k1, k2) = Self::moment_keys(&p.name);
-            let m = read_moment(tensors, &k1, p.var.as_tensor(), &dev)?;
-            let v = read_moment(tensors, &k2, p.var.as_tensor(), &dev)?;
+            let m = read_moment(tensors, &k1, p.var.as_tensor())?;
+            let v = read_moment(tensors, &k2, p.var.as_tensor())?;
             loaded.push(match (m, v) {
                 (Some(m), Some(v)) => Some((m, v)),
                 (None, None) => None,
@@ -736,14 +725,7 @@ impl TrainOptimizer for CudaLamb {
             known.insert(k1);
             known.insert(k2);
         }
-        let mut keys: Vec<&String> = tensors.keys().collect();
-        keys.sort();
-        if let Some(key) = keys
-            .into_iter()
-            .find(|k| k.as_str() != STEP_KEY && !known.contains(*k))
-        {
-            return Err(OptimError::UnexpectedState { key: key.clone() });
-        }
+        check_keys(tensors, &known)?;
         for (i, slot) in self.slots.iter().enumerate() {
             let range = slot.offset..slot.offset + slot.numel;
             if slot.numel == 0 {
@@ -781,36 +763,6 @@ impl TrainOptimizer for CudaLamb {
         self.step = step;
         Ok(())
     }
-}
-
-fn read_step(tensors: &HashMap<String, Tensor>) -> Result<u64, OptimError> {
-    let t = tensors
-        .get(STEP_KEY)
-        .ok_or_else(|| OptimError::MissingState {
-            key: STEP_KEY.to_string(),
-        })?;
-    let step = t.to_dtype(DType::I64)?.reshape(())?.to_scalar::<i64>()?;
-    Ok(step.max(0) as u64)
-}
-
-/// A stored moment, checked against its parameter's shape, as a contiguous f32 copy on `dev`.
-fn read_moment(
-    tensors: &HashMap<String, Tensor>,
-    key: &str,
-    param: &Tensor,
-    dev: &Device,
-) -> Result<Option<Tensor>, OptimError> {
-    let Some(t) = tensors.get(key) else {
-        return Ok(None);
-    };
-    if t.dims() != param.dims() {
-        return Err(OptimError::StateShape {
-            key: key.to_string(),
-            expected: param.dims().to_vec(),
-            found: t.dims().to_vec(),
-        });
-    }
-    Ok(Some(t.to_dtype(DType::F32)?.to_device(dev)?.copy()?))
 }
 
 #[cfg(test)]

@@ -149,13 +149,13 @@ pub trait TrainOptimizer {
 }
 
 /// Key of the step count in the state tensors.
-const STEP_KEY: &str = "step";
+pub(crate) const STEP_KEY: &str = "step";
 
-fn step_tensor(step: u64) -> Tensor {
+pub(crate) fn step_tensor(step: u64) -> Tensor {
     Tensor::new(step as i64, &Device::Cpu).expect("a scalar on the CPU cannot fail")
 }
 
-fn read_step(tensors: &HashMap<String, Tensor>) -> Result<u64, OptimError> {
+pub(crate) fn read_step(tensors: &HashMap<String, Tensor>) -> Result<u64, OptimError> {
     let t = tensors
         .get(STEP_KEY)
         .ok_or_else(|| OptimError::MissingState {
@@ -166,7 +166,7 @@ fn read_step(tensors: &HashMap<String, Tensor>) -> Result<u64, OptimError> {
 }
 
 /// A stored moment, checked against its parameter and moved to its device as a contiguous f32 copy.
-fn read_moment(
+pub(crate) fn read_moment(
     tensors: &HashMap<String, Tensor>,
     key: &str,
     param: &Tensor,
@@ -186,7 +186,7 @@ fn read_moment(
 }
 
 /// Rejects keys that are neither `"step"` nor in `known`.
-fn check_keys(
+pub(crate) fn check_keys(
     tensors: &HashMap<String, Tensor>,
     known: &std::collections::HashSet<String>,
 ) -> Result<(), OptimError> {
@@ -201,7 +201,7 @@ fn check_keys(
 }
 
 /// Checks dtypes and name uniqueness of the groups.
-fn check_groups(groups: &[ParamGroup]) -> Result<(), OptimError> {
+pub(crate) fn check_groups(groups: &[ParamGroup]) -> Result<(), OptimError> {
     let mut seen = std::collections::HashSet::new();
     for p in groups.iter().flat_map(|g| g.params.iter()) {
         if p.var.dtype() != DType::F32 {
