@@ -707,7 +707,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
             }
             let lr = schedule.lr_at(step, updates_per_epoch);
             let mut grads = GradAccumulator::new(&trainable);
-            let mut loss_sum = 0f64;
+            // The micro-batch losses stay on the device (summed in f64, as the host did) and are
+            // read only when a metrics line needs them: no host sync per micro-batch.
+            let mut loss_sum: Option<Tensor> = None;
             let last_update = u + 1 == updates_per_epoch || opts.max_steps == Some(step + 1);
             for a in 0..accum {
                 let cur = match ahead.take() {
@@ -753,16 +755,23 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                         &mut win_wait,
                     )?);
                 }
-                loss_sum += loss.to_scalar::<f32>()? as f64;
+                let l = loss.detach().to_dtype(DType::F64)?;
+                loss_sum = Some(match loss_sum {
+                    None => l,
+                    Some(sum) => (sum + l)?,
+                });
                 win_images += n as u64;
             }
             let report = optimizer.step(&grads.into_store(), lr)?;
             step += 1;
-            let loss = loss_sum / accum as f64;
             if let Some(bar) = &log.bar {
                 bar.set_position(step);
             }
             if step.is_multiple_of(recipe.run.log_every_steps) || u + 1 == updates_per_epoch {
+                let loss = match &loss_sum {
+                    Some(sum) => sum.to_scalar::<f64>()? / accum as f64,
+                    None => f64::NAN,
+                };
                 let dt = win_start.elapsed().as_secs_f64().max(1e-9);
                 let line = json!({
                     "epoch": epoch, "step": step, "loss": loss, "lr": lr,

@@ -4,9 +4,11 @@
 //! present.
 #![cfg(feature = "cuda")]
 
+mod emu;
+
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Device, Result};
-use loader::mix::{mix_u8_batch, CutBox, MixDraw, MixKind};
+use loader::mix::mix_u8_batch;
 use loader::Batch;
 use trainer::cuda::feed::{mix_u8, normalise_u8, pinned_buffers, CudaUpload};
 use trainer::feed::Feed;
@@ -22,42 +24,6 @@ fn gpu() -> Option<candle_core::cuda_backend::CudaDevice> {
             None
         }
     }
-}
-
-fn draws(size: usize) -> Vec<MixDraw> {
-    let mut v = vec![
-        MixDraw {
-            lam: 1.0,
-            kind: MixKind::None,
-        },
-        MixDraw {
-            lam: 0.5,
-            kind: MixKind::Mixup,
-        },
-        MixDraw {
-            lam: 0.123_456_789,
-            kind: MixKind::Mixup,
-        },
-        MixDraw {
-            lam: 0.5,
-            kind: MixKind::CutMix(CutBox {
-                y0: 1,
-                y1: size - 2,
-                x0: 3,
-                x1: size,
-            }),
-        },
-    ];
-    // Real draws of the A2 recipe.
-    let cfg = loader::mix::MixConfig {
-        mixup_alpha: 0.1,
-        cutmix_alpha: 1.0,
-        mix_prob: 1.0,
-        switch_prob: 0.5,
-        label_smoothing: 0.0,
-    };
-    v.extend((0..12).map(|step| cfg.draw(5, 1, step, size, size)));
-    v
 }
 
 fn images(n: usize, size: usize, seed: u64) -> Vec<u8> {
@@ -83,7 +49,7 @@ fn mix_kernel_gives_the_host_bytes() -> Result<()> {
     let (n, size) = (6, 17);
     let host = images(n, size, 1);
     let src = dev.cuda_stream().clone_htod(&host).w()?;
-    for d in draws(size) {
+    for d in emu::mix_draws(size, 12) {
         let mut want = host.clone();
         mix_u8_batch(&mut want, n, size, size, 3, &d);
         let out = mix_u8(&dev, &src, n, size, &d)?;
@@ -100,7 +66,7 @@ fn normalise_kernels_match_the_cpu_feed() -> Result<()> {
     let host = images(n, size, 2);
     let src = dev.cuda_stream().clone_htod(&host).w()?;
     let cpu = Feed::new(&Device::Cpu)?;
-    for d in draws(size) {
+    for d in emu::mix_draws(size, 12) {
         let mut mixed = host.clone();
         mix_u8_batch(&mut mixed, n, size, size, 3, &d);
         let want = cpu.images(&mixed, n, size)?; // [n, 3, s, s] f32
@@ -140,7 +106,7 @@ fn the_async_upload_delivers_every_batch_in_order() -> Result<()> {
     let bytes = n * size * size * 3;
     let cpu = Feed::new(&Device::Cpu)?;
     let mut up = CudaUpload::new(&dev, bytes)?;
-    let ds = draws(size);
+    let ds = emu::mix_draws(size, 12);
     let mut want = std::collections::VecDeque::new();
     for (k, d) in ds.iter().enumerate() {
         let host = images(n, size, 100 + k as u64);

@@ -10,6 +10,7 @@
 //! exact equality where no rounding happens (max-pool forward, its argmax routing).
 #![cfg(feature = "cuda")]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
 use trainer::model::{ActivationLayout, BatchNorm2d, ResNetConfig};
@@ -48,6 +49,17 @@ fn pair(shape: &[usize], dev: &Device, std: f64) -> Result<(Tensor, Tensor)> {
     Ok((cpu.to_device(dev)?.to_dtype(DType::BF16)?, cpu))
 }
 
+/// Gradients of `sum(y * r)` for one random `r` (bf16-representable), on the GPU output `yg`
+/// and the CPU output `yc`.
+fn backward_pair(yg: &Tensor, yc: &Tensor, dev: &Device) -> Result<(GradStore, GradStore)> {
+    let (rg, rc) = pair(yc.dims(), dev, 1.0)?;
+    let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+    let gc = (yc * rc)?.sum_all()?.backward()?;
+    Ok((gg, gc))
+}
+
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
     let r = rel(got, want)?;
     eprintln!("{what}: relative error {r:.2e}");
@@ -81,11 +93,7 @@ fn conv2d_matches_cpu() -> Result<()> {
         let yg = nhwc::conv2d(xvg.as_tensor(), wvg.as_tensor(), stride, pad, groups)?;
         assert_eq!(yg.dims(), yc.dims(), "{name}");
         assert_close(&format!("{name} forward"), &yg, &yc, 1e-2)?;
-        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
-        let gc = (yc * rc)?.sum_all()?.backward()?;
-        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
-            .sum_all()?
-            .backward()?;
+        let (gg, gc) = backward_pair(&yg, &yc, &dev)?;
         let dx = gg.get(xvg.as_tensor()).expect("dx");
         assert_close(
             &format!("{name} dx"),
@@ -165,11 +173,7 @@ fn batch_norm_matches_cpu() -> Result<()> {
                 1e-4,
             )?;
         }
-        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
-        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
-            .sum_all()?
-            .backward()?;
-        let gc = (yc * rc)?.sum_all()?.backward()?;
+        let (gg, gc) = backward_pair(&yg, &yc, &dev)?;
         assert_close(
             &format!("{name} dx"),
             gg.get(xvg.as_tensor()).expect("dx"),
@@ -204,11 +208,7 @@ fn pooling_and_add_relu_match_cpu() -> Result<()> {
         let yg = nhwc::max_pool(xvg.as_tensor(), 3, 2, 1)?;
         let yc = nhwc::max_pool(xvc.as_tensor(), 3, 2, 1)?;
         assert_eq!(rel(&yg, &yc)?, 0.0, "{name}: max of bf16 values is exact");
-        let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
-        let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
-            .sum_all()?
-            .backward()?;
-        let gc = (yc * rc)?.sum_all()?.backward()?;
+        let (gg, gc) = backward_pair(&yg, &yc, &dev)?;
         assert_close(
             &format!("{name} dx"),
             gg.get(xvg.as_tensor()).expect("dx"),
@@ -245,11 +245,7 @@ fn pooling_and_add_relu_match_cpu() -> Result<()> {
     let yg = nhwc::add_relu(avg.as_tensor(), bvg.as_tensor())?;
     let yc = nhwc::add_relu(avc.as_tensor(), bvc.as_tensor())?;
     assert_close("add+relu forward", &yg, &yc, 1e-2)?;
-    let (rg, rc) = pair(yc.dims(), &dev, 1.0)?;
-    let gg = (yg.to_dtype(DType::F32)? * rg.to_dtype(DType::F32)?)?
-        .sum_all()?
-        .backward()?;
-    let gc = (yc * rc)?.sum_all()?.backward()?;
+    let (gg, gc) = backward_pair(&yg, &yc, &dev)?;
     for (vg, vc) in [(&avg, &avc), (&bvg, &bvc)] {
         assert_close(
             "add+relu grad",

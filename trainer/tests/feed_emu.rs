@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device, Result};
-use loader::mix::{mix_u8_batch, CutBox, MixConfig, MixDraw, MixKind};
+use loader::mix::{mix_u8_batch, MixDraw, MixKind};
 use trainer::feed::Feed;
 use trainer::model::ActivationLayout;
 
@@ -115,41 +115,6 @@ fn same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
     }
 }
 
-fn draws(size: usize) -> Vec<MixDraw> {
-    let mut v = vec![
-        MixDraw {
-            lam: 1.0,
-            kind: MixKind::None,
-        },
-        MixDraw {
-            lam: 0.5,
-            kind: MixKind::Mixup,
-        },
-        MixDraw {
-            lam: 0.123_456_789,
-            kind: MixKind::Mixup,
-        },
-        MixDraw {
-            lam: 0.5,
-            kind: MixKind::CutMix(CutBox {
-                y0: 1,
-                y1: size - 2,
-                x0: 3,
-                x1: size,
-            }),
-        },
-    ];
-    let cfg = MixConfig {
-        mixup_alpha: 0.1,
-        cutmix_alpha: 1.0,
-        mix_prob: 1.0,
-        switch_prob: 0.5,
-        label_smoothing: 0.0,
-    };
-    v.extend((0..6).map(|step| cfg.draw(5, 1, step, size, size)));
-    v
-}
-
 #[test]
 fn emulated_feed_kernels_match_the_cpu_definitions() -> Result<()> {
     let tmp = tempfile::tempdir().unwrap();
@@ -171,7 +136,7 @@ fn emulated_feed_kernels_match_the_cpu_definitions() -> Result<()> {
     // The launch geometry of feed.rs (256 threads, at most 8192 blocks), and a small grid that
     // makes every thread loop.
     let grids = [(total.div_ceil(256).min(8192), 256), (3, 64)];
-    for d in draws(size) {
+    for d in emu::mix_draws(size, 6) {
         let mut mixed = images.clone();
         mix_u8_batch(&mut mixed, n, size, size, 3, &d);
         for grid in grids {

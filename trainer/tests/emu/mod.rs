@@ -1,10 +1,13 @@
 //! Shared by the kernel emulation tests (`kernel_emu`, `lamb_emu`, `feed_emu`): reading the
-//! CUDA C sources out of the Rust files and building a C++ harness around them with g++.
+//! CUDA C sources out of the Rust files and building a C++ harness around them with g++; and
+//! the Mixup/CutMix draws both feed-kernel tests (`feed_emu`, `cuda_feed`) run.
 
 #![allow(dead_code)] // each test uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use loader::mix::{CutBox, MixConfig, MixDraw, MixKind};
 
 /// A file of the trainer crate, as text.
 pub fn source_file(rel: &str) -> String {
@@ -89,4 +92,41 @@ pub fn compile(dir: &Path, harness: &Path, includes: &[&Path], what: &str) -> Pa
         String::from_utf8_lossy(&out.stderr)
     );
     exe
+}
+
+/// Mixup/CutMix draws for the feed kernels: no mix, two Mixup lambdas, a CutMix box touching
+/// the right edge, then `recipe_draws` real draws of the A2 recipe's settings.
+pub fn mix_draws(size: usize, recipe_draws: u64) -> Vec<MixDraw> {
+    let mut v = vec![
+        MixDraw {
+            lam: 1.0,
+            kind: MixKind::None,
+        },
+        MixDraw {
+            lam: 0.5,
+            kind: MixKind::Mixup,
+        },
+        MixDraw {
+            lam: 0.123_456_789,
+            kind: MixKind::Mixup,
+        },
+        MixDraw {
+            lam: 0.5,
+            kind: MixKind::CutMix(CutBox {
+                y0: 1,
+                y1: size - 2,
+                x0: 3,
+                x1: size,
+            }),
+        },
+    ];
+    let cfg = MixConfig {
+        mixup_alpha: 0.1,
+        cutmix_alpha: 1.0,
+        mix_prob: 1.0,
+        switch_prob: 0.5,
+        label_smoothing: 0.0,
+    };
+    v.extend((0..recipe_draws).map(|step| cfg.draw(5, 1, step, size, size)));
+    v
 }
