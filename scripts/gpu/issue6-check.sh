@@ -2,9 +2,10 @@
 # issue6-check.sh - run ON the GPU machine (one H100), from the repository root:
 #   bash scripts/gpu/issue6-check.sh [PHASES]     (default "tests bench torch"; also "learn")
 # Needs gpu-bin/ from scripts/build-cuda.sh (carry it: `carry: ["gpu-bin"]`). About 5 minutes,
-# at most 580 s by its timeouts (3 test binaries x 60, 2 x 100, 200):
+# at most 580 s by its timeouts (3 test binaries x 50, 90 + 90 + 70, 180):
 #   1. the CUDA op tests and the GPU-vs-CPU training-step test (prebuilt test binaries);
-#   2. train-bench: ResNet-50, batch 256, 224 and 160 px, with the per-op breakdown;
+#   2. train-bench: ResNet-50, batch 256, 224 and 160 px, with the per-op breakdown (explicit
+#      backward, the default), then 224 px with candle's graph backward for comparison;
 #   3. the PyTorch + timm anchor on the same GPU (scripts/gpu/torch_baseline.py);
 #   4. the ratio of the two, as JSON lines;
 #   learn (separately, about 2 minutes): the README demo's shortened A3 run (generated 10-class
@@ -27,7 +28,7 @@ echo "=== op tests (GPU vs CPU references)"
 for t in "$BIN"/tests/*; do
   [ -x "$t" ] || continue
   echo "--- $t"
-  timeout 60 "$t" --test-threads 1 --nocapture > "$OUT/test-$(basename "$t").log" 2>&1
+  timeout 50 "$t" --test-threads 1 --nocapture > "$OUT/test-$(basename "$t").log" 2>&1
   rc=$?
   grep -vE '^\s*$' "$OUT/test-$(basename "$t").log" | tail -60
   echo "exit code $rc$([ $rc = 124 ] && echo ' (TIMEOUT)')"
@@ -37,16 +38,19 @@ fi
 if has bench; then
 echo "=== train-bench (ours)"
 for size in 224 160; do
-  timeout 100 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
+  timeout 90 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
     --warmup 3 --device cuda:0 --breakdown | tee -a "$OUT/train-bench.jsonl"
   echo "exit code ${PIPESTATUS[0]}"
 done
+timeout 70 "$BIN/train-bench" --model resnet50 --batch-size 256 --size 224 --steps 10 \
+  --warmup 2 --device cuda:0 --backward graph | tee -a "$OUT/train-bench.jsonl"
+echo "exit code ${PIPESTATUS[0]}"
 
 fi
 
 if has torch; then
 echo "=== PyTorch + timm anchor (same GPU)"
-TB_STEPS=20 TB_WARMUP=5 timeout 200 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
+TB_STEPS=20 TB_WARMUP=5 timeout 180 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
 
 fi
 
@@ -55,12 +59,21 @@ echo "=== ratio"
 "$PY" - "$OUT" <<'PY'
 import json, re, sys
 out = sys.argv[1]
-ours = {}
+ours, graph = {}, {}
 for line in open(f"{out}/train-bench.jsonl"):
     line = line.strip()
     if line.startswith("{"):
         r = json.loads(line)
-        ours[r["size"]] = r
+        (graph if r.get("backward") == "graph" else ours)[r["size"]] = r
+for size, g in graph.items():
+    if size in ours:
+        print(json.dumps({
+            "size": size, "explicit_images_per_s": round(ours[size]["images_per_s"], 1),
+            "graph_images_per_s": round(g["images_per_s"], 1),
+            "explicit_over_graph": round(ours[size]["images_per_s"] / g["images_per_s"], 3),
+            "explicit_peak_gib": round((ours[size].get("peak_mem_bytes") or 0) / 2**30, 2),
+            "graph_peak_gib": round((g.get("peak_mem_bytes") or 0) / 2**30, 2),
+        }))
 torch = {}
 for line in open(f"{out}/torch.txt"):
     m = re.search(r"torch bf16-autocast channels_last: batch 256 (\d+)px: (\d+) img/s.*peak mem ([\d.]+) GiB", line)

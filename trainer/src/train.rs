@@ -9,8 +9,9 @@
 //! 2. Each micro-batch is mixed on the host, on its u8 images, exactly as timm's
 //!    `FastCollateMixup` (one draw per micro-batch keyed by `(seed, epoch, micro-batch index in
 //!    the epoch)`), and gets dense targets (`mixed_targets`) when mixup/cutmix is on.
-//! 3. [`Feed`] normalises it on the device; `forward_train` runs with a drop-path seed derived from
-//!    `(seed, epoch, step, micro-batch)`; the loss is divided by A and its gradients are summed
+//! 3. [`Feed`] normalises it on the device; `forward_train_pass` runs with a drop-path seed
+//!    derived from `(seed, epoch, step, micro-batch)` (on CUDA its backward is the explicit one,
+//!    see `ResNet::forward_train_pass`); the loss is divided by A and its gradients are summed
 //!    over the micro-batches.
 //! 4. The optimizer steps with the schedule's rate for the update index.
 //!
@@ -735,14 +736,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     Targets::Classes(&label_t)
                 };
                 let dp_seed = loader::rng::derive(seed, &[DROP_PATH_TAG, epoch, step, a as u64]);
-                let logits = model.forward_train(&xs, dp_seed)?;
+                let (logits, pass) = model.forward_train_pass(&xs, dp_seed)?;
                 let loss = loss_fn.forward(&logits, targets)?;
                 let scaled = if accum > 1 {
                     (&loss / accum as f64)?
                 } else {
                     loss.clone()
                 };
-                grads.add(scaled.backward()?)?;
+                grads.add(pass.backward(&scaled)?)?;
                 // While the device works through this micro-batch, take the next one from the
                 // loader and start its copy (on CUDA it overlaps this step's compute).
                 if fetched < end_batch && !(last_update && a + 1 == accum) {

@@ -13,7 +13,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarMap;
-use trainer::model::{ActivationLayout, BatchNorm2d, ResNetConfig};
+use trainer::model::{ActivationLayout, BackwardMode, BatchNorm2d, ResNetConfig};
 use trainer::ops::nhwc;
 
 fn gpu() -> Option<Device> {
@@ -258,11 +258,19 @@ fn pooling_and_add_relu_match_cpu() -> Result<()> {
 }
 
 /// One training step of a small ResNet-50-shaped network, GPU (channels-last bf16, f32 masters)
-/// against the CPU (NCHW f32) from the same initial weights: logits and every gradient. bf16
-/// activations through 16 layers compound the rounding, so the bound is 5e-2 relative.
+/// against the CPU (NCHW f32) from the same initial weights: logits and every gradient, with the
+/// GPU backward explicit (the default on CUDA) and through candle's graph. bf16 activations
+/// through 16 layers compound the rounding, so the bound is 5e-2 relative.
 #[test]
 fn training_step_matches_cpu() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
+    for mode in [BackwardMode::Auto, BackwardMode::Graph] {
+        step_matches_cpu(&dev, mode)?;
+    }
+    Ok(())
+}
+
+fn step_matches_cpu(dev: &Device, mode: BackwardMode) -> Result<()> {
     let cfg = ResNetConfig {
         layers: [1, 1, 1, 1],
         num_classes: 10,
@@ -271,8 +279,9 @@ fn training_step_matches_cpu() -> Result<()> {
     .with_drop_path_rate(0.1);
     let (vc, vg) = (VarMap::new(), VarMap::new());
     let mc = cfg.build_seeded(&vc, 3, DType::F32, &Device::Cpu)?;
-    let mut mg = cfg.build_seeded(&vg, 3, DType::F32, &dev)?;
+    let mut mg = cfg.build_seeded(&vg, 3, DType::F32, dev)?;
     mg.set_layout(ActivationLayout::Nhwc);
+    mg.set_backward_mode(mode);
     for (m, d) in [(&mc, Device::Cpu), (&mg, dev.clone())] {
         for (name, var) in m.trainable_vars()? {
             if name.ends_with("bn3.weight") {
@@ -286,26 +295,35 @@ fn training_step_matches_cpu() -> Result<()> {
     let xg = x
         .permute((0, 2, 3, 1))?
         .contiguous()?
-        .to_device(&dev)?
+        .to_device(dev)?
         .to_dtype(DType::BF16)?;
     let lc = mc.forward_train(&x, 11)?;
-    let lg = mg.forward_train(&xg, 11)?;
+    let (lg, pass) = mg.forward_train_pass(&xg, 11)?;
+    let explicit = pass.is_explicit();
+    assert_eq!(
+        explicit,
+        mode == BackwardMode::Auto,
+        "{mode:?} on CUDA bf16"
+    );
     assert_close("tiny resnet50 logits", &lg, &lc, 5e-2)?;
     let gc = lc.sqr()?.sum_all()?.backward()?;
-    let gg = lg.sqr()?.sum_all()?.backward()?;
+    let gg = pass.backward(&lg.sqr()?.sum_all()?)?;
     let mut worst = (0f64, String::new());
     for ((name, a), (_, b)) in mc.trainable_vars()?.iter().zip(mg.trainable_vars()?.iter()) {
-        let r = rel(
-            gg.get(b.as_tensor()).expect("grad"),
-            gc.get(a.as_tensor()).expect("grad"),
-        )?;
+        let got = gg.get(b.as_tensor()).expect("grad");
+        let want = gc.get(a.as_tensor()).expect("grad");
+        assert_eq!(got.dims(), want.dims(), "{name}: gradient shape");
+        assert_eq!(got.dtype(), DType::F32, "{name}: gradient dtype");
+        let r = rel(got, want)?;
         if r > worst.0 {
             worst = (r, name.clone());
         }
     }
     eprintln!(
-        "tiny resnet50: worst gradient relative error {:.2e} ({})",
-        worst.0, worst.1
+        "tiny resnet50 ({} backward): worst gradient relative error {:.2e} ({})",
+        if explicit { "explicit" } else { "graph" },
+        worst.0,
+        worst.1
     );
     assert!(
         worst.0 < 5e-2,

@@ -89,7 +89,7 @@ fn reduction_cfg(c: usize, chunks: usize) -> Cfg {
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 18] = [
+const MIRRORED: [(&str, &str); 20] = [
     (
         "src/cuda/bn.rs",
         "const TX: usize = 32; const TY: usize = 8;",
@@ -199,6 +199,20 @@ const MIRRORED: [(&str, &str); 18] = [
          let mut b = f.builder();
          b.arg(&yp).arg(&dyp).arg(&ni).arg(&dxp);
          unsafe { b.launch(grid_1d(n, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let (per, ni) = (per_sample as i64, n as i64);
+         let mut lb = f.builder();
+         lb.arg(&ap).arg(&bp).arg(&sp).arg(&per).arg(&ni).arg(&yp);
+         unsafe { lb.launch(grid_1d(n, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let (per, ni) = (per_sample as i64, n as i64);
+         let mut lb = f.builder();
+         lb.arg(&yp).arg(&dyp).arg(&sp).arg(&per).arg(&ni).arg(&dsp).arg(&dbp);
+         unsafe { lb.launch(grid_1d(n, 256)) }",
     ),
 ];
 
@@ -822,6 +836,65 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
     Ok(())
 }
 
+/// Stochastic depth folded into the add: `relu(bf16(a * scale[n]) + b)` and its backward, bit
+/// for bit the unfused bf16 multiply followed by `add_relu_fwd` / `relu_bwd` and a multiply.
+fn add_relu_scaled_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
+    let len: usize = shape.iter().product();
+    let per = len / shape[0];
+    println!("add + relu with per-sample scales: {shape:?}, {len} values");
+    let mut rng = Rng(seed);
+    let scales: Vec<u16> = trainer::model::drop_path::drop_path_scales(shape[0], 0.3, seed, 2)
+        .iter()
+        .map(|&v| to_bf16(v as f32))
+        .collect();
+    assert!(
+        scales.contains(&0) && scales.iter().any(|&v| v != 0),
+        "both kept and dropped"
+    );
+    let a = bf16_vec(len, || rng.normal());
+    let b = bf16_vec(len, || rng.normal());
+    let dy = bf16_vec(len, || rng.normal());
+    let mut s = Script::new(root, "add_relu_scaled");
+    s.load_bf16("a", &a);
+    s.load_bf16("b", &b);
+    s.load_bf16("s", &scales);
+    s.load_bf16("dy", &dy);
+    s.alloc("y", len * 2);
+    let args = [p("a"), p("b"), p("s"), l(per), l(len), p("y")];
+    s.launch("add_relu_scaled_fwd", grid_1d(len, 256), &args);
+    s.alloc("ds", len * 2);
+    s.alloc("db", len * 2);
+    let args = [p("y"), p("dy"), p("s"), l(per), l(len), p("ds"), p("db")];
+    s.launch("relu_scaled_bwd", grid_1d(len, 256), &args);
+    s.save("y");
+    s.save("ds");
+    s.save("db");
+    s.run(exe);
+
+    let scale = |i: usize| from_bf16(scales[i / per]);
+    let y: Vec<f32> = (0..len)
+        .map(|i| {
+            let prod = from_bf16(to_bf16(from_bf16(a[i]) * scale(i)));
+            (prod + from_bf16(b[i])).max(0.0)
+        })
+        .collect();
+    exact("y", &s.bf16("y"), &y);
+    let yk = s.bf16("y");
+    let g: Vec<f32> = (0..len)
+        .map(|i| {
+            if from_bf16(yk[i]) > 0.0 {
+                from_bf16(dy[i])
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    exact("d_shortcut", &s.bf16("ds"), &g);
+    let gb: Vec<f32> = (0..len).map(|i| g[i] * scale(i)).collect();
+    exact("d_branch", &s.bf16("db"), &gb);
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -902,6 +975,7 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
     maxpool_case(&exe, root, "max-pool NaN", [2, 11, 10, 4], nans, 12)?;
     gap_case(&exe, root, [3, 7, 5, 40], 10)?;
     add_relu_case(&exe, root, [2, 9, 9, 30], 11)?;
+    add_relu_scaled_case(&exe, root, [6, 5, 7, 12], 12)?;
     println!(
         "emulated launches and references: {:.1} s",
         t.elapsed().as_secs_f32()

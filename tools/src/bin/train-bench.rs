@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! train-bench --model resnet50 --batch-size 256 --size 224 --steps N --device cuda:0
-//!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32] [--breakdown]
+//!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32]
+//!             [--backward auto|graph|explicit] [--breakdown]
 //! ```
 //!
 //! One step is what `train` does per update: forward (BatchNorm on batch statistics, stochastic
@@ -11,7 +12,9 @@
 //! random u8 pixels normalised once and kept on the device, so the loader is not measured (see
 //! `loader-bench` and the end-to-end script for that). On CUDA the defaults are channels-last
 //! bf16 activations with f32 master weights (the fast path); `--layout nchw --dtype f32` measures
-//! candle's own ops instead.
+//! candle's own ops instead. `--backward graph` measures candle's autograd over the whole network
+//! in place of the explicit trunk backward that the fast path uses by default (see
+//! `trainer::model::BackwardMode`); the line's `backward` says which ran.
 //!
 //! Prints one JSON line: `images_per_s`, `ms_per_step`, `peak_mem_bytes` (CUDA: the memory pool's
 //! high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`), and with
@@ -27,7 +30,7 @@ use clap::Parser;
 use serde_json::json;
 use trainer::feed::Feed;
 use trainer::loss::Targets;
-use trainer::model::{ActivationLayout, ResNetConfig};
+use trainer::model::{ActivationLayout, BackwardMode, ResNetConfig};
 use trainer::optim::{lamb_for_device, param_groups};
 use trainer::recipe::Recipe;
 
@@ -61,6 +64,9 @@ struct Args {
     /// Activation dtype: auto = bf16 on CUDA, f32 on the CPU.
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// Backward: auto = explicit on the fast path, candle's graph elsewhere.
+    #[arg(long, default_value = "auto")]
+    backward: String,
     /// Classes.
     #[arg(long, default_value_t = 1000)]
     num_classes: usize,
@@ -95,6 +101,12 @@ fn run(args: Args) -> Result<()> {
     let varmap = VarMap::new();
     let mut model = cfg.build_seeded(&varmap, 0, DType::F32, &dev)?;
     model.set_layout(layout);
+    model.set_backward_mode(match args.backward.as_str() {
+        "auto" => BackwardMode::Auto,
+        "graph" => BackwardMode::Graph,
+        "explicit" => BackwardMode::Explicit,
+        b => bail!("--backward {b:?}: expected auto, graph or explicit"),
+    });
     let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
     let mut opt = lamb_for_device(groups, recipe.lamb_config(), &dev)?;
     let loss_fn = recipe.train_loss();
@@ -117,17 +129,19 @@ fn run(args: Args) -> Result<()> {
     let targets = feed.targets(&dense, b, args.num_classes)?;
 
     let mut step_no = 0u64;
+    let explicit = std::cell::Cell::new(false);
     let mut step = |phases: bool| -> Result<(f32, [f64; 3])> {
         let mut t = [0f64; 3];
         let t0 = Instant::now();
-        let logits = model.forward_train(&xs, loader::rng::derive(0, &[step_no]))?;
+        let (logits, pass) = model.forward_train_pass(&xs, loader::rng::derive(0, &[step_no]))?;
+        explicit.set(pass.is_explicit());
         let loss = loss_fn.forward(&logits, Targets::Dense(&targets))?;
         if phases {
             sync(&dev)?;
             t[0] = t0.elapsed().as_secs_f64();
         }
         let t1 = Instant::now();
-        let grads = loss.backward()?;
+        let grads = pass.backward(&loss)?;
         if phases {
             sync(&dev)?;
             t[1] = t1.elapsed().as_secs_f64();
@@ -176,6 +190,7 @@ fn run(args: Args) -> Result<()> {
         "warmup_steps": args.warmup, "warmup_s": warmup_s,
         "device": args.device, "layout": format!("{layout:?}").to_lowercase(),
         "dtype": format!("{dtype:?}").to_lowercase(),
+        "backward": if explicit.get() { "explicit" } else { "graph" },
         "images_per_s": b as f64 / dt, "ms_per_step": dt * 1e3,
         "peak_mem_bytes": peak,
         "git_rev": tools::bench::git_rev(),

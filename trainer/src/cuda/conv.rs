@@ -483,21 +483,45 @@ impl CustomOp2 for Conv2dNhwc {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
-        let dx = dy.apply_op2_no_bwd(
+        let dx = self.backward_data(&dy, w, x.dims4()?)?;
+        let dw = self.backward_filter(x, &dy, w.dims4()?)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl Conv2dNhwc {
+    /// `dx` (bf16 NHWC, shape `x_dims`) from the output gradient `dy` (bf16 NHWC, contiguous)
+    /// and the bf16 KRSC filter `w`.
+    pub fn backward_data(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        x_dims: (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        dy.apply_op2_no_bwd(
             w,
             &ConvBackwardData {
                 conv: *self,
-                x_dims: x.dims4()?,
+                x_dims,
             },
-        )?;
-        let dw = x.apply_op2_no_bwd(
-            &dy,
+        )
+    }
+
+    /// `dw` (bf16 KRSC, shape `w_dims`) from the input `x` and the output gradient `dy` (both
+    /// bf16 NHWC, contiguous).
+    pub fn backward_filter(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        w_dims: (usize, usize, usize, usize),
+    ) -> Result<Tensor> {
+        x.apply_op2_no_bwd(
+            dy,
             &ConvBackwardFilter {
                 conv: *self,
-                w_dims: w.dims4()?,
+                w_dims,
             },
-        )?;
-        Ok((Some(dx), Some(dw)))
+        )
     }
 }
 

@@ -109,6 +109,28 @@ extern "C" __global__ void relu_bwd(const bf16* y, const bf16* dy, long long n, 
     if (i >= n) return;
     dx[i] = bf2f(y[i]) > 0.f ? dy[i] : (bf16)0;
 }
+
+// relu(a * scale[sample] + b): a residual block's end with stochastic depth folded in. The
+// product is rounded to bf16 first, so this equals the unfused bf16 multiply, then add_relu_fwd.
+extern "C" __global__ void add_relu_scaled_fwd(const bf16* a, const bf16* b, const bf16* scale,
+                                               long long per_sample, long long n, bf16* y) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float p = bf2f(f2bf(bf2f(a[i]) * bf2f(scale[i / per_sample])));
+    float v = p + bf2f(b[i]);
+    y[i] = f2bf(v < 0.f ? 0.f : v);
+}
+
+// Its backward: the shortcut's gradient g = relu'(y) * dy and the branch's g * scale[sample].
+extern "C" __global__ void relu_scaled_bwd(const bf16* y, const bf16* dy, const bf16* scale,
+                                           long long per_sample, long long n, bf16* d_short,
+                                           bf16* d_branch) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    bf16 g = bf2f(y[i]) > 0.f ? dy[i] : (bf16)0;
+    d_short[i] = g;
+    d_branch[i] = f2bf(bf2f(g) * bf2f(scale[i / per_sample]));
+}
 "#,
 };
 
@@ -340,4 +362,82 @@ impl CustomOp2 for AddRelu {
         let g = tensor_from_storage(dx, y.shape().clone());
         Ok((Some(g.clone()), Some(g)))
     }
+}
+
+/// `relu(a * scale[n] + b)` for bf16 NHWC `a`, `b` and per-sample bf16 scales `scale`
+/// (`[N, 1, 1, 1]`, stochastic depth's mask): one pass where the unfused ops take two.
+pub fn add_relu_scaled(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let (n_samples, per_sample) = scaled_shapes(a, b, scale)?;
+    let n = n_samples * per_sample;
+    let dev = cuda_device(a)?;
+    let y = unsafe { alloc_storage(&dev, DType::BF16, n) }?;
+    let yp = storage_ptr(&y, &Layout::contiguous(n))?;
+    let (ap, bp, sp) = (device_ptr(a)?, device_ptr(b)?, device_ptr(scale)?);
+    let _t = super::profile::scope(&dev, "add+relu forward");
+    let f = kernels::func(&dev, MODULE, "add_relu_scaled_fwd")?;
+    let (per, ni) = (per_sample as i64, n as i64);
+    let mut lb = f.builder();
+    lb.arg(&ap).arg(&bp).arg(&sp).arg(&per).arg(&ni).arg(&yp);
+    unsafe { lb.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+    Ok(tensor_from_storage(y, a.shape().clone()))
+}
+
+/// The backward of [`add_relu_scaled`] from its output `y`: `(d_branch, d_shortcut)`.
+pub fn add_relu_scaled_backward(
+    y: &Tensor,
+    dy: &Tensor,
+    scale: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+    let (n_samples, per_sample) = scaled_shapes(y, &dy, scale)?;
+    let n = n_samples * per_sample;
+    let dev = cuda_device(y)?;
+    let d_short = unsafe { alloc_storage(&dev, DType::BF16, n) }?;
+    let d_branch = unsafe { alloc_storage(&dev, DType::BF16, n) }?;
+    let dsp = storage_ptr(&d_short, &Layout::contiguous(n))?;
+    let dbp = storage_ptr(&d_branch, &Layout::contiguous(n))?;
+    let (yp, dyp, sp) = (device_ptr(y)?, device_ptr(&dy)?, device_ptr(scale)?);
+    let _t = super::profile::scope(&dev, "add+relu backward");
+    let f = kernels::func(&dev, MODULE, "relu_scaled_bwd")?;
+    let (per, ni) = (per_sample as i64, n as i64);
+    let mut lb = f.builder();
+    lb.arg(&yp)
+        .arg(&dyp)
+        .arg(&sp)
+        .arg(&per)
+        .arg(&ni)
+        .arg(&dsp)
+        .arg(&dbp);
+    unsafe { lb.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+    Ok((
+        tensor_from_storage(d_branch, y.shape().clone()),
+        tensor_from_storage(d_short, y.shape().clone()),
+    ))
+}
+
+/// `(samples, values per sample)` after checking `a`, `b` and `scale` fit together.
+fn scaled_shapes(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<(usize, usize)> {
+    for (t, what) in [(a, "input"), (b, "second input"), (scale, "scale")] {
+        if t.dtype() != DType::BF16 || !t.is_contiguous() {
+            bail!(
+                "add-relu scaled: {what} must be contiguous bf16, got {:?}",
+                t.dtype()
+            )
+        }
+    }
+    if a.shape() != b.shape() {
+        bail!(
+            "add-relu scaled: shapes {:?} and {:?} differ",
+            a.shape(),
+            b.shape()
+        )
+    }
+    let n = a.dim(0)?;
+    if scale.elem_count() != n {
+        bail!(
+            "add-relu scaled: {} scales for {n} samples",
+            scale.elem_count()
+        )
+    }
+    Ok((n, a.elem_count() / n.max(1)))
 }

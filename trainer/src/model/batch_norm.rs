@@ -120,10 +120,16 @@ impl BatchNorm2d {
         self.forward_train_full(xs)
     }
 
-    fn forward_train_full(&self, xs: &Tensor) -> Result<Tensor> {
+    /// The training normalisation on batch statistics with the given affine parameters,
+    /// without touching the running statistics: `(ys, batch mean, biased batch variance)`.
+    fn normalize_batch(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, h, w) = xs.dims4()?;
-        let count = n * h * w;
-        if count < 2 {
+        if n * h * w < 2 {
             bail!(
                 "batch norm: training needs more than one value per channel, got input {:?}",
                 xs.dims()
@@ -135,10 +141,32 @@ impl BatchNorm2d {
         let scale = (var.clone() + self.eps)?
             .sqrt()?
             .recip()?
-            .broadcast_mul(&Self::channel_view(&self.weight.to_dtype(xs.dtype())?, c)?)?;
+            .broadcast_mul(&Self::channel_view(&weight.to_dtype(xs.dtype())?, c)?)?;
         let ys = centred
             .broadcast_mul(&scale)?
-            .broadcast_add(&Self::channel_view(&self.bias.to_dtype(xs.dtype())?, c)?)?;
+            .broadcast_add(&Self::channel_view(&bias.to_dtype(xs.dtype())?, c)?)?;
+        Ok((ys, mean, var))
+    }
+
+    /// The training forward's output for `weight` and `bias` in place of this layer's own
+    /// (half-precision input normalised in f32), with the running statistics left alone: the
+    /// function whose vector-Jacobian product is the CPU reference of the explicit backward.
+    ///
+    /// # Shapes
+    /// - `xs`: `[N, C, H, W]`; returns the same
+    pub fn train_output_with(&self, xs: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        if matches!(dtype, DType::BF16 | DType::F16) {
+            let (ys, _, _) = self.normalize_batch(&xs.to_dtype(DType::F32)?, weight, bias)?;
+            return ys.to_dtype(dtype);
+        }
+        Ok(self.normalize_batch(xs, weight, bias)?.0)
+    }
+
+    fn forward_train_full(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = xs.dims4()?;
+        let count = n * h * w;
+        let (ys, mean, var) = self.normalize_batch(xs, &self.weight, &self.bias)?;
 
         let m = self.momentum;
         let stat_dtype = self.running_mean.dtype();

@@ -40,16 +40,26 @@ pub fn drop_path(xs: &Tensor, drop_prob: f64, seed: u64, block_index: usize) -> 
     if drop_prob <= 0.0 {
         return Ok(xs.clone());
     }
+    xs.broadcast_mul(&drop_path_mask(xs, drop_prob, seed, block_index)?)
+}
+
+/// The per-sample scales [`drop_path`] multiplies `xs` by, as a `[N, 1, ..., 1]` tensor in the
+/// dtype and on the device of `xs`.
+pub fn drop_path_mask(
+    xs: &Tensor,
+    drop_prob: f64,
+    seed: u64,
+    block_index: usize,
+) -> Result<Tensor> {
     let n = xs.dim(0)?;
     let mut mask_shape = vec![1; xs.rank()];
     mask_shape[0] = n;
-    let mask = Tensor::from_vec(
+    Tensor::from_vec(
         drop_path_scales(n, drop_prob, seed, block_index),
         mask_shape,
         xs.device(),
     )?
-    .to_dtype(xs.dtype())?;
-    xs.broadcast_mul(&mask)
+    .to_dtype(xs.dtype())
 }
 
 #[cfg(test)]

@@ -21,9 +21,11 @@ pub mod params;
 pub mod resnet;
 
 pub use batch_norm::BatchNorm2d;
-pub use drop_path::{drop_path, drop_path_rates};
+pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
-pub use resnet::{ActivationLayout, BlockKind, ResNet, ResNetConfig, StemKind};
+pub use resnet::{
+    ActivationLayout, BackwardMode, BlockKind, ResNet, ResNetConfig, StemKind, TrainPass,
+};
 
 /// Errors of model selection.
 #[derive(Debug, thiserror::Error)]

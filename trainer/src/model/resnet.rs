@@ -15,6 +15,9 @@ use super::params::{init_timm, Param, ParamKind};
 use super::ModelError;
 use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 
+mod explicit;
+pub use explicit::{BackwardMode, TrainPass};
+
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -470,6 +473,7 @@ pub struct ResNet {
     params: Vec<Param>,
     drop_path_seed: Mutex<Option<u64>>,
     layout: ActivationLayout,
+    backward: BackwardMode,
 }
 
 impl ResNet {
@@ -599,6 +603,7 @@ impl ResNet {
             params: b.params,
             drop_path_seed: Mutex::new(None),
             layout: ActivationLayout::Nchw,
+            backward: BackwardMode::Auto,
         })
     }
 

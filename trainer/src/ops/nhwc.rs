@@ -10,8 +10,16 @@
 //! Weights stay in their PyTorch layout and dtype (f32 masters, OIHW): [`conv2d`] casts and
 //! permutes them to bf16 KRSC in one pass per call, and candle's autograd turns the gradient
 //! back into an f32 OIHW gradient for the optimizer.
+//!
+//! The `*_train` / `*_backward` pairs are the same layers for the explicit training pass
+//! ([`crate::model::ResNet::forward_train_pass`]): the forward returns what its backward needs,
+//! and the backward returns the input and parameter gradients without going through candle's
+//! graph. On CUDA they call the same kernels as the custom ops' backward; elsewhere the backward
+//! is the vector-Jacobian product of the reference forward, taken by candle's autograd on fresh
+//! variables (slow, recomputes the layer: it exists so the CPU tests can check the explicit
+//! pass against the graph).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::ModuleT;
 
 use crate::model::BatchNorm2d;
@@ -43,19 +51,32 @@ pub fn conv2d(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if is_fast(x) {
-        let w = weight
-            .permute((0, 2, 3, 1))?
-            .to_dtype(DType::BF16)?
-            .contiguous()?;
-        let op = crate::cuda::conv::Conv2dNhwc {
-            stride,
-            pad: padding,
-            groups,
-        };
+        let (w, op) = cudnn_conv(weight, stride, padding, groups)?;
         return x.contiguous()?.apply_op2(&w, op);
     }
     let w = weight.to_dtype(x.dtype())?;
     to_nhwc(&to_nchw(x)?.conv2d(&w, padding, stride, 1, groups)?)
+}
+
+/// The fast path's filter (the OIHW weight cast and permuted to bf16 KRSC in one pass) and
+/// cuDNN convolution op.
+#[cfg(feature = "cuda")]
+fn cudnn_conv(
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Result<(Tensor, crate::cuda::conv::Conv2dNhwc)> {
+    let w = weight
+        .permute((0, 2, 3, 1))?
+        .to_dtype(DType::BF16)?
+        .contiguous()?;
+    let op = crate::cuda::conv::Conv2dNhwc {
+        stride,
+        pad: padding,
+        groups,
+    };
+    Ok((w, op))
 }
 
 /// BatchNorm (training: batch statistics, running statistics updated; evaluation: running
@@ -136,4 +157,335 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// ResNet-D's 2x2 ceil-mode average pool of the shortcut (reference path on every device).
 pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
     to_nhwc(&super::avg_pool2d_ceil(&to_nchw(x)?)?)
+}
+
+/// The vector-Jacobian product of `f` at `inputs` for the output gradient `dy`: candle's
+/// autograd on fresh variables (the CPU reference of the explicit backward). An input `f` does
+/// not depend on gets a zero gradient.
+fn vjp(
+    inputs: &[&Tensor],
+    dy: &Tensor,
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Vec<Tensor>> {
+    let vars = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.detach()))
+        .collect::<Result<Vec<_>>>()?;
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts)?;
+    let grads = (y * dy.detach())?.sum_all()?.backward()?;
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
+        .collect()
+}
+
+/// What [`conv2d_backward`] needs from [`conv2d_train`].
+#[derive(Debug)]
+pub struct ConvSaved {
+    x: Tensor,
+    /// The filter as the forward ran it: bf16 KRSC on the fast path, the weight itself elsewhere.
+    w: Tensor,
+    weight_dtype: DType,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+}
+
+/// [`conv2d`] for the explicit training pass: no graph, and what the backward needs.
+pub fn conv2d_train(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+) -> Result<(Tensor, ConvSaved)> {
+    let weight = weight.detach();
+    let weight_dtype = weight.dtype();
+    #[cfg(feature = "cuda")]
+    if is_fast(x) {
+        let (w, op) = cudnn_conv(&weight, stride, padding, groups)?;
+        let x = x.contiguous()?;
+        let y = x.apply_op2_no_bwd(&w, &op)?;
+        let saved = ConvSaved {
+            x,
+            w,
+            weight_dtype,
+            stride,
+            padding,
+            groups,
+        };
+        return Ok((y, saved));
+    }
+    let y = conv2d(x, &weight, stride, padding, groups)?;
+    let saved = ConvSaved {
+        x: x.clone(),
+        w: weight,
+        weight_dtype,
+        stride,
+        padding,
+        groups,
+    };
+    Ok((y, saved))
+}
+
+/// The gradients of a [`conv2d_train`]: `dx` (only when `need_dx`; the network's first conv
+/// skips it) and `dw` in the weight's layout and dtype (OIHW, f32 masters).
+pub fn conv2d_backward(
+    saved: &ConvSaved,
+    dy: &Tensor,
+    need_dx: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let (stride, padding, groups) = (saved.stride, saved.padding, saved.groups);
+    #[cfg(feature = "cuda")]
+    if is_fast(&saved.x) {
+        let op = crate::cuda::conv::Conv2dNhwc {
+            stride,
+            pad: padding,
+            groups,
+        };
+        let dy = dy.contiguous()?;
+        let dx = if need_dx {
+            Some(op.backward_data(&dy, &saved.w, saved.x.dims4()?)?)
+        } else {
+            None
+        };
+        let dw = op.backward_filter(&saved.x, &dy, saved.w.dims4()?)?;
+        // KRSC bf16 -> OIHW in the master dtype, in one strided pass.
+        let dw = dw.permute((0, 3, 1, 2))?.to_dtype(saved.weight_dtype)?;
+        return Ok((dx, dw));
+    }
+    let g = vjp(&[&saved.x, &saved.w], dy, |t| {
+        conv2d(&t[0], &t[1], stride, padding, groups)
+    })?;
+    let mut g = g.into_iter();
+    let (dx, dw) = (g.next(), g.next());
+    let dw = dw.expect("two gradients").to_dtype(saved.weight_dtype)?;
+    Ok((if need_dx { dx } else { None }, dw))
+}
+
+/// What [`batch_norm_backward`] needs from [`batch_norm_train`].
+#[derive(Debug)]
+pub struct BnSaved {
+    x: Tensor,
+    relu: bool,
+    /// The fast path's op (holding the batch statistics), f32 gamma and beta, and output.
+    #[cfg(feature = "cuda")]
+    fast: Option<(crate::cuda::bn::BatchNormTrain, Tensor, Tensor, Tensor)>,
+}
+
+/// Training [`batch_norm`] (+ ReLU) for the explicit training pass: batch statistics, running
+/// statistics updated, no graph.
+pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm2d, relu: bool) -> Result<(Tensor, BnSaved)> {
+    #[cfg(feature = "cuda")]
+    if is_fast(x) {
+        let x = x.contiguous()?;
+        let gamma = bn.weight().detach().to_dtype(DType::F32)?;
+        let beta = bn.bias().detach().to_dtype(DType::F32)?;
+        let op = crate::cuda::bn::BatchNormTrain::new(
+            bn.running_mean().as_tensor().clone(),
+            bn.running_var().as_tensor().clone(),
+            bn.eps(),
+            bn.momentum(),
+            relu,
+        );
+        let y = x.apply_op3_no_bwd(&gamma, &beta, &op)?;
+        let saved = BnSaved {
+            x,
+            relu,
+            fast: Some((op, gamma, beta, y.clone())),
+        };
+        return Ok((y, saved));
+    }
+    let y = batch_norm(&x.detach(), bn, true, relu)?.detach();
+    let saved = BnSaved {
+        x: x.clone(),
+        relu,
+        #[cfg(feature = "cuda")]
+        fast: None,
+    };
+    Ok((y, saved))
+}
+
+/// The gradients of a [`batch_norm_train`]: `(dx, dgamma, dbeta)`, the parameter gradients in
+/// the parameters' dtype.
+pub fn batch_norm_backward(
+    saved: &BnSaved,
+    bn: &BatchNorm2d,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some((op, gamma, beta, y)) = &saved.fast {
+        use candle_core::CustomOp3;
+        let (dx, dg, db) = op.bwd(&saved.x, gamma, beta, y, &dy.contiguous()?)?;
+        let missing =
+            || candle_core::Error::Msg("batch norm backward: a gradient is missing".into());
+        let dg = dg.ok_or_else(missing)?.to_dtype(bn.weight().dtype())?;
+        let db = db.ok_or_else(missing)?.to_dtype(bn.bias().dtype())?;
+        return Ok((dx.ok_or_else(missing)?, dg, db));
+    }
+    let relu = saved.relu;
+    let g = vjp(&[&saved.x, bn.weight(), bn.bias()], dy, |t| {
+        let y = to_nhwc(&bn.train_output_with(&to_nchw(&t[0])?, &t[1], &t[2])?)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    })?;
+    let mut g = g.into_iter();
+    match (g.next(), g.next(), g.next()) {
+        (Some(dx), Some(dg), Some(db)) => Ok((dx, dg, db)),
+        _ => unreachable!("vjp returns one gradient per input"),
+    }
+}
+
+/// What [`max_pool_backward`] needs from [`max_pool_train`].
+#[derive(Debug)]
+pub struct MaxPoolSaved {
+    x: Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    #[cfg(feature = "cuda")]
+    fast: Option<crate::cuda::pool::MaxPoolNhwc>,
+}
+
+/// [`max_pool`] for the explicit training pass.
+pub fn max_pool_train(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<(Tensor, MaxPoolSaved)> {
+    #[cfg(feature = "cuda")]
+    if is_fast(x) {
+        let op = crate::cuda::pool::MaxPoolNhwc::new(kernel, stride, padding)?;
+        let x = x.contiguous()?;
+        let y = x.apply_op1_no_bwd(&op)?;
+        let saved = MaxPoolSaved {
+            x,
+            kernel,
+            stride,
+            padding,
+            fast: Some(op),
+        };
+        return Ok((y, saved));
+    }
+    let y = max_pool(x, kernel, stride, padding)?;
+    let saved = MaxPoolSaved {
+        x: x.clone(),
+        kernel,
+        stride,
+        padding,
+        #[cfg(feature = "cuda")]
+        fast: None,
+    };
+    Ok((y, saved))
+}
+
+/// `dx` of a [`max_pool_train`].
+pub fn max_pool_backward(saved: &MaxPoolSaved, dy: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Some(op) = &saved.fast {
+        use candle_core::CustomOp1;
+        return op
+            .bwd(&saved.x, dy, dy)?
+            .ok_or_else(|| candle_core::Error::Msg("max-pool backward: no gradient".into()));
+    }
+    let (k, s, p) = (saved.kernel, saved.stride, saved.padding);
+    let g = vjp(&[&saved.x], dy, |t| max_pool(&t[0], k, s, p))?;
+    Ok(g.into_iter().next().expect("one gradient"))
+}
+
+/// `dx` of [`global_avg_pool`] at input `x` for the feature gradient `dy` (`[N, C]` f32).
+pub fn global_avg_pool_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if is_fast(x) {
+        use candle_core::CustomOp1;
+        return crate::cuda::pool::GlobalAvgPoolNhwc
+            .bwd(x, dy, dy)?
+            .ok_or_else(|| candle_core::Error::Msg("avg-pool backward: no gradient".into()));
+    }
+    let g = vjp(&[x], dy, |t| global_avg_pool(&t[0]))?;
+    Ok(g.into_iter().next().expect("one gradient"))
+}
+
+/// What [`add_relu_backward`] needs from [`add_relu_train`].
+#[derive(Debug)]
+pub struct AddReluSaved {
+    /// The output (fast path: its backward needs only the ReLU mask and the scales).
+    #[cfg(feature = "cuda")]
+    fast_y: Option<Tensor>,
+    /// The summands (reference path).
+    inputs: Option<(Tensor, Tensor)>,
+    scale: Option<Tensor>,
+}
+
+/// `relu(a * scale + b)` for the explicit training pass, where `scale` is stochastic depth's
+/// per-sample mask (`[N, 1, 1, 1]`, see [`crate::model::drop_path_mask`]) or `None` for
+/// `relu(a + b)`. The fast path folds the scaling into the add (one pass over memory instead of
+/// two); the result equals the unfused multiply, then [`add_relu`].
+pub fn add_relu_train(
+    a: &Tensor,
+    b: &Tensor,
+    scale: Option<&Tensor>,
+) -> Result<(Tensor, AddReluSaved)> {
+    #[cfg(feature = "cuda")]
+    if is_fast(a) && b.dtype() == DType::BF16 {
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let scale = scale
+            .map(|s| s.to_dtype(DType::BF16)?.contiguous())
+            .transpose()?;
+        let y = match &scale {
+            Some(s) => crate::cuda::pool::add_relu_scaled(&a, &b, s)?,
+            None => add_relu(&a, &b)?,
+        };
+        let saved = AddReluSaved {
+            fast_y: Some(y.clone()),
+            inputs: None,
+            scale,
+        };
+        return Ok((y, saved));
+    }
+    let y = match scale {
+        Some(s) => add_relu(&a.broadcast_mul(s)?, b)?,
+        None => add_relu(a, b)?,
+    };
+    let saved = AddReluSaved {
+        #[cfg(feature = "cuda")]
+        fast_y: None,
+        inputs: Some((a.clone(), b.clone())),
+        scale: scale.cloned(),
+    };
+    Ok((y, saved))
+}
+
+/// The gradients `(da, db)` of both inputs of an [`add_relu_train`] (`da` includes the scale).
+pub fn add_relu_backward(saved: &AddReluSaved, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if let Some(y) = &saved.fast_y {
+        if let Some(s) = &saved.scale {
+            return crate::cuda::pool::add_relu_scaled_backward(y, dy, s);
+        }
+        use candle_core::CustomOp2;
+        if let (Some(da), Some(db)) = crate::cuda::pool::AddRelu.bwd(y, y, y, dy)? {
+            return Ok((da, db));
+        }
+    }
+    let Some((a, b)) = &saved.inputs else {
+        candle_core::bail!("add-relu backward: the forward kept no inputs")
+    };
+    let scale = saved.scale.as_ref();
+    let g = vjp(&[a, b], dy, |t| match scale {
+        Some(s) => add_relu(&t[0].broadcast_mul(s)?, &t[1]),
+        None => add_relu(&t[0], &t[1]),
+    })?;
+    let mut g = g.into_iter();
+    match (g.next(), g.next()) {
+        (Some(da), Some(db)) => Ok((da, db)),
+        _ => unreachable!("vjp returns one gradient per input"),
+    }
 }

@@ -1,0 +1,338 @@
+//! The explicit training pass of the channels-last ResNet: a forward that keeps what each layer's
+//! backward needs (a tape), and a hand-written backward through the trunk.
+//!
+//! Why not candle's autograd for the trunk: candle accumulates every gradient it propagates as
+//! `zeros_like + add` (`GradStore::or_insert`), so each activation gradient costs a memset and an
+//! extra read-read-write pass on top of the layer's own backward (about four extra passes over
+//! every activation gradient of ResNet-50, all memory-bound); it also keeps every forward tensor
+//! alive until the whole backward ends, and computes the input gradient of the first conv, which
+//! nobody needs. The explicit backward hands each gradient straight to the next layer, adds only
+//! where two paths meet (a block's input), frees each layer's saved tensors as soon as its
+//! backward has run, and skips the stem's input gradient.
+//!
+//! Only the trunk is explicit: the pooled features become a fresh variable, and the classifier
+//! and the loss (small, and whatever the caller computes) go through candle's autograd, whose
+//! gradient for the features starts the explicit backward. The gradients of the weights land in
+//! the same [`GradStore`] under the variables' ids, so callers see no difference.
+//!
+//! Supported: channels-last networks without squeeze-excite and without ResNet-D's pooled
+//! shortcut (plain ResNet/ResNeXt, basic or bottleneck blocks, 7x7 or deep stem, stochastic
+//! depth): all the RSB recipes' `resnet50`. Others use the graph.
+
+use candle_core::backprop::GradStore;
+use candle_core::{bail, Result, Tensor, Var};
+
+use super::{ActivationLayout, BatchNorm2d, Block, Conv, ResNet, Stem};
+use crate::model::drop_path_mask;
+use crate::ops::nhwc::{self, AddReluSaved, BnSaved, ConvSaved, MaxPoolSaved};
+
+/// How [`ResNet::forward_train_pass`] computes gradients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackwardMode {
+    /// Explicit where it is supported and fast (channels-last bf16 on CUDA), the graph elsewhere.
+    #[default]
+    Auto,
+    /// candle's autograd over the whole network.
+    Graph,
+    /// The explicit trunk backward; an error for networks it does not support. On the CPU it
+    /// runs the slow reference backward (tests).
+    Explicit,
+}
+
+/// One training forward whose backward is still to run: [`TrainPass::backward`] with the loss
+/// computed from the logits [`ResNet::forward_train_pass`] returned.
+#[must_use = "a training pass does nothing until its backward runs"]
+pub struct TrainPass<'a> {
+    inner: Inner<'a>,
+}
+
+enum Inner<'a> {
+    Graph,
+    Explicit {
+        model: &'a ResNet,
+        tape: Tape,
+        features: Var,
+    },
+}
+
+impl TrainPass<'_> {
+    /// The gradients of `loss` (a scalar computed from this pass's logits) for every trainable
+    /// variable of the network, as `loss.backward()` gives them.
+    pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        match self.inner {
+            Inner::Graph => loss.backward(),
+            Inner::Explicit {
+                model,
+                tape,
+                features,
+            } => {
+                let mut grads = loss.backward()?;
+                let Some(d_features) = grads.remove(features.as_tensor()) else {
+                    bail!("explicit backward: the loss does not depend on this pass's logits")
+                };
+                model.backward_tape(tape, &d_features, &mut grads)?;
+                Ok(grads)
+            }
+        }
+    }
+
+    /// True when the backward is the explicit one.
+    pub fn is_explicit(&self) -> bool {
+        matches!(self.inner, Inner::Explicit { .. })
+    }
+}
+
+/// A conv followed by BatchNorm (+ ReLU).
+struct ConvBnTape {
+    conv: ConvSaved,
+    bn: BnSaved,
+}
+
+struct BlockTape {
+    branch: Vec<ConvBnTape>,
+    shortcut: Option<ConvBnTape>,
+    out: AddReluSaved,
+}
+
+struct Tape {
+    /// The stem's conv-BN pairs in order; the last one's BN is `bn1`.
+    stem: Vec<ConvBnTape>,
+    pool: MaxPoolSaved,
+    blocks: Vec<BlockTape>,
+    /// The input of the global average pool.
+    trunk_out: Tensor,
+}
+
+fn conv_bn(conv: &Conv, bn: &BatchNorm2d, x: &Tensor, relu: bool) -> Result<(Tensor, ConvBnTape)> {
+    let (c, conv_t) = nhwc::conv2d_train(x, &conv.weight, conv.stride, conv.padding, conv.groups)?;
+    let (y, bn_t) = nhwc::batch_norm_train(&c, bn, relu)?;
+    Ok((
+        y,
+        ConvBnTape {
+            conv: conv_t,
+            bn: bn_t,
+        },
+    ))
+}
+
+/// Backward through a conv-BN pair; puts the weight, gamma and beta gradients in `grads` and
+/// returns the input gradient when `need_dx`.
+fn conv_bn_backward(
+    t: ConvBnTape,
+    conv: &Conv,
+    bn: &BatchNorm2d,
+    dy: &Tensor,
+    need_dx: bool,
+    grads: &mut GradStore,
+) -> Result<Option<Tensor>> {
+    let (dc, dgamma, dbeta) = nhwc::batch_norm_backward(&t.bn, bn, dy)?;
+    drop(t.bn);
+    grads.insert(bn.weight(), dgamma);
+    grads.insert(bn.bias(), dbeta);
+    let (dx, dw) = nhwc::conv2d_backward(&t.conv, &dc, need_dx)?;
+    grads.insert(&conv.weight, dw);
+    Ok(dx)
+}
+
+impl Block {
+    fn forward_tape(&self, x: &Tensor, drop_path_seed: Option<u64>) -> Result<(Tensor, BlockTape)> {
+        let mut ys = x.clone();
+        let mut branch = Vec::with_capacity(self.branch.len());
+        for (i, (conv, bn)) in self.branch.iter().enumerate() {
+            let (y, t) = conv_bn(conv, bn, &ys, i + 1 < self.branch.len())?;
+            branch.push(t);
+            ys = y;
+        }
+        let mask = if self.drop_prob > 0.0 {
+            let Some(seed) = drop_path_seed else {
+                bail!("resnet: a training forward with drop_path_rate > 0 needs a drop-path seed")
+            };
+            Some(drop_path_mask(&ys, self.drop_prob, seed, self.index)?)
+        } else {
+            None
+        };
+        let (shortcut_out, shortcut) = match &self.downsample {
+            Some(d) => {
+                let (y, t) = conv_bn(&d.conv, &d.bn, x, false)?;
+                (y, Some(t))
+            }
+            None => (x.clone(), None),
+        };
+        // Stochastic depth's scaling is folded into the add.
+        let (out, out_t) = nhwc::add_relu_train(&ys, &shortcut_out, mask.as_ref())?;
+        let tape = BlockTape {
+            branch,
+            shortcut,
+            out: out_t,
+        };
+        Ok((out, tape))
+    }
+
+    fn backward_tape(&self, t: BlockTape, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
+        let (d_branch, d_shortcut) = nhwc::add_relu_backward(&t.out, dy)?;
+        drop(t.out);
+        let d_shortcut = match (&self.downsample, t.shortcut) {
+            (Some(d), Some(st)) => conv_bn_backward(st, &d.conv, &d.bn, &d_shortcut, true, grads)?
+                .expect("need_dx gives dx"),
+            (None, None) => d_shortcut,
+            _ => bail!(
+                "explicit backward: block {} tape does not fit the block",
+                self.index
+            ),
+        };
+        let mut d = d_branch;
+        for (lt, (conv, bn)) in t.branch.into_iter().zip(&self.branch).rev() {
+            d = conv_bn_backward(lt, conv, bn, &d, true, grads)?.expect("need_dx gives dx");
+        }
+        d + d_shortcut
+    }
+}
+
+impl ResNet {
+    /// How [`ResNet::forward_train_pass`] computes gradients ([`BackwardMode::Auto`] unless
+    /// changed).
+    pub fn backward_mode(&self) -> BackwardMode {
+        self.backward
+    }
+
+    /// Chooses how [`ResNet::forward_train_pass`] computes gradients.
+    pub fn set_backward_mode(&mut self, mode: BackwardMode) {
+        self.backward = mode;
+    }
+
+    /// Why the explicit backward cannot run this network, if it cannot.
+    pub fn explicit_backward_unsupported(&self) -> Option<&'static str> {
+        if self.layout != ActivationLayout::Nhwc {
+            return Some("it needs the channels-last layout");
+        }
+        if self.blocks.iter().any(|b| b.se.is_some()) {
+            return Some("squeeze-excite blocks are not supported");
+        }
+        let pooled = |b: &Block| b.downsample.as_ref().is_some_and(|d| d.avg_pool);
+        if self.blocks.iter().any(pooled) {
+            return Some("ResNet-D's pooled shortcut is not supported");
+        }
+        None
+    }
+
+    /// A training forward (as [`ResNet::forward_train`]) whose backward is
+    /// [`TrainPass::backward`]: explicit or candle's graph per [`ResNet::backward_mode`].
+    ///
+    /// ```ignore
+    /// let (logits, pass) = model.forward_train_pass(&xs, seed)?;
+    /// let loss = loss_fn.forward(&logits, targets)?;
+    /// let grads = pass.backward(&loss)?;
+    /// ```
+    ///
+    /// # Shapes
+    /// - `xs`: in the model's layout, as [`ResNet::forward_train`]
+    /// - returns logits `[N, num_classes]`
+    pub fn forward_train_pass(
+        &self,
+        xs: &Tensor,
+        drop_path_seed: u64,
+    ) -> Result<(Tensor, TrainPass<'_>)> {
+        let explicit = match self.backward {
+            BackwardMode::Graph => false,
+            BackwardMode::Auto => {
+                self.explicit_backward_unsupported().is_none() && nhwc::is_fast(xs)
+            }
+            BackwardMode::Explicit => match self.explicit_backward_unsupported() {
+                Some(why) => bail!("explicit backward: {why}"),
+                None => true,
+            },
+        };
+        if !explicit {
+            let logits = self.forward_train(xs, drop_path_seed)?;
+            return Ok((
+                logits,
+                TrainPass {
+                    inner: Inner::Graph,
+                },
+            ));
+        }
+        let tape = self.forward_tape(xs, drop_path_seed)?;
+        let pooled = nhwc::global_avg_pool(&tape.trunk_out)?.to_dtype(self.fc.weight().dtype())?;
+        let features = Var::from_tensor(&pooled)?;
+        let logits = candle_nn::Module::forward(&self.fc, features.as_tensor())?;
+        let inner = Inner::Explicit {
+            model: self,
+            tape,
+            features,
+        };
+        Ok((logits, TrainPass { inner }))
+    }
+
+    fn forward_tape(&self, xs: &Tensor, drop_path_seed: u64) -> Result<Tape> {
+        let mut stem = Vec::new();
+        let mut ys = xs.clone();
+        match &self.stem {
+            Stem::Conv7x7(conv) => {
+                let (y, t) = conv_bn(conv, &self.bn1, &ys, true)?;
+                stem.push(t);
+                ys = y;
+            }
+            Stem::Deep(pairs, last) => {
+                for (conv, bn) in pairs {
+                    let (y, t) = conv_bn(conv, bn, &ys, true)?;
+                    stem.push(t);
+                    ys = y;
+                }
+                let (y, t) = conv_bn(last, &self.bn1, &ys, true)?;
+                stem.push(t);
+                ys = y;
+            }
+        }
+        let (mut ys, pool) = nhwc::max_pool_train(&ys, 3, 2, 1)?;
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let (y, t) = block.forward_tape(&ys, Some(drop_path_seed))?;
+            blocks.push(t);
+            ys = y;
+        }
+        Ok(Tape {
+            stem,
+            pool,
+            blocks,
+            trunk_out: ys,
+        })
+    }
+
+    fn backward_tape(&self, tape: Tape, d_features: &Tensor, grads: &mut GradStore) -> Result<()> {
+        let Tape {
+            stem,
+            pool,
+            mut blocks,
+            trunk_out,
+        } = tape;
+        let mut d = nhwc::global_avg_pool_backward(&trunk_out, d_features)?;
+        drop(trunk_out);
+        for block in self.blocks.iter().rev() {
+            let Some(t) = blocks.pop() else {
+                bail!("explicit backward: the tape has fewer blocks than the network")
+            };
+            d = block.backward_tape(t, &d, grads)?;
+        }
+        d = nhwc::max_pool_backward(&pool, &d)?;
+        drop(pool);
+        let layers: Vec<(&Conv, &BatchNorm2d)> = match &self.stem {
+            Stem::Conv7x7(conv) => vec![(conv, &self.bn1)],
+            Stem::Deep(pairs, last) => pairs
+                .iter()
+                .map(|(c, b)| (c, b))
+                .chain([(last, &self.bn1)])
+                .collect(),
+        };
+        if layers.len() != stem.len() {
+            bail!("explicit backward: the tape's stem does not fit the network")
+        }
+        for (i, (t, (conv, bn))) in stem.into_iter().zip(layers).enumerate().rev() {
+            // The image needs no gradient.
+            match conv_bn_backward(t, conv, bn, &d, i > 0, grads)? {
+                Some(dx) => d = dx,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
