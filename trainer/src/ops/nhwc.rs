@@ -8,8 +8,8 @@
 //! check this, and the GPU tests check each CUDA op against the same references.
 //!
 //! Weights stay in their PyTorch layout and dtype (f32 masters, OIHW): [`conv2d`] casts and
-//! permutes them to bf16 KRSC in one pass per call, and candle's autograd turns the gradient
-//! back into an f32 OIHW gradient for the optimizer.
+//! permutes them to bf16 KRSC in one pass per call, and the gradient goes back to an f32 OIHW
+//! gradient for the optimizer (through candle's autograd, or in [`conv2d_backward`]).
 //!
 //! The `*_train` / `*_backward` pairs are the same layers for the explicit training pass
 //! ([`crate::model::ResNet::forward_train_pass`]): the forward returns what its backward needs,
