@@ -499,12 +499,15 @@ fn bn_train_script(s: &mut Script, m: usize, c: usize, relu: bool, eps: f32, mom
     for name in ["y", "rm", "rv", "stats"] {
         s.save(name);
     }
-    // Backward, a fresh partial buffer.
+    // Backward, a fresh partial buffer. Without the ReLU the kernels must not read `y` (the
+    // explicit backward does not keep it): they get an empty buffer, any read of which faults.
     s.alloc("part_b", chunks * 2 * c * 4);
+    s.alloc("no_y", 0);
+    let y_arg = p(if relu { "y" } else { "no_y" });
     let relu = relu as usize;
     let args = [
         p("x"),
-        p("y"),
+        y_arg.clone(),
         p("dy"),
         p("stats"),
         i(m),
@@ -521,7 +524,7 @@ fn bn_train_script(s: &mut Script, m: usize, c: usize, relu: bool, eps: f32, mom
     s.alloc("dx", m * c * 2);
     let args = [
         p("x"),
-        p("y"),
+        y_arg,
         p("dy"),
         p("stats"),
         p("gamma"),

@@ -381,6 +381,7 @@ impl CustomOp3 for BatchNormTrain {
         Ok((y, xl.shape().clone()))
     }
 
+    /// `y` is read only for the fused ReLU's mask (not at all without the ReLU).
     fn bwd(
         &self,
         x: &Tensor,
