@@ -2,7 +2,8 @@
 # issue6-check.sh - run ON the GPU machine (one H100), from the repository root:
 #   bash scripts/gpu/issue6-check.sh [PHASES]     (default "tests bench torch"; also "learn")
 # Needs gpu-bin/ from scripts/build-cuda.sh (carry it: `carry: ["gpu-bin"]`). About 5 minutes,
-# at most 580 s by its timeouts (3 test binaries x 50, 90 + 90 + 70, 180):
+# at most 580 s by its timeouts (3 test binaries x T_TEST 50, T_BENCH 90 x 2 + T_GRAPH 70,
+# T_TORCH 180; all from the environment, and TB_CONFIGS goes to torch_baseline.py):
 #   1. the CUDA op tests and the GPU-vs-CPU training-step test (prebuilt test binaries);
 #   2. train-bench: ResNet-50, batch 256, 224 and 160 px, with the per-op breakdown (explicit
 #      backward, the default), then 224 px with candle's graph backward for comparison;
@@ -28,7 +29,7 @@ echo "=== op tests (GPU vs CPU references)"
 for t in "$BIN"/tests/*; do
   [ -x "$t" ] || continue
   echo "--- $t"
-  timeout 50 "$t" --test-threads 1 --nocapture > "$OUT/test-$(basename "$t").log" 2>&1
+  timeout "${T_TEST:-50}" "$t" --test-threads 1 --nocapture > "$OUT/test-$(basename "$t").log" 2>&1
   rc=$?
   grep -vE '^\s*$' "$OUT/test-$(basename "$t").log" | tail -60
   echo "exit code $rc$([ $rc = 124 ] && echo ' (TIMEOUT)')"
@@ -38,11 +39,11 @@ fi
 if has bench; then
 echo "=== train-bench (ours)"
 for size in 224 160; do
-  timeout 90 "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
+  timeout "${T_BENCH:-90}" "$BIN/train-bench" --model resnet50 --batch-size 256 --size $size --steps 20 \
     --warmup 3 --device cuda:0 --breakdown | tee -a "$OUT/train-bench.jsonl"
   echo "exit code ${PIPESTATUS[0]}"
 done
-timeout 70 "$BIN/train-bench" --model resnet50 --batch-size 256 --size 224 --steps 10 \
+timeout "${T_GRAPH:-70}" "$BIN/train-bench" --model resnet50 --batch-size 256 --size 224 --steps 10 \
   --warmup 2 --device cuda:0 --backward graph | tee -a "$OUT/train-bench.jsonl"
 echo "exit code ${PIPESTATUS[0]}"
 
@@ -50,7 +51,7 @@ fi
 
 if has torch; then
 echo "=== PyTorch + timm anchor (same GPU)"
-TB_STEPS=20 TB_WARMUP=5 timeout 180 "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
+TB_STEPS=20 TB_WARMUP=5 timeout "${T_TORCH:-180}" "$PY" scripts/gpu/torch_baseline.py | tee "$OUT/torch.txt"
 
 fi
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-# Copied unchanged from ../shared/gpu/torch_baseline.py (the project's PyTorch anchor) so the
-# device script can run it: the device tool carries only this repository.
+# Copied from ../shared/gpu/torch_baseline.py (the project's PyTorch anchor) so the device
+# script can run it (the device tool carries only this repository); one addition: TB_CONFIGS.
 """torch_baseline.py - timm resnet50 training-step throughput on one GPU (synthetic data).
 
 Configs: bf16 autocast + channels_last at 224px and 160px (batch 256), eager NCHW bf16
 autocast at 224px (batch 256, and batch 64 to compare with the candle probe). Loss: BCEWithLogits (as in the ResNet-strikes-back recipes); optimizer:
 timm.optim.Lamb when importable, else torch.optim.SGD. 5 warmup + 20 timed steps.
 Prints one line per config. Env: TB_BATCH (256), TB_STEPS (20), TB_WARMUP (5), TB_COMPILE=1
-adds a torch.compile run at 224px.
+adds a torch.compile run at 224px, TB_CONFIGS=channels_last runs only the channels_last configs.
 """
 import os
 import sys
@@ -101,6 +101,8 @@ def main() -> int:
         # same batch as the candle probe's headline number, for an apples-to-apples ratio
         ("bf16-autocast eager NCHW", 224, False, False, 64),
     ]
+    if os.environ.get("TB_CONFIGS") == "channels_last":
+        configs = [c for c in configs if c[2]]
     if os.environ.get("TB_COMPILE") == "1":
         configs.append(("bf16-autocast channels_last torch.compile", 224, True, True, batch))
     failed = 0
