@@ -40,7 +40,7 @@ use crate::checkpoint::{self, RunState};
 use crate::feed::Feed;
 use crate::loss::Targets;
 use crate::metrics::{topk_correct, MetricsWriter};
-use crate::model::{ActivationLayout, ResNet, ResNetConfig};
+use crate::model::{ActivationLayout, BackwardMode, ResNet, ResNetConfig};
 use crate::optim::{lamb_for_device, param_groups, Sgd, TrainOptimizer};
 use crate::recipe::{Interpolation, OptimizerKind, Recipe};
 use crate::transfer::{device_upload, DynStorage, Upload, EXTRA_BUFFERS};
@@ -145,6 +145,9 @@ pub struct TrainOptions {
     pub val_samples: u64,
     /// Progress display.
     pub progress: Progress,
+    /// How gradients are computed (`Auto`: the explicit trunk backward on CUDA; `Graph` is the
+    /// fallback through candle's autograd).
+    pub backward: BackwardMode,
 }
 
 impl TrainOptions {
@@ -163,6 +166,7 @@ impl TrainOptions {
             train_samples: 0,
             val_samples: 0,
             progress: Progress::Auto,
+            backward: BackwardMode::Auto,
         }
     }
 }
@@ -559,6 +563,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         // The fast path: channels-last bf16 activations, f32 master weights.
         model.set_layout(ActivationLayout::Nhwc);
     }
+    model.set_backward_mode(opts.backward);
     let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
     let mut optimizer: Box<dyn TrainOptimizer> = match recipe.optim.name {
         OptimizerKind::Lamb => lamb_for_device(groups, recipe.lamb_config(), &opts.device)?,

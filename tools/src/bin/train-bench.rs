@@ -66,7 +66,7 @@ struct Args {
     dtype: String,
     /// Backward: auto = explicit on the fast path, candle's graph elsewhere.
     #[arg(long, default_value = "auto")]
-    backward: String,
+    backward: BackwardMode,
     /// Classes.
     #[arg(long, default_value_t = 1000)]
     num_classes: usize,
@@ -101,12 +101,7 @@ fn run(args: Args) -> Result<()> {
     let varmap = VarMap::new();
     let mut model = cfg.build_seeded(&varmap, 0, DType::F32, &dev)?;
     model.set_layout(layout);
-    model.set_backward_mode(match args.backward.as_str() {
-        "auto" => BackwardMode::Auto,
-        "graph" => BackwardMode::Graph,
-        "explicit" => BackwardMode::Explicit,
-        b => bail!("--backward {b:?}: expected auto, graph or explicit"),
-    });
+    model.set_backward_mode(args.backward);
     let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
     let mut opt = lamb_for_device(groups, recipe.lamb_config(), &dev)?;
     let loss_fn = recipe.train_loss();

@@ -3,7 +3,7 @@
 //! ```text
 //! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
-//!       [--size PX] [--set key=value ...] [--resume] [--workers N]
+//!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -60,6 +60,10 @@ struct Args {
     /// Continue from RUN_DIR/checkpoints/latest.
     #[arg(long)]
     resume: bool,
+    /// Backward: auto = the explicit trunk backward on CUDA, candle's graph elsewhere; graph is
+    /// the fallback (slower and larger on CUDA, same results up to rounding).
+    #[arg(long, default_value = "auto")]
+    backward: trainer::model::BackwardMode,
     /// Loader worker threads (run.workers; 0 = all cores).
     #[arg(long)]
     workers: Option<u32>,
@@ -201,6 +205,7 @@ fn run(args: Args) -> Result<()> {
     opts.base = base;
     opts.device = dev;
     opts.resume = args.resume;
+    opts.backward = args.backward;
     opts.train_samples = args.train_samples;
     opts.val_samples = args.val_samples;
     opts.progress = if args.no_bar {

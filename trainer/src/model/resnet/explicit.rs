@@ -39,6 +39,22 @@ pub enum BackwardMode {
     Explicit,
 }
 
+impl std::str::FromStr for BackwardMode {
+    type Err = String;
+
+    /// `auto`, `graph` or `explicit`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(BackwardMode::Auto),
+            "graph" => Ok(BackwardMode::Graph),
+            "explicit" => Ok(BackwardMode::Explicit),
+            other => Err(format!(
+                "backward mode {other:?}: expected auto, graph or explicit"
+            )),
+        }
+    }
+}
+
 /// One training forward whose backward is still to run: [`TrainPass::backward`] with the loss
 /// computed from the logits [`ResNet::forward_train_pass`] returned.
 #[must_use = "a training pass does nothing until its backward runs"]
@@ -334,5 +350,19 @@ impl ResNet {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackwardMode;
+
+    #[test]
+    fn backward_modes_parse_by_name() {
+        assert_eq!("auto".parse(), Ok(BackwardMode::Auto));
+        assert_eq!("graph".parse(), Ok(BackwardMode::Graph));
+        assert_eq!("explicit".parse(), Ok(BackwardMode::Explicit));
+        let err = "Graph".parse::<BackwardMode>().unwrap_err();
+        assert!(err.contains("expected auto, graph or explicit"), "{err}");
     }
 }
