@@ -629,6 +629,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
         bar
     });
     let log = Log { progress, bar };
+    let mut backward_logged = false;
     log.line(&format!(
         "run {}: {} ({} classes), {} train / {} val samples, {updates_per_epoch} updates/epoch x {total_epochs} epochs, micro-batch {micro} x {accum} accumulated",
         run_dir.display(),
@@ -742,6 +743,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 };
                 let dp_seed = loader::rng::derive(seed, &[DROP_PATH_TAG, epoch, step, a as u64]);
                 let (logits, pass) = model.forward_train_pass(&xs, dp_seed)?;
+                if !backward_logged {
+                    backward_logged = true;
+                    log.line(if pass.is_explicit() {
+                        "backward: explicit (channels-last trunk), classifier and loss by autograd"
+                    } else {
+                        "backward: candle's autograd graph"
+                    });
+                }
                 let loss = loss_fn.forward(&logits, targets)?;
                 let scaled = if accum > 1 {
                     (&loss / accum as f64)?
