@@ -89,7 +89,7 @@ fn reduction_cfg(c: usize, chunks: usize) -> Cfg {
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 20] = [
+const MIRRORED: [(&str, &str); 21] = [
     (
         "src/cuda/bn.rs",
         "const TX: usize = 32; const TY: usize = 8;",
@@ -133,7 +133,12 @@ const MIRRORED: [(&str, &str); 20] = [
         "b.arg(&x).arg(&scale).arg(&shift).arg(&pairs).arg(&ci).arg(&ri).arg(&yp);
          unsafe { b.launch(elementwise_cfg(m * c / 2)) }",
     ),
-    // bn.rs, BatchNormTrain::bwd.
+    // bn.rs, BatchNormTrain::backward.
+    (
+        "src/cuda/bn.rs",
+        "(Some(y), _) => device_ptr(y)?,
+         (None, false) => 0u64,",
+    ),
     (
         "src/cuda/bn.rs",
         "b.arg(&xp).arg(&yp).arg(&dyp).arg(&sp).arg(&mi).arg(&ci).arg(&ri).arg(&relu);
@@ -500,7 +505,8 @@ fn bn_train_script(s: &mut Script, m: usize, c: usize, relu: bool, eps: f32, mom
         s.save(name);
     }
     // Backward, a fresh partial buffer. Without the ReLU the kernels must not read `y` (the
-    // explicit backward does not keep it): they get an empty buffer, any read of which faults.
+    // explicit backward does not keep it; `BatchNormTrain::backward` passes a null pointer):
+    // they get an empty buffer, any read of which faults.
     s.alloc("part_b", chunks * 2 * c * 4);
     s.alloc("no_y", 0);
     let y_arg = p(if relu { "y" } else { "no_y" });

@@ -381,7 +381,6 @@ impl CustomOp3 for BatchNormTrain {
         Ok((y, xl.shape().clone()))
     }
 
-    /// `y` is read only for the fused ReLU's mask (not at all without the ReLU).
     fn bwd(
         &self,
         x: &Tensor,
@@ -390,6 +389,28 @@ impl CustomOp3 for BatchNormTrain {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgamma, dbeta) = self.backward(x, gamma, Some(y), dy)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+impl BatchNormTrain {
+    /// `(dx, dgamma, dbeta)` of the forward that ran with this op: `x` its input, `gamma` (f32)
+    /// its scale, `dy` the output gradient. The output `y` is needed only for the fused ReLU's
+    /// mask; without the ReLU pass `None` (the kernels then never read it), so a caller need not
+    /// keep the output alive for the backward.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        y: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let yp = match (y, self.relu) {
+            (Some(y), _) => device_ptr(y)?,
+            (None, false) => 0u64,
+            (None, true) => bail!("batch norm backward: the fused ReLU needs the forward's output"),
+        };
         let stats = self
             .saved
             .lock()
@@ -400,7 +421,7 @@ impl CustomOp3 for BatchNormTrain {
         let dev = super::cuda_device(x)?;
         let c = gamma.dim(0)?;
         let m = x.elem_count() / c;
-        let (xp, yp, dyp) = (device_ptr(x)?, device_ptr(y)?, device_ptr(&dy)?);
+        let (xp, dyp) = (device_ptr(x)?, device_ptr(&dy)?);
         let (sp, gp) = (device_ptr(&stats)?, device_ptr(gamma)?);
         let (chunks, rows) = chunking(m, c);
         let relu = self.relu as i32;
@@ -452,9 +473,9 @@ impl CustomOp3 for BatchNormTrain {
         unsafe { b.launch(elementwise_cfg(m * c / 2)) }.map_err(candle_core::Error::wrap)?;
 
         Ok((
-            Some(tensor_from_storage(dx, x.shape().clone())),
-            Some(tensor_from_storage(dgamma, c)),
-            Some(tensor_from_storage(dbeta, c)),
+            tensor_from_storage(dx, x.shape().clone()),
+            tensor_from_storage(dgamma, c),
+            tensor_from_storage(dbeta, c),
         ))
     }
 }
