@@ -66,6 +66,11 @@ for line in open(f"{out}/train-bench.jsonl"):
     if line.startswith("{"):
         r = json.loads(line)
         (graph if r.get("backward") == "graph" else ours)[r["size"]] = r
+        # What ran (GPU, driver, NVRTC, cuDNN; kernels as machine code or PTX), and whether the
+        # cuDNN choices came from the start-up cache (every run after the first should say so).
+        print(json.dumps({"size": r["size"], "backward": r.get("backward"),
+                          "warmup_s": round(r.get("warmup_s", 0), 2), "cuda": r.get("cuda"),
+                          "cudnn_plans": r.get("cudnn_plans"), "kernels": r.get("kernels")}))
 for size, g in graph.items():
     if size in ours:
         print(json.dumps({

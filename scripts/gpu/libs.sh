@@ -21,3 +21,6 @@ BIN=${BIN:-/tmp/rsb-gpu-bin}
 if [ ! -x "$BIN/train" ]; then
   mkdir -p "$BIN" && tar -C "$BIN" -xJf gpu-bin/bundle.tar.xz || echo "[FAIL] cannot unpack gpu-bin/bundle.tar.xz (carry gpu-bin)"
 fi
+# One start-up cache (kernels built for the GPU, cuDNN algorithm choices) for every process of
+# the call, so only the first process compiles and searches (trainer::disk_cache).
+export RSB_CACHE_DIR=${RSB_CACHE_DIR:-/tmp/rsb-cache}

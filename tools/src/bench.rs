@@ -70,5 +70,16 @@ pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
              `cargo build --release -p tools --features cuda` (never falls back to the CPU)"
         );
     }
-    Device::new_cuda(ordinal).with_context(|| format!("--device {spec}: opening the GPU"))
+    open_cuda(ordinal).with_context(|| format!("--device {spec}: opening the GPU"))
+}
+
+/// GPU `ordinal`, opened as the fast path needs it (`trainer::cuda::device::open`).
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    trainer::cuda::device::open(ordinal)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    candle_core::Device::new_cuda(ordinal)
 }

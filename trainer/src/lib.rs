@@ -7,6 +7,7 @@ pub mod batch_aug;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod disk_cache;
 pub mod feed;
 pub mod loss;
 pub mod metrics;

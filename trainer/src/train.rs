@@ -148,6 +148,10 @@ pub struct TrainOptions {
     /// How gradients are computed (`Auto`: the explicit trunk backward on CUDA; `Graph` is the
     /// fallback through candle's autograd).
     pub backward: BackwardMode,
+    /// CUDA: take the fastest *deterministic* cuDNN algorithm of each convolution, so a rerun is
+    /// bit-identical (default off: the fastest algorithm, some of which sum with atomics, so
+    /// reruns may differ in the last bits). Without effect on the CPU, which is deterministic.
+    pub deterministic: bool,
 }
 
 impl TrainOptions {
@@ -167,6 +171,7 @@ impl TrainOptions {
             val_samples: 0,
             progress: Progress::Auto,
             backward: BackwardMode::Auto,
+            deterministic: false,
         }
     }
 }
@@ -652,6 +657,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
     for note in recipe.unverified_notes() {
         log.line(&format!("note: {note}"));
     }
+    #[cfg(feature = "cuda")]
+    if opts.device.is_cuda() {
+        crate::cuda::conv::set_deterministic(opts.deterministic);
+        log.line(if opts.deterministic {
+            "cuDNN: the fastest deterministic algorithm per convolution (--deterministic)"
+        } else {
+            "cuDNN: the fastest algorithm per convolution (--deterministic for bit-identical reruns)"
+        });
+    }
     if opts.resume {
         log.line(&format!(
             "resumed at update {step} (epoch {}, micro-batch {})",
@@ -777,7 +791,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                 });
                 win_images += n as u64;
             }
-            let report = optimizer.step(&grads.into_store(), lr)?;
+            // Queued, not waited for: on a GPU the report is read only for a metrics line.
+            optimizer.queue_step(&grads.into_store(), lr)?;
             step += 1;
             if let Some(bar) = &log.bar {
                 bar.set_position(step);
@@ -787,6 +802,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
                     Some(sum) => sum.to_scalar::<f64>()? / accum as f64,
                     None => f64::NAN,
                 };
+                let report = optimizer
+                    .last_report()?
+                    .expect("an update was queued just before");
                 let dt = win_start.elapsed().as_secs_f64().max(1e-9);
                 let line = json!({
                     "epoch": epoch, "step": step, "loss": loss, "lr": lr,

@@ -16,7 +16,7 @@ use trainer::model::ActivationLayout;
 use trainer::transfer::{DynStorage, Upload};
 
 fn gpu() -> Option<candle_core::cuda_backend::CudaDevice> {
-    match Device::new_cuda(0) {
+    match trainer::cuda::device::open(0) {
         Ok(Device::Cuda(d)) => Some(d),
         Ok(_) => None,
         Err(e) => {

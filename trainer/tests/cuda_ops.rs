@@ -17,7 +17,7 @@ use trainer::model::{ActivationLayout, BackwardMode, BatchNorm2d, ResNetConfig};
 use trainer::ops::nhwc;
 
 fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
+    match trainer::cuda::device::open(0) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
@@ -110,6 +110,112 @@ fn conv2d_matches_cpu() -> Result<()> {
             1e-2,
         )?;
     }
+    Ok(())
+}
+
+/// One convolution step (forward, both backward passes) of a fixed input on `dev`: output,
+/// input gradient and filter gradient, as f32 on the host.
+fn conv_step(dev: &Device) -> Result<Vec<Vec<f32>>> {
+    let x = Tensor::arange(0f32, (8 * 14 * 14 * 64) as f32, &Device::Cpu)?
+        .affine(1e-4, -1.0)?
+        .sin()?
+        .reshape((8, 14, 14, 64))?;
+    let w = Tensor::arange(0f32, (64 * 64 * 9) as f32, &Device::Cpu)?
+        .affine(3e-4, 0.5)?
+        .cos()?
+        .affine(0.05, 0.0)?
+        .reshape((64, 64, 3, 3))?;
+    let xv = Var::from_tensor(&x.to_device(dev)?.to_dtype(DType::BF16)?)?;
+    let wv = Var::from_tensor(&w.to_device(dev)?)?;
+    let y = nhwc::conv2d(xv.as_tensor(), wv.as_tensor(), 1, 1, 1)?;
+    let g = y.to_dtype(DType::F32)?.sqr()?.sum_all()?.backward()?;
+    let flat = |t: &Tensor| -> Result<Vec<f32>> {
+        t.to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()
+    };
+    Ok(vec![
+        flat(&y)?,
+        flat(g.get(xv.as_tensor()).expect("dx"))?,
+        flat(g.get(wv.as_tensor()).expect("dw"))?,
+    ])
+}
+
+/// Relative L2 difference of two host vectors.
+fn rel_host(u: &[f32], v: &[f32]) -> f64 {
+    let num: f64 = u.iter().zip(v).map(|(p, q)| ((p - q) as f64).powi(2)).sum();
+    let den: f64 = v.iter().map(|q| (*q as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// Every `Device::new_cuda(0)` (and `open(0)`) is a new candle device over the same GPU: a
+/// second one, and one opened on another thread, use the same cuDNN state (it used to be tied to
+/// the first device and refused every other one) and give the same results.
+#[test]
+fn the_device_opened_twice_and_on_another_thread() -> Result<()> {
+    let Some(first) = gpu() else { return Ok(()) };
+    let second = trainer::cuda::device::open(0)?;
+    assert!(!first.same_device(&second), "two candle devices");
+    let a = conv_step(&first)?;
+    let b = conv_step(&second)?;
+    let c = std::thread::spawn(|| conv_step(&Device::new_cuda(0)?))
+        .join()
+        .expect("the thread ran")?;
+    let d = conv_step(&first)?;
+    for (what, k) in [("y", 0), ("dx", 1), ("dw", 2)] {
+        assert!(a[k].iter().all(|v| v.is_finite()), "{what} finite");
+        // The same algorithms on the same inputs: equal up to the fastest algorithms' atomics.
+        for (other, o) in [
+            ("second device", &b),
+            ("other thread", &c),
+            ("first again", &d),
+        ] {
+            let r = rel_host(&o[k], &a[k]);
+            eprintln!("{what}, {other}: relative difference {r:.2e}");
+            assert!(r < 1e-3, "{what}, {other}: relative difference {r:e}");
+        }
+    }
+    Ok(())
+}
+
+/// `open` turns cudarc's per-allocation events off and makes the pool keep freed memory.
+#[test]
+fn open_sets_the_device_up() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let Device::Cuda(d) = &dev else {
+        unreachable!("gpu() opens a CUDA device")
+    };
+    assert!(!d.is_event_tracking(), "event tracking off");
+    assert_eq!(
+        trainer::cuda::memory::release_threshold(d)?,
+        u64::MAX,
+        "the pool keeps freed memory"
+    );
+    let info = trainer::cuda::device::DeviceInfo::of(d)?;
+    eprintln!("{info:?}");
+    assert!(info.compute_capability.0 >= 7, "{info:?}");
+    Ok(())
+}
+
+/// Under the deterministic policy two identical convolution steps give identical bits.
+#[test]
+fn deterministic_algorithms_repeat_bit_for_bit() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    trainer::cuda::conv::set_deterministic(true);
+    let a = conv_step(&dev);
+    let b = conv_step(&dev);
+    trainer::cuda::conv::set_deterministic(false);
+    assert_eq!(a?, b?, "two deterministic runs differ");
+    let Device::Cuda(d) = &dev else {
+        unreachable!("gpu() opens a CUDA device")
+    };
+    let (searched, from_disk, cache) = trainer::cuda::conv::plan_stats(d);
+    eprintln!(
+        "cuDNN plans: {searched} searched, {from_disk} from the disk cache ({cache:?}); \
+         kernels: {}",
+        trainer::cuda::kernels::build_info(d)
+    );
     Ok(())
 }
 

@@ -52,10 +52,13 @@ use trainer::model::BatchNorm2d;
 use trainer::ops::nhwc;
 
 // ---------------------------------------------------------------------------------------------
-// Mirrors of the launch geometry (bn.rs, kernels.rs); `launch_code_matches_the_mirror` pins them.
+// Mirrors of the launch geometry (bn.rs, pool.rs, kernels.rs); `launch_code_matches_the_mirror`
+// pins them.
 
 const TX: usize = 32;
 const TY: usize = 8;
+const FX: usize = 32;
+const FY: usize = 32;
 
 type Cfg = ((usize, usize, usize), (usize, usize, usize));
 
@@ -69,11 +72,24 @@ fn chunking(m: usize, c: usize) -> (usize, usize) {
     (m.div_ceil(rows), rows)
 }
 
-/// bn.rs `elementwise_cfg`.
-fn elementwise_cfg(pairs: usize) -> Cfg {
+/// bn.rs `channel_group_cfg`.
+fn channel_group_cfg(m: usize, groups: usize) -> Cfg {
     let threads = 256usize;
-    let blocks = pairs.div_ceil(threads).clamp(1, 132 * 16);
+    let blocks = (m * groups).div_ceil(threads).clamp(1, 132 * 16);
     ((blocks, 1, 1), (threads, 1, 1))
+}
+
+/// bn.rs `finalize_cfg`.
+fn finalize_cfg(c: usize) -> Cfg {
+    ((c.div_ceil(FX), 1, 1), (FX, FY, 1))
+}
+
+/// pool.rs `per_sample_cfg`.
+fn per_sample_cfg(per_sample: usize, samples: usize) -> Cfg {
+    (
+        (per_sample.div_ceil(256).max(1), samples.max(1), 1),
+        (256, 1, 1),
+    )
 }
 
 /// kernels.rs `grid_1d`.
@@ -86,13 +102,28 @@ fn reduction_cfg(c: usize, chunks: usize) -> Cfg {
     ((c.div_ceil(2 * TX), chunks, 1), (TX, TY, 1))
 }
 
+/// The vector width the Rust code picks (bn.rs `vector_width`, pool.rs `width`): `wide` when
+/// `c % 8 == 0` (the emulation's buffers are 16-byte aligned then), else `narrow`.
+fn width(c: usize, wide: usize, narrow: usize) -> usize {
+    if c.is_multiple_of(8) {
+        wide
+    } else {
+        narrow
+    }
+}
+
+/// The kernel of width `v`: `NAME_v{v}`.
+fn kname(base: &str, v: usize) -> String {
+    format!("{base}_v{v}")
+}
+
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 21] = [
+const MIRRORED: [(&str, &str); 26] = [
     (
         "src/cuda/bn.rs",
-        "const TX: usize = 32; const TY: usize = 8;",
+        "const TX: usize = 32; const TY: usize = 8; const FX: usize = 32; const FY: usize = 32;",
     ),
     (
         "src/cuda/bn.rs",
@@ -103,8 +134,25 @@ const MIRRORED: [(&str, &str); 21] = [
     ),
     (
         "src/cuda/bn.rs",
+        "grid_dim: (c.div_ceil(FX) as u32, 1, 1), block_dim: (FX as u32, FY as u32, 1),",
+    ),
+    (
+        "src/cuda/bn.rs",
         "let threads = 256u32;
-         let blocks = pairs.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;",
+         let blocks = (m * groups).div_ceil(threads as usize).clamp(1, 132 * 16) as u32;",
+    ),
+    (
+        "src/cuda/bn.rs",
+        "if c.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)) { 8 } else { 2 }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "if c.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)) { 8 } else { 1 }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "grid_dim: (per_sample.div_ceil(256).max(1) as u32, samples.max(1) as u32, 1),
+         block_dim: (256, 1, 1),",
     ),
     (
         "src/cuda/kernels.rs",
@@ -121,7 +169,7 @@ const MIRRORED: [(&str, &str); 21] = [
         "src/cuda/bn.rs",
         "b.arg(&xp).arg(&part).arg(&chunks_i).arg(&mi).arg(&ci).arg(&eps).arg(&mom);
          b.arg(&rm).arg(&rv).arg(&gp).arg(&bp).arg(&sp);
-         unsafe { b.launch(kernels::grid_1d(c, 128)) }",
+         unsafe { b.launch(finalize_cfg(c)) }",
     ),
     (
         "src/cuda/bn.rs",
@@ -130,8 +178,12 @@ const MIRRORED: [(&str, &str); 21] = [
     // bn.rs, apply.
     (
         "src/cuda/bn.rs",
-        "b.arg(&x).arg(&scale).arg(&shift).arg(&pairs).arg(&ci).arg(&ri).arg(&yp);
-         unsafe { b.launch(elementwise_cfg(m * c / 2)) }",
+        "let v = vector_width(c, &[x, yp]);
+         let f = kernels::func(dev, MODULE, if v == 8 { \"bn_apply_v8\" } else { \"bn_apply_v2\" })?;
+         let (mi, ci, ri) = (m as i32, c as i32, relu as i32);
+         let mut b = f.builder();
+         b.arg(&x).arg(&scale).arg(&shift).arg(&mi).arg(&ci).arg(&ri).arg(&yp);
+         unsafe { b.launch(channel_group_cfg(m, c / v)) }",
     ),
     // bn.rs, BatchNormTrain::backward.
     (
@@ -148,34 +200,42 @@ const MIRRORED: [(&str, &str); 21] = [
     ),
     (
         "src/cuda/bn.rs",
-        "b.arg(&part).arg(&chunks_i).arg(&ci).arg(&dgp).arg(&dbp);
-         unsafe { b.launch(kernels::grid_1d(c, 128)) }",
+        "b.arg(&part).arg(&chunks_i).arg(&mi).arg(&ci).arg(&sp).arg(&gp);
+         b.arg(&dgp).arg(&dbp).arg(&coef);
+         unsafe { b.launch(finalize_cfg(c)) }",
     ),
     (
         "src/cuda/bn.rs",
-        "b.arg(&xp).arg(&yp).arg(&dyp).arg(&sp).arg(&gp).arg(&dgp).arg(&dbp);
-         b.arg(&pairs).arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
-         unsafe { b.launch(elementwise_cfg(m * c / 2)) }",
+        "let v = vector_width(c, &[xp, yp, dyp, dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"bn_bwd_dx_v8\" } else { \"bn_bwd_dx_v2\" })?;
+         let mut b = f.builder();
+         b.arg(&xp).arg(&yp).arg(&dyp).arg(&coef);
+         b.arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
+         unsafe { b.launch(channel_group_cfg(m, c / v)) }",
     ),
     // pool.rs.
     (
         "src/cuda/pool.rs",
-        "let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+        "let v = width(c, &[xp, yp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"maxpool_fwd_v8\" } else { \"maxpool_fwd_v1\" })?;
+         let d = [h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
          let mut b = f.builder();
          b.arg(&xp);
          for v in &d { b.arg(v); }
          b.arg(&yp).arg(&ip);
-         unsafe { b.launch(grid_1d(len, 256)) }",
+         unsafe { b.launch(per_sample_cfg(oh * ow * c / v, n)?) }",
     ),
     ("src/cuda/pool.rs", "let len = n * h * w * c;"),
     (
         "src/cuda/pool.rs",
-        "let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+        "let v = width(c, &[dyp, dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"maxpool_bwd_v8\" } else { \"maxpool_bwd_v1\" })?;
+         let d = [h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
          let mut b = f.builder();
          b.arg(&dyp).arg(&ip);
          for v in &d { b.arg(v); }
          b.arg(&dxp);
-         unsafe { b.launch(grid_1d(len, 256)) }",
+         unsafe { b.launch(per_sample_cfg(h * w * c / v, n)?) }",
     ),
     (
         "src/cuda/pool.rs",
@@ -186,62 +246,114 @@ const MIRRORED: [(&str, &str); 21] = [
     ),
     (
         "src/cuda/pool.rs",
-        "let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+        "let v = width(c, &[dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"gap_bwd_v8\" } else { \"gap_bwd_v1\" })?;
+         let (hwi, ci) = ((h * w) as i32, c as i32);
          let mut b = f.builder();
-         b.arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dxp);
-         unsafe { b.launch(grid_1d(len, 256)) }",
+         b.arg(&dyp).arg(&hwi).arg(&ci).arg(&dxp);
+         unsafe { b.launch(per_sample_cfg(h * w * c / v, n)?) }",
     ),
     (
         "src/cuda/pool.rs",
-        "let ni = n as i64;
+        "let v = width(n, &[ap, bp, yp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"add_relu_fwd_v8\" } else { \"add_relu_fwd_v1\" })?;
+         let nv = (n / v) as i64;
          let mut lb = f.builder();
-         lb.arg(&ap).arg(&bp).arg(&ni).arg(&yp);
-         unsafe { lb.launch(grid_1d(n, 256)) }",
+         lb.arg(&ap).arg(&bp).arg(&nv).arg(&yp);
+         unsafe { lb.launch(grid_1d(n / v, 256)) }",
     ),
     (
         "src/cuda/pool.rs",
-        "let ni = n as i64;
+        "let v = width(n, &[yp, dyp, dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"relu_bwd_v8\" } else { \"relu_bwd_v1\" })?;
+         let nv = (n / v) as i64;
          let mut b = f.builder();
-         b.arg(&yp).arg(&dyp).arg(&ni).arg(&dxp);
-         unsafe { b.launch(grid_1d(n, 256)) }",
+         b.arg(&yp).arg(&dyp).arg(&nv).arg(&dxp);
+         unsafe { b.launch(grid_1d(n / v, 256)) }",
     ),
     (
         "src/cuda/pool.rs",
-        "let (per, ni) = (per_sample as i64, n as i64);
-         let mut lb = f.builder();
-         lb.arg(&ap).arg(&bp).arg(&sp).arg(&per).arg(&ni).arg(&yp);
-         unsafe { lb.launch(grid_1d(n, 256)) }",
+        "let v = width(per_sample, &[ap, bp, yp]);",
     ),
     (
         "src/cuda/pool.rs",
-        "let (per, ni) = (per_sample as i64, n as i64);
+        "let per_vec = (per_sample / v) as i32;
          let mut lb = f.builder();
-         lb.arg(&yp).arg(&dyp).arg(&sp).arg(&per).arg(&ni).arg(&dsp).arg(&dbp);
-         unsafe { lb.launch(grid_1d(n, 256)) }",
+         lb.arg(&ap).arg(&bp).arg(&sp).arg(&per_vec).arg(&yp);
+         unsafe { lb.launch(per_sample_cfg(per_sample / v, n_samples)?) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let v = width(per_sample, &[yp, dyp, dsp, dbp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"relu_scaled_bwd_v8\" } else { \"relu_scaled_bwd_v1\" },)?;
+         let per_vec = (per_sample / v) as i32;
+         let mut lb = f.builder();
+         lb.arg(&yp).arg(&dyp).arg(&sp).arg(&per_vec).arg(&dsp).arg(&dbp);
+         unsafe { lb.launch(per_sample_cfg(per_sample / v, n_samples)?) }",
     ),
 ];
 
+/// `s` without whitespace and without trailing commas (rustfmt adds those when it breaks a call
+/// over lines), so the mirrors compare code, not layout.
 fn squash(s: &str) -> String {
-    s.split_whitespace().collect()
+    let s: String = s.split_whitespace().collect();
+    s.replace(",)", ")").replace(",}", "}").replace(",]", "]")
 }
 
 // ---------------------------------------------------------------------------------------------
 // Sources, build, launch scripts.
 
-/// `kernels.cu` (PRELUDE + the modules) and `kernels.inc` (`K(name, uses_syncthreads)`).
+/// `kernels.cu` (PRELUDE + the modules) and `kernels.inc` (`K(name, uses_syncthreads)`). A
+/// kernel uses `__syncthreads` when its body does or calls a device function that does.
 fn kernel_sources() -> (String, String) {
     let mut cu = emu::prelude();
     let mut inc = String::new();
     for file in ["src/cuda/bn.rs", "src/cuda/pool.rs"] {
         let src = emu::module_source(file);
         cu.push_str(&format!("\n// ---- {file}\n{src}"));
-        let marker = "__global__ void ";
-        let starts: Vec<usize> = src.match_indices(marker).map(|(i, _)| i).collect();
-        for (k, &s) in starts.iter().enumerate() {
-            let body = &src[s..starts.get(k + 1).copied().unwrap_or(src.len())];
-            let name = body[marker.len()..].split('(').next().unwrap().trim();
-            let syncs = body.contains("__syncthreads");
-            inc.push_str(&format!("K({name}, {})\n", syncs as i32));
+        // Functions: (name, is a kernel, body), a body running to the next function.
+        let mut starts: Vec<(usize, bool)> = src
+            .match_indices("__global__ void ")
+            .map(|(i, _)| (i, true))
+            .chain(src.match_indices("__device__ ").map(|(i, _)| (i, false)))
+            .collect();
+        starts.sort();
+        let funcs: Vec<(String, bool, &str)> = starts
+            .iter()
+            .enumerate()
+            .map(|(k, &(at, kernel))| {
+                let body = &src[at..starts.get(k + 1).map_or(src.len(), |n| n.0)];
+                let head = body.split('(').next().unwrap();
+                let name = head.split_whitespace().last().unwrap().to_string();
+                (name, kernel, body)
+            })
+            .collect();
+        let mut syncing: Vec<&str> = funcs
+            .iter()
+            .filter(|f| f.2.contains("__syncthreads"))
+            .map(|f| f.0.as_str())
+            .collect();
+        loop {
+            let more: Vec<&str> = funcs
+                .iter()
+                .filter(|f| !syncing.contains(&f.0.as_str()))
+                .filter(|f| {
+                    let calls =
+                        |g: &&str| f.2.contains(&format!("{g}(")) || f.2.contains(&format!("{g}<"));
+                    syncing.iter().any(calls)
+                })
+                .map(|f| f.0.as_str())
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            syncing.extend(more);
+        }
+        for (name, kernel, _) in &funcs {
+            if *kernel {
+                let syncs = syncing.contains(&name.as_str());
+                inc.push_str(&format!("K({name}, {})\n", syncs as i32));
+            }
         }
     }
     (cu, inc)
@@ -499,7 +611,7 @@ fn bn_train_script(s: &mut Script, m: usize, c: usize, relu: bool, eps: f32, mom
         p("beta"),
         p("stats"),
     ];
-    s.launch("bn_stats_finalize", grid_1d(c, 128), &args);
+    s.launch("bn_stats_finalize", finalize_cfg(c), &args);
     apply_script(s, "stats", 8 * c, "stats", 12 * c, m, c, relu);
     for name in ["y", "rm", "rv", "stats"] {
         s.save(name);
@@ -525,24 +637,32 @@ fn bn_train_script(s: &mut Script, m: usize, c: usize, relu: bool, eps: f32, mom
     s.launch("bn_bwd_partial", reduction_cfg(c, chunks), &args);
     s.alloc("dgamma", c * 4);
     s.alloc("dbeta", c * 4);
-    let args = [p("part_b"), i(chunks), i(c), p("dgamma"), p("dbeta")];
-    s.launch("bn_bwd_finalize", grid_1d(c, 128), &args);
-    s.alloc("dx", m * c * 2);
+    s.alloc("coef", 4 * c * 4);
     let args = [
-        p("x"),
-        y_arg,
-        p("dy"),
+        p("part_b"),
+        i(chunks),
+        i(m),
+        i(c),
         p("stats"),
         p("gamma"),
         p("dgamma"),
         p("dbeta"),
-        l(m * c / 2),
+        p("coef"),
+    ];
+    s.launch("bn_bwd_finalize", finalize_cfg(c), &args);
+    s.alloc("dx", m * c * 2);
+    let v = width(c, 8, 2);
+    let args = [
+        p("x"),
+        y_arg,
+        p("dy"),
+        p("coef"),
         i(m),
         i(c),
         i(relu),
         p("dx"),
     ];
-    s.launch("bn_bwd_dx", elementwise_cfg(m * c / 2), &args);
+    s.launch(&kname("bn_bwd_dx", v), channel_group_cfg(m, c / v), &args);
     for name in ["dx", "dgamma", "dbeta"] {
         s.save(name);
     }
@@ -561,16 +681,17 @@ fn apply_script(
     relu: bool,
 ) {
     s.alloc("y", m * c * 2);
+    let v = width(c, 8, 2);
     let args = [
         p("x"),
         p_off(scale, scale_off),
         p_off(shift, shift_off),
-        l(m * c / 2),
+        i(m),
         i(c),
         i(relu as usize),
         p("y"),
     ];
-    s.launch("bn_apply", elementwise_cfg(m * c / 2), &args);
+    s.launch(&kname("bn_apply", v), channel_group_cfg(m, c / v), &args);
 }
 
 struct BnParams {
@@ -677,12 +798,14 @@ fn bn_eval_case(
 ) -> Result<()> {
     let [n, h, w, c] = shape;
     let m = n * h * w;
-    let ((blocks, _, _), _) = elementwise_cfg(m * c / 2);
+    let v = width(c, 8, 2);
+    let ((blocks, _, _), _) = channel_group_cfg(m, c / v);
     println!(
-        "{name}: x [{n}, {h}, {w}, {c}], relu {relu}: {} pairs, {blocks} blocks of 256{}",
-        m * c / 2,
-        if blocks * 256 < m * c / 2 {
-            " (grid-stride loop)"
+        "{name}: x [{n}, {h}, {w}, {c}], relu {relu}: {} groups of {v} channels x {m} rows, \
+         {blocks} blocks of 256{}",
+        c / v,
+        if blocks * 256 < m * c / v {
+            " (rows looped)"
         } else {
             ""
         }
@@ -736,17 +859,26 @@ fn maxpool_case(
     let len = n * oh * ow * c;
     s.alloc("y", len * 2);
     s.alloc("idx", len);
-    let dims = [n, h, w, c, oh, ow, k, st, pad].map(i);
+    let v = width(c, 8, 1);
+    let dims = [h, w, c, oh, ow, k, st, pad].map(i);
     let mut args = vec![p("x")];
     args.extend(dims.iter().cloned());
     args.extend([p("y"), p("idx")]);
-    s.launch("maxpool_fwd", grid_1d(len, 256), &args);
+    s.launch(
+        &kname("maxpool_fwd", v),
+        per_sample_cfg(oh * ow * c / v, n),
+        &args,
+    );
     let in_len = n * h * w * c;
     s.alloc("dx", in_len * 2);
     let mut args = vec![p("dy"), p("idx")];
     args.extend(dims.iter().cloned());
     args.push(p("dx"));
-    s.launch("maxpool_bwd", grid_1d(in_len, 256), &args);
+    s.launch(
+        &kname("maxpool_bwd", v),
+        per_sample_cfg(h * w * c / v, n),
+        &args,
+    );
     for b in ["y", "idx", "dx"] {
         s.save(b);
     }
@@ -768,11 +900,14 @@ fn maxpool_case(
 
 fn gap_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
     let [n, h, w, c] = shape;
-    println!("global average pool: x [{n}, {h}, {w}, {c}]");
+    println!(
+        "global average pool: x [{n}, {h}, {w}, {c}], {} channel(s) per thread",
+        width(c, 8, 1)
+    );
     let mut rng = Rng(seed);
     let x = bf16_vec(n * h * w * c, || 0.5 + rng.normal());
     let dy: Vec<f32> = (0..n * c).map(|_| rng.normal()).collect();
-    let mut s = Script::new(root, "gap");
+    let mut s = Script::new(root, &format!("gap {n}x{h}x{w}x{c}"));
     s.load_bf16("x", &x);
     s.load_f32("dy", &dy);
     s.alloc("y", n * c * 4);
@@ -780,8 +915,13 @@ fn gap_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()>
     s.launch("gap_fwd", grid_1d(n * c, 256), &args);
     let len = n * h * w * c;
     s.alloc("dx", len * 2);
-    let args = [p("dy"), i(n), i(h * w), i(c), p("dx")];
-    s.launch("gap_bwd", grid_1d(len, 256), &args);
+    let v = width(c, 8, 1);
+    let args = [p("dy"), i(h * w), i(c), p("dx")];
+    s.launch(
+        &kname("gap_bwd", v),
+        per_sample_cfg(h * w * c / v, n),
+        &args,
+    );
     s.save("y");
     s.save("dx");
     s.run(exe);
@@ -803,7 +943,10 @@ fn gap_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()>
 
 fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
     let len: usize = shape.iter().product();
-    println!("add + relu: {shape:?}, {len} values");
+    println!(
+        "add + relu: {shape:?}, {len} values, {} per thread",
+        width(len, 8, 1)
+    );
     let mut rng = Rng(seed);
     let a = bf16_vec(len, || rng.normal());
     let mut b = bf16_vec(len, || rng.normal());
@@ -814,21 +957,22 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
         }
     }
     let dy = bf16_vec(len, || rng.normal());
-    let mut s = Script::new(root, "add_relu");
+    let mut s = Script::new(root, &format!("add_relu {len}"));
     s.load_bf16("a", &a);
     s.load_bf16("b", &b);
     s.load_bf16("dy", &dy);
     s.alloc("y", len * 2);
+    let v = width(len, 8, 1);
     s.launch(
-        "add_relu_fwd",
-        grid_1d(len, 256),
-        &[p("a"), p("b"), l(len), p("y")],
+        &kname("add_relu_fwd", v),
+        grid_1d(len / v, 256),
+        &[p("a"), p("b"), l(len / v), p("y")],
     );
     s.alloc("dx", len * 2);
     s.launch(
-        "relu_bwd",
-        grid_1d(len, 256),
-        &[p("y"), p("dy"), l(len), p("dx")],
+        &kname("relu_bwd", v),
+        grid_1d(len / v, 256),
+        &[p("y"), p("dy"), l(len / v), p("dx")],
     );
     s.save("y");
     s.save("dx");
@@ -850,7 +994,10 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
 fn add_relu_scaled_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
     let len: usize = shape.iter().product();
     let per = len / shape[0];
-    println!("add + relu with per-sample scales: {shape:?}, {len} values");
+    println!(
+        "add + relu with per-sample scales: {shape:?}, {len} values, {} per thread",
+        width(per, 8, 1)
+    );
     let mut rng = Rng(seed);
     let scales: Vec<u16> = trainer::model::drop_path::drop_path_scales(shape[0], 0.3, seed, 2)
         .iter()
@@ -863,18 +1010,20 @@ fn add_relu_scaled_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -
     let a = bf16_vec(len, || rng.normal());
     let b = bf16_vec(len, || rng.normal());
     let dy = bf16_vec(len, || rng.normal());
-    let mut s = Script::new(root, "add_relu_scaled");
+    let mut s = Script::new(root, &format!("add_relu_scaled {len}"));
     s.load_bf16("a", &a);
     s.load_bf16("b", &b);
     s.load_bf16("s", &scales);
     s.load_bf16("dy", &dy);
     s.alloc("y", len * 2);
-    let args = [p("a"), p("b"), p("s"), l(per), l(len), p("y")];
-    s.launch("add_relu_scaled_fwd", grid_1d(len, 256), &args);
+    let v = width(per, 8, 1);
+    let cfg = per_sample_cfg(per / v, shape[0]);
+    let args = [p("a"), p("b"), p("s"), i(per / v), p("y")];
+    s.launch(&kname("add_relu_scaled_fwd", v), cfg, &args);
     s.alloc("ds", len * 2);
     s.alloc("db", len * 2);
-    let args = [p("y"), p("dy"), p("s"), l(per), l(len), p("ds"), p("db")];
-    s.launch("relu_scaled_bwd", grid_1d(len, 256), &args);
+    let args = [p("y"), p("dy"), p("s"), i(per / v), p("ds"), p("db")];
+    s.launch(&kname("relu_scaled_bwd", v), cfg, &args);
     s.save("y");
     s.save("ds");
     s.save("db");
@@ -967,6 +1116,8 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
     )?;
     bn_eval_case(&exe, root, "bn eval + relu", [2, 5, 7, 96], true, 5)?;
     bn_eval_case(&exe, root, "bn eval, large", [4, 64, 64, 72], false, 6)?;
+    // C 10: 2 channels per thread (the 8-wide path needs C % 8 == 0).
+    bn_eval_case(&exe, root, "bn eval + relu, C 10", [3, 7, 5, 10], true, 13)?;
     let normal = |mean: f32| move |r: &mut Rng| mean + r.normal();
     maxpool_case(&exe, root, "max-pool odd", [2, 13, 11, 6], normal(-2.0), 7)?;
     maxpool_case(&exe, root, "max-pool even", [2, 12, 10, 5], normal(0.0), 8)?;
@@ -982,9 +1133,23 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
         }
     };
     maxpool_case(&exe, root, "max-pool NaN", [2, 11, 10, 4], nans, 12)?;
+    // C 16: 8 channels per thread, the stem's path (C 64).
+    maxpool_case(
+        &exe,
+        root,
+        "max-pool 8-wide",
+        [2, 13, 12, 16],
+        normal(0.5),
+        14,
+    )?;
+    maxpool_case(&exe, root, "max-pool 8-wide ties", [3, 8, 9, 8], ties, 15)?;
+    // Both widths of the others: C or the element count a multiple of 8 or not.
     gap_case(&exe, root, [3, 7, 5, 40], 10)?;
+    gap_case(&exe, root, [2, 3, 5, 6], 16)?;
     add_relu_case(&exe, root, [2, 9, 9, 30], 11)?;
+    add_relu_case(&exe, root, [2, 5, 6, 32], 17)?;
     add_relu_scaled_case(&exe, root, [6, 5, 7, 12], 12)?;
+    add_relu_scaled_case(&exe, root, [5, 3, 3, 16], 18)?;
     println!(
         "emulated launches and references: {:.1} s",
         t.elapsed().as_secs_f32()

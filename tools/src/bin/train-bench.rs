@@ -3,7 +3,7 @@
 //! ```text
 //! train-bench --model resnet50 --batch-size 256 --size 224 --steps N --device cuda:0
 //!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32]
-//!             [--backward auto|graph|explicit] [--breakdown]
+//!             [--backward auto|graph|explicit] [--deterministic] [--breakdown]
 //! ```
 //!
 //! One step is what `train` does per update: forward (BatchNorm on batch statistics, stochastic
@@ -73,6 +73,10 @@ struct Args {
     /// Also time each custom op and each phase (on 3 extra steps).
     #[arg(long)]
     breakdown: bool,
+    /// CUDA: the fastest deterministic cuDNN algorithm per convolution (default: the fastest,
+    /// as PyTorch's `cudnn.benchmark`).
+    #[arg(long)]
+    deterministic: bool,
 }
 
 fn sync(dev: &Device) -> Result<()> {
@@ -81,6 +85,8 @@ fn sync(dev: &Device) -> Result<()> {
 
 fn run(args: Args) -> Result<()> {
     let dev = tools::bench::parse_device(&args.device)?;
+    #[cfg(feature = "cuda")]
+    trainer::cuda::conv::set_deterministic(args.deterministic);
     let layout = match (args.layout.as_str(), dev.is_cuda()) {
         ("auto", true) | ("nhwc", _) => ActivationLayout::Nhwc,
         ("auto", false) | ("nchw", _) => ActivationLayout::Nchw,
@@ -142,7 +148,8 @@ fn run(args: Args) -> Result<()> {
             t[1] = t1.elapsed().as_secs_f64();
         }
         let t2 = Instant::now();
-        opt.step(&grads, 1e-3)?;
+        // Queued: as in `train`, the host does not wait for the update.
+        opt.queue_step(&grads, 1e-3)?;
         if phases {
             sync(&dev)?;
             t[2] = t2.elapsed().as_secs_f64();
@@ -188,8 +195,28 @@ fn run(args: Args) -> Result<()> {
         "backward": if explicit.get() { "explicit" } else { "graph" },
         "images_per_s": b as f64 / dt, "ms_per_step": dt * 1e3,
         "peak_mem_bytes": peak,
+        "deterministic": args.deterministic,
         "git_rev": tools::bench::git_rev(),
     });
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &dev {
+        // What ran: GPU, driver, NVRTC and cuDNN versions, how the kernels were built, and how
+        // many convolution shapes were searched or read from the start-up cache.
+        let (searched, from_disk, cache) = trainer::cuda::conv::plan_stats(d);
+        let obj = line.as_object_mut().expect("object");
+        obj.insert(
+            "cuda".into(),
+            json!(trainer::cuda::device::DeviceInfo::of(d)?),
+        );
+        obj.insert(
+            "kernels".into(),
+            json!(trainer::cuda::kernels::build_info(d)),
+        );
+        obj.insert(
+            "cudnn_plans".into(),
+            json!({"searched": searched, "from_disk_cache": from_disk, "cache": cache}),
+        );
+    }
     if args.breakdown {
         let n = 3;
         #[cfg(feature = "cuda")]

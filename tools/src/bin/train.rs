@@ -4,6 +4,7 @@
 //! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
 //!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
+//!       [--deterministic]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -64,6 +65,10 @@ struct Args {
     /// the fallback (slower and larger on CUDA, same results up to rounding).
     #[arg(long, default_value = "auto")]
     backward: trainer::model::BackwardMode,
+    /// CUDA: the fastest deterministic cuDNN algorithm per convolution, for bit-identical
+    /// reruns (default: the fastest algorithm).
+    #[arg(long)]
+    deterministic: bool,
     /// Loader worker threads (run.workers; 0 = all cores).
     #[arg(long)]
     workers: Option<u32>,
@@ -206,6 +211,7 @@ fn run(args: Args) -> Result<()> {
     opts.device = dev;
     opts.resume = args.resume;
     opts.backward = args.backward;
+    opts.deterministic = args.deterministic;
     opts.train_samples = args.train_samples;
     opts.val_samples = args.val_samples;
     opts.progress = if args.no_bar {

@@ -5,15 +5,23 @@
 //! 1. `bn_stats_partial`: per chunk of rows, shifted sums `sum(x - k)` and `sum((x - k)^2)` with
 //!    `k` the channel's first value (no cancellation when the mean is large against the spread);
 //!    each thread owns two adjacent channels (32-bit loads) and 1/8 of the chunk's rows;
-//! 2. `bn_stats_finalize`: per channel, the chunks summed in a fixed order in f64 (so the result
-//!    does not depend on scheduling), mean, biased variance, `1 / sqrt(var + eps)`, the running
-//!    statistics updated in place (PyTorch: unbiased variance, momentum 0.1), and the folded
-//!    `scale = gamma * invstd`, `shift = beta - mean * scale`;
+//! 2. `bn_stats_finalize`: per channel, the chunks summed in f64 in a fixed order (32 lanes of
+//!    chunks, then a fixed tree over the lanes: the result does not depend on scheduling), mean,
+//!    biased variance, `1 / sqrt(var + eps)`, the running statistics updated in place (PyTorch:
+//!    unbiased variance, momentum 0.1), and the folded `scale = gamma * invstd`,
+//!    `shift = beta - mean * scale`;
 //! 3. `bn_apply`: `y = x * scale + shift` (ReLU), f32 maths, one rounding to bf16.
 //!
 //! Backward, three launches: partial sums of `g` and `g * xhat` (with `g = dy`, masked by `y > 0`
-//! when the ReLU is fused), their fixed-order total (`dbeta`, `dgamma`), and
-//! `dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M)`.
+//! when the ReLU is fused); their fixed-order total (`dbeta`, `dgamma`) and per-channel
+//! coefficients; and `dx = a * g + b * (x - mean) + c0`, which is
+//! `gamma * invstd * (g - dbeta / M - xhat * dgamma / M)` with `a = gamma * invstd`,
+//! `b = -a * invstd * dgamma / M`, `c0 = -a * dbeta / M`.
+//!
+//! The element-wise kernels (`bn_apply`, `bn_bwd_dx`) give each thread one group of channels for
+//! all its rows, so the per-channel values are read once per thread and nothing is divided per
+//! element; a group is 8 channels (16-byte loads and stores) when `C % 8 == 0` and the buffers
+//! are 16-byte aligned, else 2 (4-byte accesses).
 //!
 //! The per-channel statistics of a forward are kept in the op (candle keeps the op alive in the
 //! graph until the backward) instead of being recomputed.
@@ -65,18 +73,46 @@ extern "C" __global__ void bn_stats_partial(const bf16* x, int M, int C, int row
     }
 }
 
+// The finishing reductions over chunks: block (FX channels, FY chunk lanes). Lane ty sums chunks
+// ty, ty + FY, ... in order, then the lanes are added in a fixed tree: the same order whatever
+// the scheduling. Coalesced: the FX threads of a lane read FX adjacent channels.
+#define FX 32
+#define FY 32
+
+__device__ __forceinline__ void sum_chunks(const float* part, int chunks, int C, int c,
+                                           double* s_out, double* q_out) {
+    __shared__ double sh[2][FY][FX];
+    int tx = threadIdx.x, ty = threadIdx.y;
+    double s = 0.0, q = 0.0;
+    if (c < C) {
+        for (int i = ty; i < chunks; i += FY) {
+            s += (double)part[(size_t)i * 2 * C + c];
+            q += (double)part[(size_t)i * 2 * C + C + c];
+        }
+    }
+    sh[0][ty][tx] = s;
+    sh[1][ty][tx] = q;
+    __syncthreads();
+    for (int h = FY / 2; h > 0; h >>= 1) {
+        if (ty < h) {
+            sh[0][ty][tx] += sh[0][ty + h][tx];
+            sh[1][ty][tx] += sh[1][ty + h][tx];
+        }
+        __syncthreads();
+    }
+    *s_out = sh[0][0][tx];
+    *q_out = sh[1][0][tx];
+}
+
 // stats: [4][C] = mean, invstd, scale, shift.
 extern "C" __global__ void bn_stats_finalize(
     const bf16* x, const float* part, int chunks, int M, int C, float eps, float momentum,
     float* running_mean, float* running_var, const float* gamma, const float* beta,
     float* stats) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double s = 0.0, q = 0.0;
-    for (int i = 0; i < chunks; ++i) {
-        s += (double)part[(size_t)i * 2 * C + c];
-        q += (double)part[(size_t)i * 2 * C + C + c];
-    }
+    int c = blockIdx.x * FX + threadIdx.x;
+    double s, q;
+    sum_chunks(part, chunks, C, c, &s, &q);
+    if (threadIdx.y != 0 || c >= C) return;
     double k = (double)bf2f(x[c]);
     double dm = s / (double)M;
     double var = q / (double)M - dm * dm;
@@ -93,17 +129,44 @@ extern "C" __global__ void bn_stats_finalize(
     stats[3 * C + c] = beta[c] - mean * sc;
 }
 
-extern "C" __global__ void bn_apply(const bf16* x, const float* scale, const float* shift,
-                                    long long pairs, int C, int relu, bf16* y) {
-    long long step = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += step) {
-        int c = (int)((2 * i) % C);
-        unsigned int v = ((const unsigned int*)x)[i];
-        float a = bf2f((bf16)(v & 0xffffu)) * scale[c] + shift[c];
-        float b = bf2f((bf16)(v >> 16)) * scale[c + 1] + shift[c + 1];
-        if (relu) { a = a < 0.f ? 0.f : a; b = b < 0.f ? 0.f : b; }
-        ((unsigned int*)y)[i] = (unsigned int)f2bf(a) | ((unsigned int)f2bf(b) << 16);
+// The element-wise kernels give each thread one group of V channels for all its rows: thread t
+// takes group t % G (G = C / V) and rows t / G, t / G + R, ... with R = (threads / G), so the
+// per-channel values are loaded once per thread and no index is divided per element.
+// `active` = R * G threads take part.
+
+template <int V>
+__device__ __forceinline__ void bn_apply_t(const bf16* x, const float* scale, const float* shift,
+                                           int M, int C, int relu, bf16* y) {
+    int G = C / V;
+    int T = gridDim.x * blockDim.x;
+    int R = T / G;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= R * G) return;
+    int c = (t % G) * V;
+    float sc[V], sh[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) { sc[j] = scale[c + j]; sh[j] = shift[c + j]; }
+    for (int r = t / G; r < M; r += R) {
+        size_t o = (size_t)r * C + c;
+        float v[V];
+        load_bf<V>(x + o, v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            float a = v[j] * sc[j] + sh[j];
+            v[j] = relu && a < 0.f ? 0.f : a;
+        }
+        store_bf<V>(y + o, v);
     }
+}
+
+extern "C" __global__ void bn_apply_v2(const bf16* x, const float* scale, const float* shift,
+                                       int M, int C, int relu, bf16* y) {
+    bn_apply_t<2>(x, scale, shift, M, C, relu, y);
+}
+
+extern "C" __global__ void bn_apply_v8(const bf16* x, const float* scale, const float* shift,
+                                       int M, int C, int relu, bf16* y) {
+    bn_apply_t<8>(x, scale, shift, M, C, relu, y);
 }
 
 extern "C" __global__ void bn_bwd_partial(const bf16* x, const bf16* y, const bf16* dy,
@@ -144,49 +207,79 @@ extern "C" __global__ void bn_bwd_partial(const bf16* x, const bf16* y, const bf
     }
 }
 
-extern "C" __global__ void bn_bwd_finalize(const float* part, int chunks, int C,
-                                           float* dgamma, float* dbeta) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double g = 0.0, h = 0.0;
-    for (int i = 0; i < chunks; ++i) {
-        g += (double)part[(size_t)i * 2 * C + c];
-        h += (double)part[(size_t)i * 2 * C + C + c];
-    }
+// The chunk totals (dbeta = sum g, dgamma = sum g * xhat), and the per-channel coefficients of
+// dx = a * g + b * (x - mean) + c0 (coef: [4][C] = a, b, mean, c0), from
+// dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
+extern "C" __global__ void bn_bwd_finalize(const float* part, int chunks, int M, int C,
+                                           const float* stats, const float* gamma,
+                                           float* dgamma, float* dbeta, float* coef) {
+    int c = blockIdx.x * FX + threadIdx.x;
+    double g, h;
+    sum_chunks(part, chunks, C, c, &g, &h);
+    if (threadIdx.y != 0 || c >= C) return;
     dbeta[c] = (float)g;
     dgamma[c] = (float)h;
+    float invstd = stats[C + c];
+    float k = gamma[c] * invstd;
+    float inv_m = 1.0f / (float)M;
+    coef[c] = k;
+    coef[C + c] = -k * invstd * ((float)h * inv_m);
+    coef[2 * C + c] = stats[c];
+    coef[3 * C + c] = -k * ((float)g * inv_m);
 }
 
-extern "C" __global__ void bn_bwd_dx(const bf16* x, const bf16* y, const bf16* dy,
-                                     const float* stats, const float* gamma,
-                                     const float* dgamma, const float* dbeta, long long pairs,
-                                     int M, int C, int relu, bf16* dx) {
-    long long step = (long long)gridDim.x * blockDim.x;
-    float inv_m = 1.0f / (float)M;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < pairs; i += step) {
-        int c = (int)((2 * i) % C);
-        unsigned int xv = ((const unsigned int*)x)[i];
-        unsigned int dv = ((const unsigned int*)dy)[i];
-        float out[2];
-        for (int j = 0; j < 2; ++j) {
-            int cc = c + j;
-            float d = bf2f((bf16)(j ? (dv >> 16) : (dv & 0xffffu)));
-            if (relu) {
-                unsigned int yv = ((const unsigned int*)y)[i];
-                if (!(bf2f((bf16)(j ? (yv >> 16) : (yv & 0xffffu))) > 0.f)) d = 0.f;
-            }
-            float invstd = stats[C + cc];
-            float xhat = (bf2f((bf16)(j ? (xv >> 16) : (xv & 0xffffu))) - stats[cc]) * invstd;
-            out[j] = gamma[cc] * invstd * (d - dbeta[cc] * inv_m - xhat * dgamma[cc] * inv_m);
-        }
-        ((unsigned int*)dx)[i] = (unsigned int)f2bf(out[0]) | ((unsigned int)f2bf(out[1]) << 16);
+template <int V>
+__device__ __forceinline__ void bn_bwd_dx_t(const bf16* x, const bf16* y, const bf16* dy,
+                                            const float* coef, int M, int C, int relu,
+                                            bf16* dx) {
+    int G = C / V;
+    int T = gridDim.x * blockDim.x;
+    int R = T / G;
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= R * G) return;
+    int c = (t % G) * V;
+    float a[V], b[V], mu[V], c0[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        a[j] = coef[c + j];
+        b[j] = coef[C + c + j];
+        mu[j] = coef[2 * C + c + j];
+        c0[j] = coef[3 * C + c + j];
     }
+    for (int r = t / G; r < M; r += R) {
+        size_t o = (size_t)r * C + c;
+        float xv[V], d[V];
+        load_bf<V>(x + o, xv);
+        load_bf<V>(dy + o, d);
+        if (relu) {
+            float yv[V];
+            load_bf<V>(y + o, yv);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                if (!(yv[j] > 0.f)) d[j] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < V; ++j) d[j] = a[j] * d[j] + b[j] * (xv[j] - mu[j]) + c0[j];
+        store_bf<V>(dx + o, d);
+    }
+}
+
+extern "C" __global__ void bn_bwd_dx_v2(const bf16* x, const bf16* y, const bf16* dy,
+                                        const float* coef, int M, int C, int relu, bf16* dx) {
+    bn_bwd_dx_t<2>(x, y, dy, coef, M, C, relu, dx);
+}
+
+extern "C" __global__ void bn_bwd_dx_v8(const bf16* x, const bf16* y, const bf16* dy,
+                                        const float* coef, int M, int C, int relu, bf16* dx) {
+    bn_bwd_dx_t<8>(x, y, dy, coef, M, C, relu, dx);
 }
 "#,
 };
 
 const TX: usize = 32;
 const TY: usize = 8;
+const FX: usize = 32;
+const FY: usize = 32;
 
 /// Chunking of the `M` rows for the column reductions: enough blocks to fill the GPU.
 fn chunking(m: usize, c: usize) -> (usize, usize) {
@@ -198,13 +291,34 @@ fn chunking(m: usize, c: usize) -> (usize, usize) {
     (m.div_ceil(rows), rows)
 }
 
-fn elementwise_cfg(pairs: usize) -> LaunchConfig {
+/// The launch of the chunk-finishing kernels: FX channels by FY chunk lanes per block.
+fn finalize_cfg(c: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (c.div_ceil(FX) as u32, 1, 1),
+        block_dim: (FX as u32, FY as u32, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The launch of the element-wise kernels over `m` rows of `groups` channel groups: every
+/// thread keeps one group (see the kernels), so there are at least `groups` threads.
+fn channel_group_cfg(m: usize, groups: usize) -> LaunchConfig {
     let threads = 256u32;
-    let blocks = pairs.div_ceil(threads as usize).clamp(1, 132 * 16) as u32;
+    let blocks = (m * groups).div_ceil(threads as usize).clamp(1, 132 * 16) as u32;
     LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
+    }
+}
+
+/// Channels per thread of the element-wise kernels: 8 (16-byte accesses) when the channel count
+/// and every buffer allow it, else 2 (4-byte accesses).
+fn vector_width(c: usize, ptrs: &[u64]) -> usize {
+    if c.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
+        8
+    } else {
+        2
     }
 }
 
@@ -252,18 +366,22 @@ fn apply(
 ) -> Result<CudaStorage> {
     let y = unsafe { alloc_storage(dev, DType::BF16, m * c) }?;
     let yp = storage_ptr(&y, &Layout::contiguous(m * c))?;
-    let f = kernels::func(dev, MODULE, "bn_apply")?;
-    let pairs = (m * c / 2) as i64;
-    let (ci, ri) = (c as i32, relu as i32);
+    let v = vector_width(c, &[x, yp]);
+    let f = kernels::func(
+        dev,
+        MODULE,
+        if v == 8 { "bn_apply_v8" } else { "bn_apply_v2" },
+    )?;
+    let (mi, ci, ri) = (m as i32, c as i32, relu as i32);
     let mut b = f.builder();
     b.arg(&x)
         .arg(&scale)
         .arg(&shift)
-        .arg(&pairs)
+        .arg(&mi)
         .arg(&ci)
         .arg(&ri)
         .arg(&yp);
-    unsafe { b.launch(elementwise_cfg(m * c / 2)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { b.launch(channel_group_cfg(m, c / v)) }.map_err(candle_core::Error::wrap)?;
     Ok(y)
 }
 
@@ -366,7 +484,7 @@ impl CustomOp3 for BatchNormTrain {
             .arg(&eps)
             .arg(&mom);
         b.arg(&rm).arg(&rv).arg(&gp).arg(&bp).arg(&sp);
-        unsafe { b.launch(kernels::grid_1d(c, 128)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(finalize_cfg(c)) }.map_err(candle_core::Error::wrap)?;
 
         let y = apply(
             &dev,
@@ -451,26 +569,35 @@ impl BatchNormTrain {
         let dbeta = unsafe { alloc_storage(&dev, DType::F32, c) }?;
         let dgp = storage_ptr(&dgamma, &Layout::contiguous(c))?;
         let dbp = storage_ptr(&dbeta, &Layout::contiguous(c))?;
+        let coef = unsafe { dev.alloc::<f32>(4 * c) }?;
         let f = kernels::func(&dev, MODULE, "bn_bwd_finalize")?;
         let chunks_i = chunks as i32;
         let mut b = f.builder();
-        b.arg(&part).arg(&chunks_i).arg(&ci).arg(&dgp).arg(&dbp);
-        unsafe { b.launch(kernels::grid_1d(c, 128)) }.map_err(candle_core::Error::wrap)?;
+        b.arg(&part)
+            .arg(&chunks_i)
+            .arg(&mi)
+            .arg(&ci)
+            .arg(&sp)
+            .arg(&gp);
+        b.arg(&dgp).arg(&dbp).arg(&coef);
+        unsafe { b.launch(finalize_cfg(c)) }.map_err(candle_core::Error::wrap)?;
 
         let dx = unsafe { alloc_storage(&dev, DType::BF16, m * c) }?;
         let dxp = storage_ptr(&dx, &Layout::contiguous(m * c))?;
-        let f = kernels::func(&dev, MODULE, "bn_bwd_dx")?;
-        let pairs = (m * c / 2) as i64;
+        let v = vector_width(c, &[xp, yp, dyp, dxp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 {
+                "bn_bwd_dx_v8"
+            } else {
+                "bn_bwd_dx_v2"
+            },
+        )?;
         let mut b = f.builder();
-        b.arg(&xp)
-            .arg(&yp)
-            .arg(&dyp)
-            .arg(&sp)
-            .arg(&gp)
-            .arg(&dgp)
-            .arg(&dbp);
-        b.arg(&pairs).arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
-        unsafe { b.launch(elementwise_cfg(m * c / 2)) }.map_err(candle_core::Error::wrap)?;
+        b.arg(&xp).arg(&yp).arg(&dyp).arg(&coef);
+        b.arg(&mi).arg(&ci).arg(&relu).arg(&dxp);
+        unsafe { b.launch(channel_group_cfg(m, c / v)) }.map_err(candle_core::Error::wrap)?;
 
         Ok((
             tensor_from_storage(dx, x.shape().clone()),

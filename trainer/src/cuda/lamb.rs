@@ -35,14 +35,17 @@
 //! 5. `lamb_apply` (one block per chunk): the tensor's trust ratio from its chunk partials (fixed
 //!    order, f64; each block of a tensor computes the same value), `u` recomputed from the new moments (same device function, so the same
 //!    value), `w -= lr · trust · u`;
-//! 6. one device-to-host copy of (norm, clip factor, skip flag) and a stream synchronisation, for
-//!    the [`StepReport`] and the host's step count.
+//! 6. one asynchronous device-to-host copy of (norm, clip factor, skip flag) into pinned memory,
+//!    and an event after it.
 //!
-//! So four kernel launches and two copies per step. The synchronisation in 6 makes the host wait
-//! until the whole step (backward included) has run on the GPU; the host then has to queue the
-//! next forward pass from an idle GPU (tens of microseconds of launch latency, plus whatever
-//! host work the next step does before its first kernel). There are no float atomics: each
-//! reduction has a fixed order, so two runs from the same state give bit-identical results.
+//! So four kernel launches and two copies per step, and no wait: the host reads the report (and
+//! counts the step) when it queues the next update, or when the training loop asks for it
+//! ([`TrainOptimizer::last_report`], once per metrics line), by which time the GPU has normally
+//! finished it. Reading it earlier, right after queueing, would make the host wait until the
+//! whole step (backward included) has run and leave the GPU idle while the host queues the next
+//! forward pass. Waiting for update `k - 1` when queueing update `k` also keeps the host at most
+//! one step ahead of the device. There are no float atomics: each reduction has a fixed order, so
+//! two runs from the same state give bit-identical results.
 //!
 //! # Agreement with the CPU optimizer
 //!
@@ -67,11 +70,11 @@
 //! (|g| of about 1e19) one may skip a step that the other applies.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::backprop::GradStore;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    CudaEvent, CudaSlice, CudaStream, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -281,6 +284,30 @@ struct Slot {
 
 /// The chunk list of tensors with `numels`: 3 u32 per chunk (tensor, start, len) and 2 u32 per
 /// tensor (first chunk, number of chunks). Empty tensors get no chunk.
+/// What the host knows of the optimizer's progress. An update's outcome (applied or skipped,
+/// norm) is computed on the device; it is read when the next update is queued, or when a report,
+/// the step count or the state is asked for ([`CudaLamb::settle`]), not right after queueing, so
+/// the host never waits for the GPU to finish a step it has just queued.
+struct HostState {
+    /// Applied updates, up to and including the last settled one.
+    step: u64,
+    /// Whether parameter `i` has moments (has had a gradient in an applied step, or loaded).
+    has_state: Vec<bool>,
+    /// The queued update whose outcome has not been read yet.
+    pending: Option<Pending>,
+    /// The report of the last settled update.
+    last: Option<StepReport>,
+}
+
+/// A queued update: the event after its report's copy to the host, and which parameters had a
+/// gradient.
+struct Pending {
+    done: CudaEvent,
+    had_grad: Vec<bool>,
+}
+
+/// The chunk list of tensors with `numels`: 3 u32 per chunk (tensor, start, len) and 2 u32 per
+/// tensor (first chunk, number of chunks). Empty tensors get no chunk.
 fn chunk_table(numels: &[usize], chunk: usize) -> (Vec<u32>, Vec<u32>) {
     let mut chunks = Vec::new();
     let mut per_tensor = Vec::with_capacity(2 * numels.len());
@@ -313,12 +340,11 @@ fn drv<T>(
 pub struct CudaLamb {
     groups: Vec<ParamGroup>,
     config: LambConfig,
-    step: u64,
+    /// Step count, moment flags and the update in flight (see [`HostState`]).
+    host: Mutex<HostState>,
     dev: CudaDevice,
     stream: Arc<CudaStream>,
     slots: Vec<Slot>,
-    /// Whether parameter `i` has moments (has had a gradient in an applied step, or loaded).
-    has_state: Vec<bool>,
     exp_avg: CudaSlice<f32>,
     exp_avg_sq: CudaSlice<f32>,
     num_chunks: usize,
@@ -342,7 +368,7 @@ impl std::fmt::Debug for CudaLamb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaLamb")
             .field("config", &self.config)
-            .field("step", &self.step)
+            .field("step", &self.host.lock().map(|h| h.step).unwrap_or(0))
             .field("num_tensors", &self.slots.len())
             .field("num_chunks", &self.num_chunks)
             .finish_non_exhaustive()
@@ -432,12 +458,16 @@ impl CudaLamb {
             scalars: drv(stream.alloc_zeros::<f64>(4))?,
             // Read by the host: not write-combined. SAFETY: written by the device before reads.
             report_host: drv(unsafe { ctx.alloc_pinned_with_flags::<f64>(4, 0) })?,
-            has_state: vec![false; n],
+            host: Mutex::new(HostState {
+                step: 0,
+                has_state: vec![false; n],
+                pending: None,
+                last: None,
+            }),
             num_chunks,
             slots,
             groups,
             config,
-            step: 0,
             dev,
             stream,
             funcs,
@@ -503,6 +533,11 @@ impl CudaLamb {
         Ok(out)
     }
 
+    /// [`settle`] of this optimizer.
+    fn settle(&self) -> Result<MutexGuard<'_, HostState>, OptimError> {
+        settle(&self.host, &self.report_host)
+    }
+
     /// Copies of the moments of parameter `slot` as tensors of its shape.
     fn moment_tensors(&self, slot: &Slot) -> Result<(Tensor, Tensor), OptimError> {
         let shape = self.param(slot).var.shape().clone();
@@ -522,6 +557,44 @@ impl CudaLamb {
     }
 }
 
+/// The host state with the queued update (if any) read: waits for its report (in `report`), then
+/// counts it (step count, which parameters now have moments) when it was applied. A free
+/// function over the two fields, so a caller may borrow the optimizer's other fields meanwhile.
+fn settle<'a>(
+    host: &'a Mutex<HostState>,
+    report: &PinnedHostSlice<f64>,
+) -> Result<MutexGuard<'a, HostState>, OptimError> {
+    let mut host = host
+        .lock()
+        .map_err(|_| msg("CudaLamb: host state poisoned".into()))?;
+    if let Some(p) = host.pending.take() {
+        drv(p.done.synchronize())?;
+        let r = drv(report.as_slice())?;
+        let (grad_norm, clip_factor, skipped) = (r[0], r[1], r[3] != 0.0);
+        let report = if skipped {
+            StepReport {
+                applied: false,
+                grad_norm,
+                clip_factor: 1.0,
+                step: host.step,
+            }
+        } else {
+            host.step += 1;
+            for (has, had) in host.has_state.iter_mut().zip(p.had_grad) {
+                *has |= had;
+            }
+            StepReport {
+                applied: true,
+                grad_norm,
+                clip_factor,
+                step: host.step,
+            }
+        };
+        host.last = Some(report);
+    }
+    Ok(host)
+}
+
 /// A device buffer must not be empty: pads an empty table with one zero.
 fn pad(mut v: Vec<u32>) -> Vec<u32> {
     if v.is_empty() {
@@ -539,21 +612,27 @@ fn blocks(n: usize) -> LaunchConfig {
 }
 
 impl TrainOptimizer for CudaLamb {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
+    fn queue_step(&mut self, grads: &GradStore, lr: f64) -> Result<(), OptimError> {
+        // The previous update's outcome decides this one's step count (bias correction). By the
+        // time the host queues this update the GPU has normally finished the previous one (it
+        // ran before this step's forward pass), so this rarely waits; it also bounds the host to
+        // one step ahead of the device.
+        let mut host = settle(&self.host, &self.report_host)?;
         let gs = self.gather_grads(grads)?;
         if gs.iter().all(Option::is_none) {
             // As the CPU optimizer: a zero norm, an applied step that changes nothing.
-            self.step += 1;
-            return Ok(StepReport {
+            host.step += 1;
+            host.last = Some(StepReport {
                 applied: true,
                 grad_norm: 0.0,
                 clip_factor: 1.0,
-                step: self.step,
+                step: host.step,
             });
+            return Ok(());
         }
         let n = self.slots.len();
         {
-            // Waits for the previous step's copy of this buffer (already done: step 6 syncs).
+            // The previous copy of this buffer has run: `settle` waited for a later event.
             let table = drv(self.ptrs_host.as_mut_slice())?;
             for (i, (slot, g)) in self.slots.iter().zip(&gs).enumerate() {
                 table[i] =
@@ -568,7 +647,7 @@ impl TrainOptimizer for CudaLamb {
 
         // Scalars as the CPU optimizer computes them (f64, then cast to f32 as candle's affine).
         let c = self.config;
-        let t = (self.step + 1) as f64;
+        let t = (host.step + 1) as f64;
         let (beta1, beta2) = c.betas;
         let beta3 = if c.grad_averaging { 1.0 - beta1 } else { 1.0 };
         let (bc1, bc2) = if c.bias_correction {
@@ -596,7 +675,7 @@ impl TrainOptimizer for CudaLamb {
                 .arg(&grad_ptrs)
                 .arg(&mut self.grad_partial);
             // SAFETY: argument types and counts match `lamb_grad_sumsq`; the gradient addresses
-            // are those of `gs`, alive until after the synchronisation below.
+            // are those of `gs`, whose memory is freed in stream order after these kernels.
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_grad_sumsq: {e:?}")))?;
         }
         {
@@ -656,35 +735,28 @@ impl TrainOptimizer for CudaLamb {
         drv(self
             .stream
             .memcpy_dtoh(&self.scalars, &mut self.report_host))?;
-        // The one synchronisation per step (see the module docs): the report, and the moment
-        // after which the gradient copies in `gs` and the pointer table may go.
-        drv(self.stream.synchronize())?;
-        let had_grad: Vec<bool> = gs.iter().map(Option::is_some).collect();
+        let done = drv(self.stream.record_event(None))?;
+        host.pending = Some(Pending {
+            done,
+            had_grad: gs.iter().map(Option::is_some).collect(),
+        });
+        // The gradient copies in `gs` are freed in stream order, after the kernels that read
+        // them: their memory is reused only by work queued later on the same stream.
         drop(gs);
-        let r = drv(self.report_host.as_slice())?;
-        let (grad_norm, clip_factor, skipped) = (r[0], r[1], r[3] != 0.0);
-        if skipped {
-            return Ok(StepReport {
-                applied: false,
-                grad_norm,
-                clip_factor: 1.0,
-                step: self.step,
-            });
-        }
-        self.step += 1;
-        for (has, had) in self.has_state.iter_mut().zip(had_grad) {
-            *has |= had;
-        }
-        Ok(StepReport {
-            applied: true,
-            grad_norm,
-            clip_factor,
-            step: self.step,
-        })
+        Ok(())
     }
 
+    fn last_report(&mut self) -> Result<Option<StepReport>, OptimError> {
+        Ok(self.settle()?.last)
+    }
+
+    /// # Panics
+    /// On a CUDA error while reading a queued update's outcome (the trait method returns no
+    /// `Result`).
     fn num_steps(&self) -> u64 {
-        self.step
+        self.settle()
+            .unwrap_or_else(|e| panic!("CudaLamb::num_steps: {e}"))
+            .step
     }
 
     /// Keys: `"step"`, then `"exp_avg.<param>"` and `"exp_avg_sq.<param>"` for every parameter
@@ -693,8 +765,11 @@ impl TrainOptimizer for CudaLamb {
     /// # Panics
     /// On a CUDA error while copying the moments out (the trait method returns no `Result`).
     fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(STEP_KEY.to_string(), step_tensor(self.step))];
-        for (slot, &has) in self.slots.iter().zip(&self.has_state) {
+        let host = self
+            .settle()
+            .unwrap_or_else(|e| panic!("CudaLamb::state_tensors: {e}"));
+        let mut out = vec![(STEP_KEY.to_string(), step_tensor(host.step))];
+        for (slot, &has) in self.slots.iter().zip(&host.has_state) {
             if has {
                 let (k1, k2) = Self::moment_keys(&self.param(slot).name);
                 let (m, v) = self
@@ -708,6 +783,7 @@ impl TrainOptimizer for CudaLamb {
     }
 
     fn load_state(&mut self, tensors: &HashMap<String, Tensor>) -> Result<(), OptimError> {
+        let mut host = settle(&self.host, &self.report_host)?;
         let step = read_step(tensors)?;
         let mut known = HashSet::new();
         let mut loaded = Vec::with_capacity(self.slots.len());
@@ -729,7 +805,7 @@ impl TrainOptimizer for CudaLamb {
         for (i, slot) in self.slots.iter().enumerate() {
             let range = slot.offset..slot.offset + slot.numel;
             if slot.numel == 0 {
-                self.has_state[i] = loaded[i].is_some();
+                host.has_state[i] = loaded[i].is_some();
                 continue;
             }
             match &loaded[i] {
@@ -756,11 +832,12 @@ impl TrainOptimizer for CudaLamb {
                         .memset_zeros(&mut self.exp_avg_sq.slice_mut(range)))?;
                 }
             }
-            self.has_state[i] = loaded[i].is_some();
+            host.has_state[i] = loaded[i].is_some();
         }
         // The loaded tensors may be freed once the copies have run.
         drv(self.stream.synchronize())?;
-        self.step = step;
+        host.step = step;
+        host.last = None;
         Ok(())
     }
 }

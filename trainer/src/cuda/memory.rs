@@ -75,3 +75,39 @@ pub fn mem_info(dev: &CudaDevice) -> Result<(usize, usize)> {
     )?;
     Ok((free, total))
 }
+
+/// Makes the default pool keep freed memory instead of handing it back to the driver whenever
+/// the stream synchronises (the release threshold's default is 0 bytes), so a training step
+/// reuses the previous step's memory instead of regrowing the pool. PyTorch's caching allocator
+/// keeps freed blocks the same way.
+pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
+    let pool = default_pool(dev)?;
+    let mut threshold: u64 = u64::MAX;
+    check(
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut _,
+            )
+        },
+        "pool release threshold",
+    )
+}
+
+/// The default pool's release threshold in bytes.
+pub fn release_threshold(dev: &CudaDevice) -> Result<u64> {
+    let pool = default_pool(dev)?;
+    let mut v: u64 = 0;
+    check(
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut v as *mut u64 as *mut _,
+            )
+        },
+        "pool release threshold",
+    )?;
+    Ok(v)
+}

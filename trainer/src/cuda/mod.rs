@@ -9,6 +9,7 @@
 
 pub mod bn;
 pub mod conv;
+pub mod device;
 pub mod feed;
 pub mod kernels;
 pub mod lamb;
@@ -105,17 +106,34 @@ pub fn tensor_from_storage(storage: CudaStorage, shape: impl Into<candle_core::S
 
 #[cfg(test)]
 mod tests {
-    /// Every kernel module compiles with NVRTC (no GPU needed: libnvrtc from the CUDA toolkit,
-    /// `eval "$(bash scripts/setup-cuda.sh --env)"` puts it on `LD_LIBRARY_PATH`).
+    /// Every kernel module compiles with NVRTC, to PTX and to H100 machine code (no GPU needed:
+    /// libnvrtc from the CUDA toolkit, `eval "$(bash scripts/setup-cuda.sh --env)"` puts it on
+    /// `LD_LIBRARY_PATH`).
     #[test]
     fn nvrtc_compiles_every_module() {
-        for m in [super::bn::MODULE, super::pool::MODULE] {
+        let modules = [
+            super::bn::MODULE,
+            super::pool::MODULE,
+            super::lamb::MODULE,
+            super::feed::MODULE,
+        ];
+        for m in modules {
             let p = super::kernels::ptx(m).unwrap_or_else(|e| panic!("{e}"));
             assert!(
                 p.contains(".entry"),
                 "{}: no kernel entry in the PTX",
                 m.name
             );
+            let bin = super::kernels::cubin(m, "sm_90").unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                &bin[..4],
+                b"\x7fELF",
+                "{}: the CUBIN is not an ELF image",
+                m.name
+            );
         }
+        let (major, minor) = super::kernels::nvrtc_version().unwrap();
+        eprintln!("NVRTC {major}.{minor}");
+        assert!(major >= 12, "NVRTC {major}.{minor}");
     }
 }

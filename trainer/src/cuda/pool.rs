@@ -9,11 +9,16 @@
 //!   in f32).
 //! * `relu(a + b)` for the end of a residual block, one pass; its backward masks the gradient by
 //!   `y > 0` and hands the same tensor to both inputs.
+//!
+//! Each thread handles 8 adjacent values (16-byte loads and stores) when the channel count (the
+//! element count for the plain add + ReLU) is a multiple of 8 and every buffer is 16-byte
+//! aligned, else one; the per-sample kernels run one sample per grid row, so their index maths
+//! stays in 32 bits within a sample.
 
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -24,112 +29,245 @@ use super::{alloc_storage, cuda_device, device_ptr, storage_ptr, tensor_from_sto
 pub const MODULE: Module = Module {
     name: "rsb_pool",
     source: r#"
-extern "C" __global__ void maxpool_fwd(const bf16* x, int N, int H, int W, int C, int OH, int OW,
-                                       int k, int s, int p, bf16* y, u8* idx) {
-    long long total = (long long)N * OH * OW * C;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    int c = (int)(i % C);
-    long long t = i / C;
-    int ow = (int)(t % OW); t /= OW;
-    int oh = (int)(t % OH);
-    int n = (int)(t / OH);
-    float best = 0.f;
-    int bi = -1;
+// Channels-last kernels over one sample per grid row (blockIdx.y = sample), V channels per
+// thread (V = 8: 16-byte accesses when C % 8 == 0 and the buffers are 16-byte aligned; else 1);
+// index maths in 32 bits within a sample.
+
+template <int V>
+__device__ __forceinline__ void maxpool_fwd_t(const bf16* x, int H, int W, int C, int OH, int OW,
+                                              int k, int s, int p, bf16* y, u8* idx) {
+    int G = C / V;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= OH * OW * G) return;
+    int n = blockIdx.y;
+    int c = (i % G) * V;
+    int q = i / G;
+    int ow = q % OW;
+    int oh = q / OW;
+    float best[V];
+    int bi[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) { best[j] = 0.f; bi[j] = -1; }
     for (int kh = 0; kh < k; ++kh) {
         int ih = oh * s - p + kh;
         if (ih < 0 || ih >= H) continue;
         for (int kw = 0; kw < k; ++kw) {
             int iw = ow * s - p + kw;
             if (iw < 0 || iw >= W) continue;
-            float v = bf2f(x[(((size_t)n * H + ih) * W + iw) * C + c]);
-            // A NaN wins (`v != v`), as in PyTorch and the CPU op.
-            if (bi < 0 || v > best || v != v) { best = v; bi = kh * k + kw; }
+            float v[V];
+            load_bf<V>(x + (((size_t)n * H + ih) * W + iw) * C + c, v);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                // A NaN wins (`v != v`), as in PyTorch and the CPU op.
+                if (bi[j] < 0 || v[j] > best[j] || v[j] != v[j]) {
+                    best[j] = v[j];
+                    bi[j] = kh * k + kw;
+                }
+            }
         }
     }
-    y[i] = f2bf(best);
-    idx[i] = (u8)(bi < 0 ? 0 : bi);
+    size_t o = (((size_t)n * OH + oh) * OW + ow) * C + c;
+    store_bf<V>(y + o, best);
+    U8Vec<V> iv;
+#pragma unroll
+    for (int j = 0; j < V; ++j) iv.b[j] = (u8)(bi[j] < 0 ? 0 : bi[j]);
+    *(U8Vec<V>*)(idx + o) = iv;
 }
 
-extern "C" __global__ void maxpool_bwd(const bf16* dy, const u8* idx, int N, int H, int W, int C,
-                                       int OH, int OW, int k, int s, int p, bf16* dx) {
-    long long total = (long long)N * H * W * C;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    int c = (int)(i % C);
-    long long t = i / C;
-    int iw = (int)(t % W); t /= W;
-    int ih = (int)(t % H);
-    int n = (int)(t / H);
+extern "C" __global__ void maxpool_fwd_v1(const bf16* x, int H, int W, int C, int OH, int OW,
+                                          int k, int s, int p, bf16* y, u8* idx) {
+    maxpool_fwd_t<1>(x, H, W, C, OH, OW, k, s, p, y, idx);
+}
+
+extern "C" __global__ void maxpool_fwd_v8(const bf16* x, int H, int W, int C, int OH, int OW,
+                                          int k, int s, int p, bf16* y, u8* idx) {
+    maxpool_fwd_t<8>(x, H, W, C, OH, OW, k, s, p, y, idx);
+}
+
+template <int V>
+__device__ __forceinline__ void maxpool_bwd_t(const bf16* dy, const u8* idx, int H, int W, int C,
+                                              int OH, int OW, int k, int s, int p, bf16* dx) {
+    int G = C / V;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H * W * G) return;
+    int n = blockIdx.y;
+    int c = (i % G) * V;
+    int q = i / G;
+    int iw = q % W;
+    int ih = q / W;
     int lo_h = ih + p - k + 1, lo_w = iw + p - k + 1;
     int oh0 = lo_h <= 0 ? 0 : (lo_h + s - 1) / s;
     int ow0 = lo_w <= 0 ? 0 : (lo_w + s - 1) / s;
     int oh1 = min(OH - 1, (ih + p) / s);
     int ow1 = min(OW - 1, (iw + p) / s);
-    float acc = 0.f;
+    float acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = 0.f;
     for (int oh = oh0; oh <= oh1; ++oh) {
         for (int ow = ow0; ow <= ow1; ++ow) {
             size_t o = (((size_t)n * OH + oh) * OW + ow) * C + c;
             int want = (ih - (oh * s - p)) * k + (iw - (ow * s - p));
-            if ((int)idx[o] == want) acc += bf2f(dy[o]);
+            float d[V];
+            load_bf<V>(dy + o, d);
+            U8Vec<V> iv = *(const U8Vec<V>*)(idx + o);
+#pragma unroll
+            for (int j = 0; j < V; ++j)
+                if ((int)iv.b[j] == want) acc[j] += d[j];
         }
     }
-    dx[i] = f2bf(acc);
+    store_bf<V>(dx + (((size_t)n * H + ih) * W + iw) * C + c, acc);
+}
+
+extern "C" __global__ void maxpool_bwd_v1(const bf16* dy, const u8* idx, int H, int W, int C,
+                                          int OH, int OW, int k, int s, int p, bf16* dx) {
+    maxpool_bwd_t<1>(dy, idx, H, W, C, OH, OW, k, s, p, dx);
+}
+
+extern "C" __global__ void maxpool_bwd_v8(const bf16* dy, const u8* idx, int H, int W, int C,
+                                          int OH, int OW, int k, int s, int p, bf16* dx) {
+    maxpool_bwd_t<8>(dy, idx, H, W, C, OH, OW, k, s, p, dx);
 }
 
 extern "C" __global__ void gap_fwd(const bf16* x, int N, int HW, int C, float* y) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long long)N * C) return;
-    int c = (int)(i % C);
-    int n = (int)(i / C);
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * C) return;
+    int c = i % C;
+    int n = i / C;
     const bf16* px = x + (size_t)n * HW * C + c;
     float acc = 0.f;
     for (int j = 0; j < HW; ++j) acc += bf2f(px[(size_t)j * C]);
     y[i] = acc / (float)HW;
 }
 
-extern "C" __global__ void gap_bwd(const float* dy, int N, int HW, int C, bf16* dx) {
-    long long total = (long long)N * HW * C;
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    int c = (int)(i % C);
-    int n = (int)(i / ((long long)HW * C));
-    dx[i] = f2bf(dy[(size_t)n * C + c] / (float)HW);
+// dx[n, pixel, c] = dy[n, c] / HW: thread i of sample n writes channels (i % G) * V.. of pixel
+// i / G, at offset i * V in the sample.
+template <int V>
+__device__ __forceinline__ void gap_bwd_t(const float* dy, int HW, int C, bf16* dx) {
+    int G = C / V;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= HW * G) return;
+    int n = blockIdx.y;
+    int c = (i % G) * V;
+    float out[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = dy[(size_t)n * C + c + j] / (float)HW;
+    store_bf<V>(dx + (size_t)n * HW * C + (size_t)i * V, out);
 }
 
-extern "C" __global__ void add_relu_fwd(const bf16* a, const bf16* b, long long n, bf16* y) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = bf2f(a[i]) + bf2f(b[i]);
-    y[i] = f2bf(v < 0.f ? 0.f : v);
+extern "C" __global__ void gap_bwd_v1(const float* dy, int HW, int C, bf16* dx) {
+    gap_bwd_t<1>(dy, HW, C, dx);
 }
 
-extern "C" __global__ void relu_bwd(const bf16* y, const bf16* dy, long long n, bf16* dx) {
+extern "C" __global__ void gap_bwd_v8(const float* dy, int HW, int C, bf16* dx) {
+    gap_bwd_t<8>(dy, HW, C, dx);
+}
+
+// Element-wise over `nv` vectors of V values.
+template <int V>
+__device__ __forceinline__ void add_relu_fwd_t(const bf16* a, const bf16* b, long long nv,
+                                               bf16* y) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    dx[i] = bf2f(y[i]) > 0.f ? dy[i] : (bf16)0;
+    if (i >= nv) return;
+    float av[V], bv[V];
+    load_bf<V>(a + i * V, av);
+    load_bf<V>(b + i * V, bv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        float v = av[j] + bv[j];
+        av[j] = v < 0.f ? 0.f : v;
+    }
+    store_bf<V>(y + i * V, av);
+}
+
+extern "C" __global__ void add_relu_fwd_v1(const bf16* a, const bf16* b, long long nv, bf16* y) {
+    add_relu_fwd_t<1>(a, b, nv, y);
+}
+
+extern "C" __global__ void add_relu_fwd_v8(const bf16* a, const bf16* b, long long nv, bf16* y) {
+    add_relu_fwd_t<8>(a, b, nv, y);
+}
+
+// dx = dy where y > 0, else 0 (dy's bits copied).
+template <int V>
+__device__ __forceinline__ void relu_bwd_t(const bf16* y, const bf16* dy, long long nv, bf16* dx) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nv) return;
+    BfVec<V> yv = *(const BfVec<V>*)(y + i * V);
+    BfVec<V> g = *(const BfVec<V>*)(dy + i * V);
+#pragma unroll
+    for (int j = 0; j < V; ++j)
+        if (!(bf2f(yv.h[j]) > 0.f)) g.h[j] = (bf16)0;
+    *(BfVec<V>*)(dx + i * V) = g;
+}
+
+extern "C" __global__ void relu_bwd_v1(const bf16* y, const bf16* dy, long long nv, bf16* dx) {
+    relu_bwd_t<1>(y, dy, nv, dx);
+}
+
+extern "C" __global__ void relu_bwd_v8(const bf16* y, const bf16* dy, long long nv, bf16* dx) {
+    relu_bwd_t<8>(y, dy, nv, dx);
 }
 
 // relu(a * scale[sample] + b): a residual block's end with stochastic depth folded in. The
-// product is rounded to bf16 first, so this equals the unfused bf16 multiply, then add_relu_fwd.
-extern "C" __global__ void add_relu_scaled_fwd(const bf16* a, const bf16* b, const bf16* scale,
-                                               long long per_sample, long long n, bf16* y) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float p = bf2f(f2bf(bf2f(a[i]) * bf2f(scale[i / per_sample])));
-    float v = p + bf2f(b[i]);
-    y[i] = f2bf(v < 0.f ? 0.f : v);
+// product is rounded to bf16 first, so this equals the unfused bf16 multiply, then add + ReLU.
+// One sample per grid row, `per_vec` vectors of V values per sample.
+template <int V>
+__device__ __forceinline__ void add_relu_scaled_fwd_t(const bf16* a, const bf16* b,
+                                                      const bf16* scale, int per_vec, bf16* y) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= per_vec) return;
+    size_t o = ((size_t)blockIdx.y * per_vec + i) * V;
+    float s = bf2f(scale[blockIdx.y]);
+    float av[V], bv[V];
+    load_bf<V>(a + o, av);
+    load_bf<V>(b + o, bv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        float v = bf2f(f2bf(av[j] * s)) + bv[j];
+        av[j] = v < 0.f ? 0.f : v;
+    }
+    store_bf<V>(y + o, av);
+}
+
+extern "C" __global__ void add_relu_scaled_fwd_v1(const bf16* a, const bf16* b,
+                                                  const bf16* scale, int per_vec, bf16* y) {
+    add_relu_scaled_fwd_t<1>(a, b, scale, per_vec, y);
+}
+
+extern "C" __global__ void add_relu_scaled_fwd_v8(const bf16* a, const bf16* b,
+                                                  const bf16* scale, int per_vec, bf16* y) {
+    add_relu_scaled_fwd_t<8>(a, b, scale, per_vec, y);
 }
 
 // Its backward: the shortcut's gradient g = relu'(y) * dy and the branch's g * scale[sample].
-extern "C" __global__ void relu_scaled_bwd(const bf16* y, const bf16* dy, const bf16* scale,
-                                           long long per_sample, long long n, bf16* d_short,
-                                           bf16* d_branch) {
-    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    bf16 g = bf2f(y[i]) > 0.f ? dy[i] : (bf16)0;
-    d_short[i] = g;
-    d_branch[i] = f2bf(bf2f(g) * bf2f(scale[i / per_sample]));
+template <int V>
+__device__ __forceinline__ void relu_scaled_bwd_t(const bf16* y, const bf16* dy,
+                                                  const bf16* scale, int per_vec,
+                                                  bf16* d_short, bf16* d_branch) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= per_vec) return;
+    size_t o = ((size_t)blockIdx.y * per_vec + i) * V;
+    float s = bf2f(scale[blockIdx.y]);
+    BfVec<V> yv = *(const BfVec<V>*)(y + o);
+    BfVec<V> g = *(const BfVec<V>*)(dy + o);
+    BfVec<V> gb;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+        if (!(bf2f(yv.h[j]) > 0.f)) g.h[j] = (bf16)0;
+        gb.h[j] = f2bf(bf2f(g.h[j]) * s);
+    }
+    *(BfVec<V>*)(d_short + o) = g;
+    *(BfVec<V>*)(d_branch + o) = gb;
+}
+
+extern "C" __global__ void relu_scaled_bwd_v1(const bf16* y, const bf16* dy, const bf16* scale,
+                                              int per_vec, bf16* d_short, bf16* d_branch) {
+    relu_scaled_bwd_t<1>(y, dy, scale, per_vec, d_short, d_branch);
+}
+
+extern "C" __global__ void relu_scaled_bwd_v8(const bf16* y, const bf16* dy, const bf16* scale,
+                                              int per_vec, bf16* d_short, bf16* d_branch) {
+    relu_scaled_bwd_t<8>(y, dy, scale, per_vec, d_short, d_branch);
 }
 "#,
 };
@@ -139,6 +277,32 @@ fn bf16_input(s: &CudaStorage, what: &str) -> Result<()> {
         bail!("{what}: input must be bf16, got {:?}", s.dtype())
     }
     Ok(())
+}
+
+/// Values per thread: 8 (16-byte accesses) when `c` is a multiple of 8 and every buffer is
+/// 16-byte aligned, else 1.
+fn width(c: usize, ptrs: &[u64]) -> usize {
+    if c.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16)) {
+        8
+    } else {
+        1
+    }
+}
+
+/// One sample per grid row (`blockIdx.y`), `per_sample` threads in each.
+fn per_sample_cfg(per_sample: usize, samples: usize) -> Result<LaunchConfig> {
+    if samples > 65535 || per_sample > i32::MAX as usize {
+        bail!("cuda op: {samples} samples of {per_sample} items exceed the launch grid")
+    }
+    Ok(LaunchConfig {
+        grid_dim: (
+            per_sample.div_ceil(256).max(1) as u32,
+            samples.max(1) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// Max-pool over channels-last bf16 input.
@@ -199,15 +363,25 @@ impl CustomOp1 for MaxPoolNhwc {
         let yp = storage_ptr(&y, &Layout::contiguous(len))?;
         let ip = storage_ptr(&idx, &Layout::contiguous(len))?;
         let _t = super::profile::scope(&dev, "max-pool forward");
-        let f = kernels::func(&dev, MODULE, "maxpool_fwd")?;
-        let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+        let v = width(c, &[xp, yp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 {
+                "maxpool_fwd_v8"
+            } else {
+                "maxpool_fwd_v1"
+            },
+        )?;
+        let d = [h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
         let mut b = f.builder();
         b.arg(&xp);
         for v in &d {
             b.arg(v);
         }
         b.arg(&yp).arg(&ip);
-        unsafe { b.launch(grid_1d(len, 256)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(per_sample_cfg(oh * ow * c / v, n)?) }
+            .map_err(candle_core::Error::wrap)?;
         *self.argmax.lock().expect("argmax poisoned") =
             Some(tensor_from_storage(idx, (n, oh, ow, c)));
         Ok((y, Shape::from((n, oh, ow, c))))
@@ -229,15 +403,24 @@ impl CustomOp1 for MaxPoolNhwc {
         let dxp = storage_ptr(&dx, &Layout::contiguous(len))?;
         let (dyp, ip) = (device_ptr(&dy)?, device_ptr(&idx)?);
         let _t = super::profile::scope(&dev, "max-pool backward");
-        let f = kernels::func(&dev, MODULE, "maxpool_bwd")?;
-        let d = [n, h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
+        let v = width(c, &[dyp, dxp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 {
+                "maxpool_bwd_v8"
+            } else {
+                "maxpool_bwd_v1"
+            },
+        )?;
+        let d = [h, w, c, oh, ow, self.kernel, self.stride, self.pad].map(|v| v as i32);
         let mut b = f.builder();
         b.arg(&dyp).arg(&ip);
         for v in &d {
             b.arg(v);
         }
         b.arg(&dxp);
-        unsafe { b.launch(grid_1d(len, 256)) }.map_err(candle_core::Error::wrap)?;
+        unsafe { b.launch(per_sample_cfg(h * w * c / v, n)?) }.map_err(candle_core::Error::wrap)?;
         Ok(Some(tensor_from_storage(dx, (n, h, w, c))))
     }
 }
@@ -282,11 +465,16 @@ impl CustomOp1 for GlobalAvgPoolNhwc {
         let dxp = storage_ptr(&dx, &Layout::contiguous(len))?;
         let dyp = device_ptr(&dy)?;
         let _t = super::profile::scope(&dev, "avg-pool backward");
-        let f = kernels::func(&dev, MODULE, "gap_bwd")?;
-        let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+        let v = width(c, &[dxp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 { "gap_bwd_v8" } else { "gap_bwd_v1" },
+        )?;
+        let (hwi, ci) = ((h * w) as i32, c as i32);
         let mut b = f.builder();
-        b.arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dxp);
-        unsafe { b.launch(grid_1d(len, 256)) }.map_err(candle_core::Error::wrap)?;
+        b.arg(&dyp).arg(&hwi).arg(&ci).arg(&dxp);
+        unsafe { b.launch(per_sample_cfg(h * w * c / v, n)?) }.map_err(candle_core::Error::wrap)?;
         Ok(Some(tensor_from_storage(dx, (n, h, w, c))))
     }
 }
@@ -332,11 +520,20 @@ impl CustomOp2 for AddRelu {
         let (ap, bp) = (storage_ptr(a, al)?, storage_ptr(b, bl)?);
         let yp = storage_ptr(&y, &Layout::contiguous(n))?;
         let _t = super::profile::scope(&dev, "add+relu forward");
-        let f = kernels::func(&dev, MODULE, "add_relu_fwd")?;
-        let ni = n as i64;
+        let v = width(n, &[ap, bp, yp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 {
+                "add_relu_fwd_v8"
+            } else {
+                "add_relu_fwd_v1"
+            },
+        )?;
+        let nv = (n / v) as i64;
         let mut lb = f.builder();
-        lb.arg(&ap).arg(&bp).arg(&ni).arg(&yp);
-        unsafe { lb.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+        lb.arg(&ap).arg(&bp).arg(&nv).arg(&yp);
+        unsafe { lb.launch(grid_1d(n / v, 256)) }.map_err(candle_core::Error::wrap)?;
         Ok((y, al.shape().clone()))
     }
 
@@ -354,11 +551,16 @@ impl CustomOp2 for AddRelu {
         let dxp = storage_ptr(&dx, &Layout::contiguous(n))?;
         let (yp, dyp) = (device_ptr(y)?, device_ptr(&dy)?);
         let _t = super::profile::scope(&dev, "add+relu backward");
-        let f = kernels::func(&dev, MODULE, "relu_bwd")?;
-        let ni = n as i64;
+        let v = width(n, &[yp, dyp, dxp]);
+        let f = kernels::func(
+            &dev,
+            MODULE,
+            if v == 8 { "relu_bwd_v8" } else { "relu_bwd_v1" },
+        )?;
+        let nv = (n / v) as i64;
         let mut b = f.builder();
-        b.arg(&yp).arg(&dyp).arg(&ni).arg(&dxp);
-        unsafe { b.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+        b.arg(&yp).arg(&dyp).arg(&nv).arg(&dxp);
+        unsafe { b.launch(grid_1d(n / v, 256)) }.map_err(candle_core::Error::wrap)?;
         let g = tensor_from_storage(dx, y.shape().clone());
         Ok((Some(g.clone()), Some(g)))
     }
@@ -374,11 +576,21 @@ pub fn add_relu_scaled(a: &Tensor, b: &Tensor, scale: &Tensor) -> Result<Tensor>
     let yp = storage_ptr(&y, &Layout::contiguous(n))?;
     let (ap, bp, sp) = (device_ptr(a)?, device_ptr(b)?, device_ptr(scale)?);
     let _t = super::profile::scope(&dev, "add+relu forward");
-    let f = kernels::func(&dev, MODULE, "add_relu_scaled_fwd")?;
-    let (per, ni) = (per_sample as i64, n as i64);
+    let v = width(per_sample, &[ap, bp, yp]);
+    let f = kernels::func(
+        &dev,
+        MODULE,
+        if v == 8 {
+            "add_relu_scaled_fwd_v8"
+        } else {
+            "add_relu_scaled_fwd_v1"
+        },
+    )?;
+    let per_vec = (per_sample / v) as i32;
     let mut lb = f.builder();
-    lb.arg(&ap).arg(&bp).arg(&sp).arg(&per).arg(&ni).arg(&yp);
-    unsafe { lb.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+    lb.arg(&ap).arg(&bp).arg(&sp).arg(&per_vec).arg(&yp);
+    unsafe { lb.launch(per_sample_cfg(per_sample / v, n_samples)?) }
+        .map_err(candle_core::Error::wrap)?;
     Ok(tensor_from_storage(y, a.shape().clone()))
 }
 
@@ -398,17 +610,26 @@ pub fn add_relu_scaled_backward(
     let dbp = storage_ptr(&d_branch, &Layout::contiguous(n))?;
     let (yp, dyp, sp) = (device_ptr(y)?, device_ptr(&dy)?, device_ptr(scale)?);
     let _t = super::profile::scope(&dev, "add+relu backward");
-    let f = kernels::func(&dev, MODULE, "relu_scaled_bwd")?;
-    let (per, ni) = (per_sample as i64, n as i64);
+    let v = width(per_sample, &[yp, dyp, dsp, dbp]);
+    let f = kernels::func(
+        &dev,
+        MODULE,
+        if v == 8 {
+            "relu_scaled_bwd_v8"
+        } else {
+            "relu_scaled_bwd_v1"
+        },
+    )?;
+    let per_vec = (per_sample / v) as i32;
     let mut lb = f.builder();
     lb.arg(&yp)
         .arg(&dyp)
         .arg(&sp)
-        .arg(&per)
-        .arg(&ni)
+        .arg(&per_vec)
         .arg(&dsp)
         .arg(&dbp);
-    unsafe { lb.launch(grid_1d(n, 256)) }.map_err(candle_core::Error::wrap)?;
+    unsafe { lb.launch(per_sample_cfg(per_sample / v, n_samples)?) }
+        .map_err(candle_core::Error::wrap)?;
     Ok((
         tensor_from_storage(d_branch, y.shape().clone()),
         tensor_from_storage(d_short, y.shape().clone()),

@@ -70,6 +70,7 @@ pub struct Lamb {
     /// `state[group][param]`.
     state: Vec<Vec<Option<Moments>>>,
     step: u64,
+    last_report: Option<StepReport>,
     config: LambConfig,
 }
 
@@ -82,6 +83,7 @@ impl Lamb {
             groups,
             state,
             step: 0,
+            last_report: None,
             config,
         })
     }
@@ -99,10 +101,9 @@ impl Lamb {
     fn moment_keys(name: &str) -> (String, String) {
         (format!("exp_avg.{name}"), format!("exp_avg_sq.{name}"))
     }
-}
 
-impl TrainOptimizer for Lamb {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
+    /// One update (the body of [`TrainOptimizer::queue_step`]).
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
         let grad_norm = global_grad_sumsq(&self.groups, grads)?.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport {
@@ -181,6 +182,17 @@ impl TrainOptimizer for Lamb {
             clip_factor,
             step: self.step,
         })
+    }
+}
+
+impl TrainOptimizer for Lamb {
+    fn queue_step(&mut self, grads: &GradStore, lr: f64) -> Result<(), OptimError> {
+        self.last_report = Some(self.update(grads, lr)?);
+        Ok(())
+    }
+
+    fn last_report(&mut self) -> Result<Option<StepReport>, OptimError> {
+        Ok(self.last_report)
     }
 
     fn num_steps(&self) -> u64 {

@@ -133,11 +133,27 @@ pub struct StepReport {
     pub step: u64,
 }
 
-/// The interface the training loop uses, shared by [`Lamb`] and [`Sgd`].
+/// The interface the training loop uses, shared by [`Lamb`] and [`Sgd`] (and the CUDA LAMB).
+///
+/// An update is queued ([`TrainOptimizer::queue_step`]) and its report read when wanted
+/// ([`TrainOptimizer::last_report`]): on a GPU the report (norm, skip) is computed on the device,
+/// and reading it waits for the device to finish the whole step, which a training loop should do
+/// only when it writes a metrics line. [`TrainOptimizer::step`] does both.
 pub trait TrainOptimizer {
-    /// One update of every parameter that has a gradient in `grads`, at learning rate `lr`.
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError>;
-    /// Number of applied steps so far.
+    /// Queues one update of every parameter that has a gradient in `grads`, at learning rate
+    /// `lr`. Parameters read after this call see the update (device work is stream-ordered).
+    fn queue_step(&mut self, grads: &GradStore, lr: f64) -> Result<(), OptimError>;
+    /// The report of the last queued update, waiting for it if it runs on a device; `None`
+    /// before the first update.
+    fn last_report(&mut self) -> Result<Option<StepReport>, OptimError>;
+    /// One update, and its report.
+    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
+        self.queue_step(grads, lr)?;
+        Ok(self
+            .last_report()?
+            .expect("an update was just queued, so there is a report"))
+    }
+    /// Number of applied steps so far (including a queued update once it is known to apply).
     fn num_steps(&self) -> u64;
     /// The full optimizer state as named tensors (the step count as an i64 scalar under `"step"`),
     /// for a checkpoint. candle tensors are immutable and every step replaces the moments, so the

@@ -48,6 +48,7 @@ pub struct Sgd {
     /// `buffers[group][param]`: momentum buffers, created at a parameter's first gradient.
     buffers: Vec<Vec<Option<Tensor>>>,
     step: u64,
+    last_report: Option<StepReport>,
     config: SgdConfig,
 }
 
@@ -60,6 +61,7 @@ impl Sgd {
             groups,
             buffers,
             step: 0,
+            last_report: None,
             config,
         })
     }
@@ -72,10 +74,9 @@ impl Sgd {
     fn buffer_key(name: &str) -> String {
         format!("momentum_buffer.{name}")
     }
-}
 
-impl TrainOptimizer for Sgd {
-    fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
+    /// One update (the body of [`TrainOptimizer::queue_step`]).
+    fn update(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
         let grad_norm = global_grad_sumsq(&self.groups, grads)?.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport {
@@ -118,6 +119,17 @@ impl TrainOptimizer for Sgd {
             clip_factor: 1.0,
             step: self.step,
         })
+    }
+}
+
+impl TrainOptimizer for Sgd {
+    fn queue_step(&mut self, grads: &GradStore, lr: f64) -> Result<(), OptimError> {
+        self.last_report = Some(self.update(grads, lr)?);
+        Ok(())
+    }
+
+    fn last_report(&mut self) -> Result<Option<StepReport>, OptimError> {
+        Ok(self.last_report)
     }
 
     fn num_steps(&self) -> u64 {

@@ -47,8 +47,11 @@ char* guarded_alloc(size_t bytes) {
                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) die("mmap failed");
     if (mprotect(base + body, page, PROT_NONE) != 0) die("mprotect failed");
-    // The end of the buffer at the guard page, the start 4-byte aligned.
-    size_t start = (body - bytes) & ~(size_t)3;
+    // The end of the buffer at the guard page, the start 4-byte aligned; 16-byte aligned when
+    // the length is a multiple of 16 (the vectorised kernels' 16-byte accesses need it, and the
+    // end still meets the guard page).
+    size_t align = bytes % 16 == 0 ? 16 : 4;
+    size_t start = (body - bytes) & ~(align - 1);
     return base + start;
 }
 
