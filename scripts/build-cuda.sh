@@ -10,10 +10,10 @@ cd "$(dirname "$0")/.."
 eval "$(bash scripts/setup-cuda.sh --env)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target/cuda}"
 t0=$(date +%s)
-cargo build --release --features cuda -p tools --bins "$@"
+cargo build --release --features cuda,nccl -p tools --bins "$@"
 # The GPU test binaries (they skip without a GPU): the trainer's tests whose file names start
 # with cuda_.
-tests=$(cargo test --release --features cuda -p trainer --no-run --message-format=json 2>/dev/null |
+tests=$(cargo test --release --features cuda,nccl -p trainer --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -45,6 +45,11 @@ pub struct PlanConfig {
     pub batch_size: usize,
     /// Drop a last incomplete batch (and, without repeats, cut the epoch to a multiple of W).
     pub drop_last: bool,
+    /// Evaluation across ranks: the one-rank epoch's batches are dealt out whole, batch `b` to
+    /// rank `b % world_size`, so no sample is padded in or counted twice and every batch is
+    /// exactly the one a one-rank run evaluates (needs `accum_steps = 1`, `repeats = 1`).
+    #[serde(default)]
+    pub split_batches: bool,
 }
 
 impl PlanConfig {
@@ -61,6 +66,7 @@ impl PlanConfig {
             accum_steps: 1,
             batch_size,
             drop_last: false,
+            split_batches: false,
         }
     }
 
@@ -80,6 +86,13 @@ impl PlanConfig {
         }
         if self.repeats == 0 {
             return Err("repeats must be at least 1 (1 = no repeated augmentation)".into());
+        }
+        if self.split_batches && (self.accum_steps != 1 || self.repeats != 1) {
+            return Err(
+                "split_batches deals out whole one-rank batches: it needs accum_steps = 1 \
+                 and repeats = 1"
+                    .into(),
+            );
         }
         if self.num_samples > u32::MAX as u64 {
             return Err(format!(
@@ -114,6 +127,29 @@ impl EpochPlan {
     /// Builds the plan of `epoch`.
     pub fn new(cfg: &PlanConfig, epoch: u64) -> Result<Self, String> {
         cfg.validate()?;
+        if cfg.split_batches && cfg.world_size > 1 {
+            let one = EpochPlan::new(
+                &PlanConfig {
+                    rank: 0,
+                    world_size: 1,
+                    split_batches: false,
+                    ..cfg.clone()
+                },
+                epoch,
+            )?;
+            let (w, r) = (cfg.world_size as usize, cfg.rank as usize);
+            let mut samples = Vec::new();
+            let mut batch_starts = vec![0];
+            for b in (r..one.num_batches()).step_by(w) {
+                samples.extend_from_slice(one.batch(b));
+                batch_starts.push(samples.len());
+            }
+            return Ok(EpochPlan {
+                epoch,
+                samples,
+                batch_starts,
+            });
+        }
         let n = cfg.num_samples as usize;
         let virt = (cfg.world_size * cfg.accum_steps) as usize;
         let mut order: Vec<u32> = (0..n as u32).collect();
@@ -299,6 +335,46 @@ mod tests {
         // Most images are seen 3 times (the epoch keeps 1792 of 6000 positions: ~597 images).
         let threes = where_.values().filter(|r| r.len() == 3).count();
         assert!((590..=598).contains(&threes), "{threes}");
+    }
+
+    #[test]
+    fn split_batches_deal_out_the_one_rank_batches() {
+        let one = EpochPlan::new(&PlanConfig::new(1003, 50), 0).unwrap();
+        assert_eq!(one.num_batches(), 21);
+        let base = PlanConfig {
+            world_size: 4,
+            split_batches: true,
+            shuffle: false,
+            ..PlanConfig::new(1003, 50)
+        };
+        let plans = all_ranks(&base, 0);
+        let mut seen = Vec::new();
+        for (r, p) in plans.iter().enumerate() {
+            for k in 0..p.num_batches() {
+                assert_eq!(
+                    p.batch(k),
+                    EpochPlan::new(
+                        &PlanConfig {
+                            shuffle: false,
+                            ..PlanConfig::new(1003, 50)
+                        },
+                        0
+                    )
+                    .unwrap()
+                    .batch(k * 4 + r)
+                );
+                seen.extend(p.batch(k).iter().map(|s| s.index));
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, (0..1003).collect::<Vec<u32>>(), "every sample once");
+        assert_eq!(plans[0].num_batches(), 6);
+        assert_eq!(plans[3].num_batches(), 5);
+        let bad = PlanConfig {
+            accum_steps: 2,
+            ..base
+        };
+        assert!(bad.validate().unwrap_err().contains("accum_steps = 1"));
     }
 
     #[test]

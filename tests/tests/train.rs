@@ -1,4 +1,5 @@
-//! The training loop on generated shards: exact resume, learning, and gradient accumulation.
+//! The training loop on generated shards: exact resume, learning, gradient accumulation, and
+//! data parallelism (ranks as threads) against one rank.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,10 +8,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use tools::sharding::{run, ShardOptions};
 use tools::synth::{generate, SynthOptions, ValLayout};
+use trainer::dist::ThreadGroup;
 use trainer::loss::Targets;
 use trainer::model::ResNetConfig;
 use trainer::recipe::{Interpolation, Recipe};
-use trainer::train::{train, GradAccumulator, Progress, TrainOptions};
+use trainer::train::{
+    evaluate_rank, train, train_threads, GradAccumulator, Progress, TrainOptions,
+};
 
 /// A generated `make-imagenet-like` set, sharded into `dir/shards`.
 fn shard_set(dir: &Path, classes: usize, per_class: usize, val_per_class: usize) -> PathBuf {
@@ -301,7 +305,7 @@ fn accumulated_gradients_equal_the_full_batch_gradient() -> candle_core::Result<
             .forward(&fc.forward(&xs)?, Targets::Classes(&labels))?
             .backward()?,
     )?;
-    let full = full.into_store();
+    let full = full.into_store()?;
 
     let mut acc = GradAccumulator::new(&vars);
     for m in 0..2 {
@@ -309,7 +313,7 @@ fn accumulated_gradients_equal_the_full_batch_gradient() -> candle_core::Result<
         let loss = (loss_fn.forward(&fc.forward(&x)?, Targets::Classes(&y))? / 2.0)?;
         acc.add(loss.backward()?)?;
     }
-    let acc = acc.into_store();
+    let acc = acc.into_store()?;
     for (name, var) in &vars {
         let a = full.get(var.as_tensor()).unwrap();
         let b = acc.get(var.as_tensor()).unwrap();
@@ -319,4 +323,156 @@ fn accumulated_gradients_equal_the_full_batch_gradient() -> candle_core::Result<
         assert!(err <= 1e-6 * scale.max(1.0), "{name}: max difference {err}");
     }
     Ok(())
+}
+
+/// The trainable tensors of a weights file (BatchNorm running statistics are per rank, so they
+/// are left out when runs of different world sizes are compared).
+fn assert_same_trainable(a: &Path, b: &Path) {
+    let keep = |m: HashMap<String, Tensor>| -> HashMap<String, Tensor> {
+        m.into_iter()
+            .filter(|(k, _)| !k.contains("running_") && !k.contains("num_batches_tracked"))
+            .collect()
+    };
+    let (ta, tb) = (keep(load(a)), keep(load(b)));
+    let dir = tempfile::tempdir().unwrap();
+    let (pa, pb) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    candle_core::safetensors::save(&ta, &pa).unwrap();
+    candle_core::safetensors::save(&tb, &pb).unwrap();
+    assert_same_tensors(&pa, &pb);
+}
+
+/// Loss, lr, gradient norm and skip flag of every update line, by step.
+fn update_metrics(run_dir: &Path) -> Vec<(u64, [Option<serde_json::Value>; 4])> {
+    let mut v: Vec<_> = by_step(&metric_lines(run_dir))
+        .into_iter()
+        .filter(|((eval, _), _)| !eval)
+        .map(|((_, step), l)| {
+            let f = |k: &str| l.get(k).cloned();
+            (step, [f("loss"), f("lr"), f("grad_norm"), f("applied")])
+        })
+        .collect();
+    v.sort_by_key(|x| x.0);
+    v
+}
+
+/// 36 samples, micro-batches of 4, 4 per update (global batch 16): 2 updates per epoch, 2
+/// epochs, drop path on, a checkpoint after every update.
+fn four_micro_batch_recipe() -> Recipe {
+    short_a3(2, 4, 4)
+        .with_overrides(&["model.drop_path_rate=0.1", "run.checkpoint_every_steps=1"])
+        .unwrap()
+}
+
+#[test]
+fn ranks_as_threads_train_what_one_rank_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    let recipe = four_micro_batch_recipe();
+    let one = dir.path().join("w1");
+    let s = train(&options(recipe.clone(), &data, &one)).unwrap();
+    assert_eq!((s.steps, s.updates_per_epoch), (4, 2));
+    let ck = |d: &Path, f: &str| d.join("checkpoints").join(f);
+    for world in [2, 4] {
+        let run = dir.path().join(format!("w{world}"));
+        let s = train_threads(&options(recipe.clone(), &data, &run), world).unwrap();
+        assert_eq!((s.steps, s.updates_per_epoch), (4, 2), "world {world}");
+        // The same micro-batches, drop-path masks, Mixup draws, loss scaling and summation
+        // order: weights and optimizer state bit for bit (4 = 2 x 2 = 4 x 1 micro-batches).
+        assert_same_trainable(
+            &ck(&one, "step-4.safetensors"),
+            &ck(&run, "step-4.safetensors"),
+        );
+        assert_same_tensors(
+            &ck(&one, "step-4.optim.safetensors"),
+            &ck(&run, "step-4.optim.safetensors"),
+        );
+        assert_eq!(update_metrics(&one), update_metrics(&run), "world {world}");
+        let lines = metric_lines(&run);
+        assert!(lines.iter().all(|l| l["world_size"] == world), "{lines:?}");
+        let side: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ck(&run, "step-4.json")).unwrap()).unwrap();
+        assert_eq!(
+            (side["world_size"].clone(), side["accum_steps"].clone()),
+            (world.into(), (4 / world).into())
+        );
+    }
+}
+
+#[test]
+fn a_resume_with_another_world_size_continues_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    let recipe = four_micro_batch_recipe();
+    let straight = dir.path().join("straight");
+    train(&options(recipe.clone(), &data, &straight)).unwrap();
+    // Two ranks stop after update 3 (mid epoch 1); four ranks continue from step-3.
+    let run = dir.path().join("run");
+    let mut o = options(recipe.clone(), &data, &run);
+    o.max_steps = Some(3);
+    let s = train_threads(&o, 2).unwrap();
+    assert_eq!((s.steps, s.interrupted), (3, true));
+    let mut o = options(recipe.clone(), &data, &run);
+    o.resume = true;
+    let s = train_threads(&o, 4).unwrap();
+    assert_eq!((s.steps, s.interrupted), (4, false));
+    let ck = |d: &Path, f: &str| d.join("checkpoints").join(f);
+    assert_same_trainable(
+        &ck(&straight, "step-4.safetensors"),
+        &ck(&run, "step-4.safetensors"),
+    );
+    assert_same_tensors(
+        &ck(&straight, "step-4.optim.safetensors"),
+        &ck(&run, "step-4.optim.safetensors"),
+    );
+}
+
+#[test]
+fn a_world_size_that_does_not_divide_the_update_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    let run = dir.path().join("run");
+    let e = train_threads(&options(four_micro_batch_recipe(), &data, &run), 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("rank 0: ") && e.contains("cannot be shared by 3 ranks"),
+        "{e}"
+    );
+}
+
+#[test]
+fn evaluation_split_over_ranks_equals_one_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    // 3 classes x 7 validation images: 21 images, batches of 4 (the last one short).
+    let data = shard_set(dir.path(), 3, 2, 7);
+    let recipe = short_a3(1, 4, 1);
+    let (val, classes) = trainer::train::open_split(&data, "val").unwrap();
+    let (_, model) =
+        trainer::train::build_model(&recipe, Some(&tiny_net()), classes, &Device::Cpu).unwrap();
+    let feed = trainer::feed::Feed::new(&Device::Cpu).unwrap();
+    let transform = trainer::train::eval_transform(32, 0.875, Interpolation::Bicubic).unwrap();
+    let one =
+        trainer::train::evaluate(&model, &feed, val.clone(), transform.clone(), 4, 2, 0).unwrap();
+    assert_eq!(one.samples, 21);
+    for world in [2usize, 3, 4] {
+        let groups = ThreadGroup::new(world, std::time::Duration::from_secs(60));
+        let results: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = groups
+                .into_iter()
+                .map(|mut g| {
+                    let (m, f, v, t) = (&model, &feed, val.clone(), transform.clone());
+                    s.spawn(move || evaluate_rank(m, f, v, t, 4, 1, 0, &mut g).unwrap())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for r in results {
+            // Bit for bit: the same batches, the same per-batch values, summed in batch order.
+            assert_eq!(r, one, "world {world}");
+            assert_eq!(r.loss.to_bits(), one.loss.to_bits());
+        }
+    }
 }

@@ -50,7 +50,7 @@ pub fn print_json_line(base: &serde_json::Value, extra: serde_json::Value) {
     println!("{v}");
 }
 
-/// `cpu` or `cuda:N` as a candle device; a CUDA request in a build without the `cuda` feature is
+/// `cpu`, `cuda` (GPU 0) or `cuda:N` as a candle device; a CUDA request in a build without the `cuda` feature is
 /// an error (never a silent fall back to the CPU).
 pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
     use anyhow::{bail, Context};
@@ -58,8 +58,12 @@ pub fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
     if spec == "cpu" {
         return Ok(Device::Cpu);
     }
-    let Some(ordinal) = spec.strip_prefix("cuda:") else {
-        bail!("--device {spec:?}: expected cpu or cuda:N");
+    let ordinal = match spec {
+        "cuda" => "0",
+        _ => match spec.strip_prefix("cuda:") {
+            Some(o) => o,
+            None => bail!("--device {spec:?}: expected cpu, cuda or cuda:N"),
+        },
     };
     let ordinal: usize = ordinal
         .parse()
@@ -82,4 +86,24 @@ fn open_cuda(ordinal: usize) -> candle_core::Result<candle_core::Device> {
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(ordinal: usize) -> candle_core::Result<candle_core::Device> {
     candle_core::Device::new_cuda(ordinal)
+}
+
+/// Evicts every file under `dir` from the page cache (`posix_fadvise(DONTNEED)`: no root needed;
+/// pages mapped by a live process stay), so the next read comes from the disk. Returns the bytes
+/// of the files.
+pub fn evict_from_page_cache(dir: &std::path::Path) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    use std::os::unix::io::AsRawFd;
+    let mut bytes = 0;
+    for path in crate::files_under(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let f =
+            std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        bytes += f.metadata()?.len();
+        // SAFETY: a valid descriptor; offset 0 and length 0 mean the whole file.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            anyhow::bail!("posix_fadvise({}): error {r}", path.display());
+        }
+    }
+    Ok(bytes)
 }

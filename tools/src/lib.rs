@@ -7,6 +7,7 @@ pub mod fashion_mnist;
 pub mod photos;
 pub mod plot;
 pub mod progress;
+pub mod ranks;
 pub mod sharding;
 pub mod sniff;
 pub mod source;

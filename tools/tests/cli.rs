@@ -457,3 +457,149 @@ fn plot_metrics_writes_a_png() {
         text(&res.stderr).starts_with("plot-metrics: error: reading /nonexistent/metrics.jsonl")
     );
 }
+
+const TRAIN: &str = env!("CARGO_BIN_EXE_train");
+
+/// A `train` command line that needs no data before the rendezvous (its test mode stops there).
+fn dist_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "--recipe",
+        "a3",
+        "--data",
+        "/nonexistent-shards",
+        "--out",
+        &out.to_string_lossy(),
+        "--device",
+        "cpu",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts rank `rank` of `world` by hand (as torchrun or Slurm would), in the test mode.
+fn spawn_rank(rank: usize, world: usize, port: u16, args: &[String]) -> std::process::Child {
+    Command::new(TRAIN)
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RSB_DIST_TEST", "rendezvous")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn the_launcher_meets_every_worker_at_the_rendezvous() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let args = dist_args(&dir.path().join("run"), &["--nproc-per-node", "3"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(TRAIN, &args, &[("RSB_DIST_TEST", "rendezvous")]);
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    for r in 0..3 {
+        assert!(
+            err.contains(&format!("[rank {r}] rank {r} of 3: rendezvous complete")),
+            "{err}"
+        );
+    }
+    assert!(t0.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[test]
+fn the_launcher_stops_every_worker_when_one_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    let args = dist_args(&dir.path().join("run"), &["--nproc-per-node", "3"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Rank 1 fails after the rendezvous; ranks 0 and 2 would wait 60 s.
+    let out = run(TRAIN, &args, &[("RSB_DIST_TEST", "fail:1")]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rank 1 failed (exit code 2)")
+            && err.contains("planted failure of rank 1")
+            && err.contains("the other ranks were stopped"),
+        "{err}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn the_rendezvous_refuses_ranks_with_another_recipe() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let out_dir = dir.path().join("run");
+    let a = spawn_rank(0, 2, port, &dist_args(&out_dir, &[]));
+    let b = spawn_rank(
+        1,
+        2,
+        port,
+        &dist_args(&out_dir, &["--set", "optim.lr=0.001"]),
+    );
+    for (rank, child) in [(0, a), (1, b)] {
+        let out = child.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "rank {rank}: {err}");
+        assert!(
+            err.contains("rank 1: recipe (hash of the resolved recipe) differs from rank 0's"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_never_arrives_is_named_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = std::time::Instant::now();
+    // A world of 2 with only rank 0 started.
+    let args = dist_args(&dir.path().join("run"), &["--dist-timeout", "2"]);
+    let out = spawn_rank(0, 2, free_port(), &args)
+        .wait_with_output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("rank(s) [1] did not arrive within 2 s"),
+        "{err}"
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn a_cpu_run_across_processes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = dist_args(&dir.path().join("run"), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let env = [
+        ("RANK", "0"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29999"),
+    ];
+    let out = run(TRAIN, &args, &env);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("a CPU run across processes or machines is not supported"),
+        "{err}"
+    );
+}

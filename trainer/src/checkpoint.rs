@@ -86,6 +86,17 @@ pub struct RunState {
     pub weights: String,
     /// Optimizer state file name, relative to the checkpoints directory.
     pub optimizer: String,
+    /// Ranks of the run that wrote it (1 for checkpoints written before this field existed).
+    #[serde(default = "one")]
+    pub world_size: u32,
+    /// Micro-batches per update on each of those ranks (0: not recorded; a one-rank run's
+    /// `global_batch / micro_batch`).
+    #[serde(default)]
+    pub accum_steps: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A checkpoint on disk.
@@ -284,6 +295,8 @@ mod tests {
             recipe_hash: "abc".into(),
             weights: String::new(),
             optimizer: String::new(),
+            world_size: 1,
+            accum_steps: 2,
         }
     }
 

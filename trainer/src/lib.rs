@@ -3,11 +3,13 @@
 //! Everything here runs on the CPU; CUDA specifics sit behind the `cuda` feature.
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod batch_aug;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod disk_cache;
+pub mod dist;
 pub mod feed;
 pub mod loss;
 pub mod metrics;

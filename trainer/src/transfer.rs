@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, Result, Tensor};
 use loader::mix::{mix_u8_batch, MixDraw, MixKind};
 use loader::{Batch, HostStorage};
 
@@ -221,33 +221,6 @@ impl Upload for HostUpload {
 /// Batches a training loop holds beyond the loader's own pool: the prefetched one, plus one
 /// whose copy may not have been seen complete yet.
 pub const EXTRA_BUFFERS: usize = 2;
-
-/// The loader buffers and the upload for training on `device`: `num_buffers` buffers of
-/// `buffer_bytes` (page-locked on CUDA), and the matching [`Upload`].
-pub fn device_upload(
-    device: &Device,
-    feed: &Feed,
-    num_buffers: usize,
-    buffer_bytes: usize,
-) -> Result<(Vec<DynStorage>, Box<dyn Upload>)> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => {
-            let buffers = crate::cuda::feed::pinned_buffers(dev, num_buffers, buffer_bytes)?
-                .into_iter()
-                .map(|b| Box::new(b) as DynStorage)
-                .collect();
-            let upload = crate::cuda::feed::CudaUpload::new(dev, buffer_bytes)?;
-            Ok((buffers, Box::new(upload)))
-        }
-        _ => {
-            let buffers = (0..num_buffers)
-                .map(|_| Box::new(vec![0u8; buffer_bytes]) as DynStorage)
-                .collect();
-            Ok((buffers, Box::new(HostUpload::new(feed.clone()))))
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -456,7 +429,7 @@ mod tests {
     #[test]
     fn the_host_upload_is_first_in_first_out_and_mixes_like_the_loader() -> Result<()> {
         use loader::mix::CutBox;
-        let feed = Feed::new(&Device::Cpu)?;
+        let feed = Feed::new(&candle_core::Device::Cpu)?;
         let mut up = HostUpload::new(feed.clone());
         let (n, s) = (4usize, 3usize);
         let bytes: Vec<u8> = (0..n * s * s * 3).map(|i| (i * 37 % 251) as u8).collect();

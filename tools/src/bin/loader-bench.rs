@@ -61,6 +61,15 @@ struct Args {
     /// Repeats per measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     repeats: usize,
+    /// First measure the loader transforms from a cold page cache: before each run the split's
+    /// files are evicted from the page cache (posix_fadvise, no root needed) and the split is
+    /// reopened. Lines carry "cache": "cold"; the usual warm lines follow, then the ratios.
+    #[arg(long)]
+    cold: bool,
+    /// Read the samples in a shuffled order (as training does: random access across shards)
+    /// instead of index order.
+    #[arg(long)]
+    shuffle: bool,
 }
 
 /// Resident memory in MiB: `VmRSS` (including the memory-mapped shards' cached pages) or
@@ -139,6 +148,54 @@ fn run_bench(mut a: Args) -> Result<()> {
         return fidelity(&split, images, a.size, decoder, decode_opts, &emit);
     }
 
+    // Cold page cache first: the split unmapped, its files evicted, reopened for each run.
+    let mut cold_ips: std::collections::BTreeMap<(String, usize), f64> = Default::default();
+    if a.cold {
+        // Bytes of the JPEGs a run reads (from the index; no data page is touched).
+        let mut jpeg_bytes = 0u64;
+        for i in 0..images {
+            jpeg_bytes += split.get(i as u64)?.jpeg.len() as u64;
+        }
+        drop(split);
+        let dir = a.data.join(&a.split);
+        for t in &threads {
+            for tr in a.transform.iter().filter(|t| *t == "train" || *t == "eval") {
+                let mut runs = Vec::new();
+                let mut evicted = 0;
+                for _ in 0..a.repeats {
+                    evicted = tools::bench::evict_from_page_cache(&dir)?;
+                    let split = Arc::new(shards::Dataset::open(&a.data)?.split(&a.split)?);
+                    let transform = if tr == "eval" {
+                        Transform::eval(a.size)
+                    } else {
+                        Transform::train(a.size)
+                    };
+                    let (secs, _, _) = run_loader(
+                        &split,
+                        images,
+                        *t,
+                        transform,
+                        None,
+                        a.batch_size,
+                        decoder,
+                        override_opts,
+                        a.shuffle,
+                    )?;
+                    runs.push(secs);
+                }
+                let secs = median(runs);
+                cold_ips.insert((tr.clone(), *t), images as f64 / secs);
+                emit(json!({
+                    "transform": tr, "size": a.size, "threads": t, "images": images,
+                    "cache": "cold", "evicted_bytes": evicted, "shuffle": a.shuffle, "seconds": secs,
+                    "images_per_s": images as f64 / secs,
+                    "jpeg_mb_per_s": jpeg_bytes as f64 / 1e6 / secs,
+                }));
+            }
+        }
+    }
+    let split = Arc::new(ds.split(&a.split)?);
+
     // Warm the page cache.
     for i in 0..images {
         std::hint::black_box(split.get(i as u64)?.jpeg.iter().step_by(4096).count());
@@ -172,6 +229,7 @@ fn run_bench(mut a: Args) -> Result<()> {
                             a.batch_size,
                             decoder,
                             override_opts,
+                            a.shuffle,
                         )?;
                         (s, Some((st, anon)))
                     }
@@ -183,7 +241,14 @@ fn run_bench(mut a: Args) -> Result<()> {
             let secs = median(runs);
             let ips = images as f64 / secs;
             per_core.insert((tr.clone(), *t), ips / *t as f64);
+            if let Some(cold) = cold_ips.get(&(tr.clone(), *t)) {
+                emit(
+                    json!({ "ratio": "cold_over_warm", "transform": tr, "threads": t,
+                    "size": a.size, "images_per_s_ratio": cold / ips }),
+                );
+            }
             let mut line = json!({
+                "cache": "warm", "shuffle": a.shuffle,
                 "transform": tr, "size": if tr == "decode" { 0 } else { a.size }, "threads": t,
                 "images": images, "seconds": secs, "images_per_s": ips,
                 "images_per_s_per_core": ips / *t as f64, "rss_anon_mb": rss_mb("RssAnon:"),
@@ -288,9 +353,10 @@ fn run_loader(
     batch_size: usize,
     decoder: DecoderKind,
     decode: Option<DecodeOptions>,
+    shuffle: bool,
 ) -> Result<(f64, loader::StageSeconds, (f64, f64))> {
     let mut plan = PlanConfig::new(images as u64, batch_size);
-    plan.shuffle = false;
+    plan.shuffle = shuffle;
     let mut cfg = LoaderConfig::new(transform, plan);
     cfg.num_workers = threads;
     cfg.decoder = decoder;

@@ -4,6 +4,7 @@
 //! train-bench --model resnet50 --batch-size 256 --size 224 --steps N --device cuda:0
 //!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32]
 //!             [--backward auto|graph|explicit] [--deterministic] [--breakdown]
+//!             [--nproc-per-node N]
 //! ```
 //!
 //! One step is what `train` does per update: forward (BatchNorm on batch statistics, stochastic
@@ -20,6 +21,13 @@
 //! high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`), and with
 //! `--breakdown` the GPU time per custom op and per phase (forward, backward, optimizer; timed
 //! with events on extra steps, after the timed ones).
+//!
+//! With `--nproc-per-node N` (N ranks as threads on the CPU, N processes with NCCL on GPUs, or a
+//! worker of torchrun/Slurm) every rank runs the step on its own batch and the gradients are
+//! summed over the ranks before LAMB, as in `train`; the line then has `images_per_s` over all
+//! ranks, `images_per_s_per_gpu`, `world_size`, and `allreduce_exposed_ms`: how much longer a step
+//! takes with the gradient all-reduce than the same steps without it (timed right after, in the
+//! same run), i.e. the communication time the backward does not hide.
 
 use std::time::Instant;
 
@@ -31,7 +39,7 @@ use serde_json::json;
 use trainer::feed::Feed;
 use trainer::loss::Targets;
 use trainer::model::{ActivationLayout, BackwardMode, ResNetConfig};
-use trainer::optim::{lamb_for_device, param_groups};
+use trainer::optim::param_groups;
 use trainer::recipe::Recipe;
 
 #[derive(Parser, Debug)]
@@ -77,6 +85,12 @@ struct Args {
     /// as PyTorch's `cudnn.benchmark`).
     #[arg(long)]
     deterministic: bool,
+    /// Ranks on this machine: threads with `--device cpu`, one process per GPU with CUDA.
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Seconds a rank waits for the others.
+    #[arg(long, default_value_t = 300)]
+    dist_timeout: u64,
 }
 
 fn sync(dev: &Device) -> Result<()> {
@@ -84,7 +98,69 @@ fn sync(dev: &Device) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
+    use tools::ranks;
+    use trainer::dist::{RankInfo, SingleRank, ThreadGroup};
+    let timeout = std::time::Duration::from_secs(args.dist_timeout);
+    if let Some(info) = RankInfo::from_env()?.filter(|i| i.world_size > 1) {
+        // A worker: the recipe is fixed (A1), so ranks compare the benchmark's arguments.
+        let what = format!(
+            "{} {} {} {:?} {}",
+            args.model, args.batch_size, args.size, args.backward, args.steps
+        );
+        return match ranks::join(&info, what, &args.device, timeout)? {
+            ranks::Joined::Test(mode) => ranks::test_mode(&mode, &info),
+            ranks::Joined::Nccl(token) => {
+                let (dev, mut comm) = ranks::gpu_rank(&info, &token, timeout)?;
+                print_line(bench(&args, dev, comm.as_mut())?)
+            }
+        };
+    }
+    let nproc = args.nproc_per_node.unwrap_or(1);
+    if nproc > 1 && args.device != "cpu" {
+        return ranks::launch_self(nproc);
+    }
     let dev = tools::bench::parse_device(&args.device)?;
+    if nproc <= 1 {
+        return print_line(bench(&args, dev, &mut SingleRank)?);
+    }
+    let lines: Vec<Result<Option<serde_json::Value>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ThreadGroup::new(nproc, timeout)
+            .into_iter()
+            .map(|mut g| {
+                let (args, dev) = (&args, dev.clone());
+                s.spawn(move || bench(args, dev, &mut g))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("a rank panicked")))
+            .collect()
+    });
+    let mut first = None;
+    for (rank, l) in lines.into_iter().enumerate() {
+        match l {
+            Err(e) => bail!("rank {rank}: {e:#}"),
+            Ok(v) if rank == 0 => first = v,
+            Ok(_) => {}
+        }
+    }
+    print_line(first)
+}
+
+fn print_line(line: Option<serde_json::Value>) -> Result<()> {
+    if let Some(l) = line {
+        println!("{l}");
+    }
+    Ok(())
+}
+
+/// The benchmark as one rank of `comm`; rank 0 returns the line.
+fn bench(
+    args: &Args,
+    dev: Device,
+    comm: &mut dyn trainer::dist::Collective,
+) -> Result<Option<serde_json::Value>> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     #[cfg(feature = "cuda")]
     trainer::cuda::conv::set_deterministic(args.deterministic);
     let layout = match (args.layout.as_str(), dev.is_cuda()) {
@@ -109,7 +185,7 @@ fn run(args: Args) -> Result<()> {
     model.set_layout(layout);
     model.set_backward_mode(args.backward);
     let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
-    let mut opt = lamb_for_device(groups, recipe.lamb_config(), &dev)?;
+    let mut opt = trainer::backend::lamb(groups, recipe.lamb_config(), &dev)?;
     let loss_fn = recipe.train_loss();
 
     // GPU-resident inputs: random pixels, normalised once, in the model's layout and dtype.
@@ -131,6 +207,9 @@ fn run(args: Args) -> Result<()> {
 
     let mut step_no = 0u64;
     let explicit = std::cell::Cell::new(false);
+    let trainable = model.trainable_vars()?;
+    // Whether steps sum their gradients over the ranks (off for the comparison run).
+    let reduce = std::cell::Cell::new(true);
     let mut step = |phases: bool| -> Result<(f32, [f64; 3])> {
         let mut t = [0f64; 3];
         let t0 = Instant::now();
@@ -142,7 +221,12 @@ fn run(args: Args) -> Result<()> {
             t[0] = t0.elapsed().as_secs_f64();
         }
         let t1 = Instant::now();
-        let grads = pass.backward(&loss)?;
+        let mut grads = pass.backward(&loss)?;
+        if world > 1 && reduce.get() {
+            let mut acc = trainer::train::GradAccumulator::new(&trainable);
+            acc.add(grads)?;
+            grads = trainer::train::all_reduce_gradients(acc, &mut *comm)?;
+        }
         if phases {
             sync(&dev)?;
             t[1] = t1.elapsed().as_secs_f64();
@@ -173,12 +257,20 @@ fn run(args: Args) -> Result<()> {
     if let Device::Cuda(d) = &dev {
         trainer::cuda::memory::reset_peak_used(d)?;
     }
-    let t0 = Instant::now();
-    for _ in 0..args.steps {
-        step(false)?;
-    }
-    sync(&dev)?;
-    let dt = t0.elapsed().as_secs_f64() / args.steps as f64;
+    let mut timed = |reduce_now: bool| -> Result<f64> {
+        reduce.set(reduce_now);
+        let t0 = Instant::now();
+        for _ in 0..args.steps {
+            step(false)?;
+        }
+        sync(&dev)?;
+        Ok(t0.elapsed().as_secs_f64() / args.steps as f64)
+    };
+    let dt = timed(true)?;
+    // The same steps without the all-reduce: the difference is what the backward does not hide.
+    let dt_local = if world > 1 { Some(timed(false)?) } else { None };
+    let exposed_ms = dt_local.map(|d| (dt - d) * 1e3);
+    reduce.set(true);
     #[allow(unused_mut)]
     let mut peak: Option<u64> = None;
     #[cfg(feature = "cuda")]
@@ -193,7 +285,10 @@ fn run(args: Args) -> Result<()> {
         "device": args.device, "layout": format!("{layout:?}").to_lowercase(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "backward": if explicit.get() { "explicit" } else { "graph" },
-        "images_per_s": b as f64 / dt, "ms_per_step": dt * 1e3,
+        "images_per_s": (b * world) as f64 / dt, "ms_per_step": dt * 1e3,
+        "images_per_s_per_gpu": b as f64 / dt, "world_size": world,
+        "allreduce_exposed_ms": exposed_ms,
+        "ms_per_step_without_allreduce": dt_local.map(|d| d * 1e3),
         "peak_mem_bytes": peak,
         "deterministic": args.deterministic,
         "git_rev": tools::bench::git_rev(),
@@ -251,8 +346,7 @@ fn run(args: Args) -> Result<()> {
             obj.insert("op_ms".into(), serde_json::Value::Object(ops));
         }
     }
-    println!("{line}");
-    Ok(())
+    Ok((rank == 0).then_some(line))
 }
 
 fn main() -> std::process::ExitCode {

@@ -4,7 +4,7 @@
 //! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
 //!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
-//!       [--deterministic]
+//!       [--deterministic] [--nproc-per-node N] [--dist-timeout S]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
+use std::time::Duration;
+
+use tools::ranks;
+use trainer::dist::RankInfo;
 use trainer::recipe::{Interpolation, Recipe};
 use trainer::train::{self, Progress, TrainOptions};
 
@@ -93,6 +97,14 @@ struct Args {
     /// Log lines instead of a progress bar.
     #[arg(long)]
     no_bar: bool,
+    /// Ranks on this machine: N ranks as threads of this process with `--device cpu`; N worker
+    /// processes, one per GPU (cuda:0..N-1, NCCL), with `--device cuda`.
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Seconds a rank waits for the others (rendezvous, and any collective) before it stops
+    /// with an error naming what is missing.
+    #[arg(long, default_value_t = 300)]
+    dist_timeout: u64,
 }
 
 fn main() {
@@ -204,9 +216,43 @@ fn run(args: Args) -> Result<()> {
         .out
         .clone()
         .context("--out RUN_DIR is required for training")?;
+    let rank = RankInfo::from_env().context("reading this rank from the environment")?;
+    if let Some(info) = rank.filter(|i| i.world_size > 1) {
+        if args.nproc_per_node.is_some() {
+            bail!(
+                "--nproc-per-node in a worker: RANK/WORLD_SIZE (or Slurm's SLURM_PROCID/SLURM_NTASKS) \
+                 are already set, so this process is one rank of {}; start one process per GPU \
+                 without --nproc-per-node",
+                info.world_size
+            );
+        }
+        return worker(&args, &out, &info);
+    }
+    let nproc = args.nproc_per_node.unwrap_or(1);
+    if nproc > 1 && (args.device != "cpu" || std::env::var_os(ranks::TEST_VAR).is_some()) {
+        return ranks::launch_self(nproc);
+    }
     let dev = tools::bench::parse_device(&args.device)?;
     let (recipe, base) = load_recipe(&args)?;
-    let mut opts = TrainOptions::new(recipe, &args.data, &out);
+    let mut opts = options(&args, recipe, base, &out, dev);
+    if nproc > 1 {
+        opts.local_world_size = nproc;
+        eprintln!("train: {nproc} ranks as threads on the CPU");
+    }
+    let s = train::train_threads(&opts, nproc)
+        .with_context(|| format!("training into {}", out.display()))?;
+    finish(&out, &s)
+}
+
+/// Options common to every way of running.
+fn options(
+    args: &Args,
+    recipe: Recipe,
+    base: Option<Recipe>,
+    out: &Path,
+    dev: candle_core::Device,
+) -> TrainOptions {
+    let mut opts = TrainOptions::new(recipe, &args.data, out);
     opts.base = base;
     opts.device = dev;
     opts.resume = args.resume;
@@ -214,13 +260,17 @@ fn run(args: Args) -> Result<()> {
     opts.deterministic = args.deterministic;
     opts.train_samples = args.train_samples;
     opts.val_samples = args.val_samples;
+    opts.dist_timeout = Duration::from_secs(args.dist_timeout);
     opts.progress = if args.no_bar {
         Progress::Lines
     } else {
         Progress::Auto
     };
-    let s = train::train(&opts).with_context(|| format!("training into {}", out.display()))?;
-    // The curves of the run, as a PNG beside its metrics.
+    opts
+}
+
+/// The curves as a PNG beside the metrics, and the summary line.
+fn finish(out: &Path, s: &train::TrainSummary) -> Result<()> {
     let metrics = out.join("metrics.jsonl");
     let plot = out.join("plot.png");
     tools::plot::plot_metrics(&metrics, &plot)
@@ -233,5 +283,35 @@ fn run(args: Args) -> Result<()> {
         "{}",
         json!({"steps": s.steps, "updates_per_epoch": s.updates_per_epoch, "wall_s": s.wall_s, "eval": eval})
     );
+    Ok(())
+}
+
+/// One rank of a multi-process run (started by the launcher, torchrun or Slurm).
+fn worker(args: &Args, out: &Path, info: &RankInfo) -> Result<()> {
+    let (recipe, base) = load_recipe(args)?;
+    let timeout = Duration::from_secs(args.dist_timeout);
+    match ranks::join(info, train::recipe_hash(&recipe)?, &args.device, timeout)? {
+        ranks::Joined::Test(mode) => ranks::test_mode(&mode, info),
+        ranks::Joined::Nccl(token) => train_on_gpu(args, out, info, recipe, base, &token, timeout),
+    }
+}
+
+fn train_on_gpu(
+    args: &Args,
+    out: &Path,
+    info: &RankInfo,
+    recipe: Recipe,
+    base: Option<Recipe>,
+    token: &[u8],
+    timeout: Duration,
+) -> Result<()> {
+    let (dev, mut comm) = ranks::gpu_rank(info, token, timeout)?;
+    let mut opts = options(args, recipe, base, out, dev);
+    opts.local_world_size = info.local_world_size;
+    let s = train::train_rank(&opts, comm.as_mut())
+        .with_context(|| format!("rank {}: training into {}", info.rank, out.display()))?;
+    if info.rank == 0 {
+        finish(out, &s)?;
+    }
     Ok(())
 }

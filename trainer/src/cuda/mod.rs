@@ -14,6 +14,8 @@ pub mod feed;
 pub mod kernels;
 pub mod lamb;
 pub mod memory;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod pool;
 pub mod profile;
 

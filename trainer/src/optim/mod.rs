@@ -249,19 +249,3 @@ fn global_grad_sumsq(groups: &[ParamGroup], grads: &GradStore) -> Result<f64, Op
     let sums = Tensor::stack(&partial, 0)?.to_device(&Device::Cpu)?;
     Ok(sums.to_vec1::<f32>()?.iter().map(|&s| s as f64).sum())
 }
-
-/// LAMB for parameters on `device`: the multi-tensor CUDA implementation on a CUDA device (a
-/// handful of launches per step whatever the tensor count), the tensor-op implementation
-/// elsewhere. Both have the same semantics and checkpoint state.
-pub fn lamb_for_device(
-    groups: Vec<ParamGroup>,
-    config: LambConfig,
-    device: &Device,
-) -> Result<Box<dyn TrainOptimizer>, OptimError> {
-    #[cfg(feature = "cuda")]
-    if device.is_cuda() {
-        return Ok(Box::new(crate::cuda::lamb::CudaLamb::new(groups, config)?));
-    }
-    let _ = device;
-    Ok(Box::new(Lamb::new(groups, config)?))
-}
