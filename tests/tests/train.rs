@@ -476,3 +476,33 @@ fn evaluation_split_over_ranks_equals_one_rank() {
         }
     }
 }
+
+#[test]
+fn ranks_reducing_during_the_explicit_backward_train_what_one_rank_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    let recipe = four_micro_batch_recipe();
+    // The fast path's structure on the CPU: channels-last, the explicit backward (its hook
+    // starts the gradient buckets), buckets small enough that several start per backward.
+    let opts = |run: &Path| {
+        let mut o = options(recipe.clone(), &data, run);
+        o.layout = Some(trainer::model::ActivationLayout::Nhwc);
+        o.backward = trainer::model::BackwardMode::Explicit;
+        o.bucket_bytes = 64 << 10;
+        o
+    };
+    let one = dir.path().join("w1");
+    train(&opts(&one)).unwrap();
+    let two = dir.path().join("w2");
+    train_threads(&opts(&two), 2).unwrap();
+    let ck = |d: &Path, f: &str| d.join("checkpoints").join(f);
+    assert_same_trainable(
+        &ck(&one, "step-4.safetensors"),
+        &ck(&two, "step-4.safetensors"),
+    );
+    assert_same_tensors(
+        &ck(&one, "step-4.optim.safetensors"),
+        &ck(&two, "step-4.optim.safetensors"),
+    );
+    assert_eq!(update_metrics(&one), update_metrics(&two));
+}

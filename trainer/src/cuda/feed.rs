@@ -24,8 +24,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    result, CudaContext, CudaEvent, CudaSlice, CudaStream, LaunchArgs, PinnedHostSlice,
-    PushKernelArg,
+    result, CudaEvent, CudaSlice, CudaStream, LaunchArgs, PinnedHostSlice, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{bail, DType, Result, Tensor};
@@ -321,39 +320,6 @@ pub fn pinned_buffers(dev: &CudaDevice, count: usize, bytes: usize) -> Result<Ve
         .collect()
 }
 
-/// A CUDA stream for copies, owned here and destroyed on drop (after finishing its work).
-struct CopyStream {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-}
-
-impl CopyStream {
-    fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
-        ctx.bind_to_thread().w()?;
-        let cu = result::stream::create(result::stream::StreamKind::NonBlocking).w()?;
-        // SAFETY: `cu` is a stream just created in `ctx`. This struct owns it: the wrapper never
-        // leaves it, and `Drop` destroys the stream only after synchronising it. Work on it is
-        // ordered against candle's stream by the explicit events of `CudaUpload`.
-        let stream = unsafe { ctx.wrap_borrowed_stream(cu) };
-        Ok(CopyStream {
-            ctx: ctx.clone(),
-            stream,
-        })
-    }
-}
-
-impl Drop for CopyStream {
-    fn drop(&mut self) {
-        let cu = self.stream.cu_stream();
-        self.ctx.record_err(self.ctx.bind_to_thread());
-        // SAFETY: `cu` was created in `new` and is destroyed once, here, after its work is done.
-        unsafe {
-            self.ctx.record_err(result::stream::synchronize(cu));
-            self.ctx.record_err(result::stream::destroy(cu));
-        }
-    }
-}
-
 /// The completion of one copy: an event recorded on the copy stream after it.
 pub struct EventFence(Arc<CudaEvent>);
 
@@ -394,7 +360,7 @@ pub struct CudaUpload {
     next_slot: usize,
     pending: VecDeque<Pending>,
     in_flight: InFlight<Batch<DynStorage>, EventFence>,
-    copy: CopyStream,
+    copy: super::SideStream,
 }
 
 impl CudaUpload {
@@ -402,7 +368,7 @@ impl CudaUpload {
     pub fn new(dev: &CudaDevice, max_batch_bytes: usize) -> Result<Self> {
         let compute = dev.cuda_stream();
         let ctx = compute.context().clone();
-        let copy = CopyStream::new(&ctx)?;
+        let copy = super::SideStream::new(&ctx)?;
         let mut slots = Vec::with_capacity(NUM_SLOTS);
         for _ in 0..NUM_SLOTS {
             // SAFETY: a slot is read only after a copy into it has completed (`next_images`

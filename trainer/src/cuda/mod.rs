@@ -24,6 +24,49 @@ use candle_core::cuda_backend::cudarc::driver::DevicePtr;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{bail, DType, Layout, Result, Storage, Tensor};
 
+/// A CUDA stream of its own beside candle's (the feed's copies, NCCL's collectives), owned here
+/// and destroyed on drop after finishing its work.
+///
+/// It is created with the driver API and wrapped as a borrowed stream, so candle's context stays
+/// in single-stream mode: `CudaContext::new_stream` would switch cudarc to multi-stream event
+/// tracking, which records and waits on events around every kernel argument of every candle op.
+/// Work on it is ordered against candle's stream by explicit events, by its users.
+pub(crate) struct SideStream {
+    pub(crate) ctx: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    pub(crate) stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+}
+
+impl SideStream {
+    pub(crate) fn new(
+        ctx: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    ) -> Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        use candle_core::cuda_backend::WrapErr;
+        ctx.bind_to_thread().w()?;
+        let cu = result::stream::create(result::stream::StreamKind::NonBlocking).w()?;
+        // SAFETY: `cu` is a stream just created in `ctx`. This struct owns it: the wrapper never
+        // leaves it, and `Drop` destroys the stream only after synchronising it.
+        let stream = unsafe { ctx.wrap_borrowed_stream(cu) };
+        Ok(SideStream {
+            ctx: ctx.clone(),
+            stream,
+        })
+    }
+}
+
+impl Drop for SideStream {
+    fn drop(&mut self) {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        let cu = self.stream.cu_stream();
+        self.ctx.record_err(self.ctx.bind_to_thread());
+        // SAFETY: `cu` was created in `new` and is destroyed once, here, after its work is done.
+        unsafe {
+            self.ctx.record_err(result::stream::synchronize(cu));
+            self.ctx.record_err(result::stream::destroy(cu));
+        }
+    }
+}
+
 /// The raw device address of the first element of a contiguous CUDA tensor, for kernels that
 /// take plain pointers (for instance to update a [`candle_core::Var`] in place).
 ///

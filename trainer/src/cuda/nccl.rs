@@ -2,12 +2,15 @@
 //! communicator made from the unique id rank 0 hands out at the rendezvous
 //! ([`crate::dist::rendezvous`]).
 //!
-//! * Gradients: each bucket's tensors are copied into one flat f32 buffer, summed in place with
-//!   `ncclAllReduce` on candle's stream (so it is ordered after the backward that made the
-//!   gradients and before the optimizer that reads them, with no host wait), and handed back as
-//!   views of that buffer.
-//! * Host values (losses, evaluation counts, the weight checksum): small device buffers, summed or
-//!   broadcast the same way, then read back.
+//! * Gradients ([`Collective::start_sum`]): a bucket's tensors are copied into one flat f32
+//!   buffer on candle's stream, and the sum runs in place on NCCL's own stream, after an event
+//!   that orders it behind those copies. Candle's stream goes on with the rest of the backward
+//!   meanwhile (the overlap); [`PendingSum::wait`] makes candle's stream wait for the sum (on
+//!   the device, not the host) and hands the sums back as views of the buffer, so the optimizer
+//!   reads them only once they are complete.
+//! * Host values (losses, evaluation counts, the weight checksum): small buffers summed or
+//!   broadcast on NCCL's stream, then read back. Every NCCL call of the rank is on that one
+//!   stream, so they run in the order every rank issues them.
 //! * Faults: a watchdog thread follows every collective queued (an event after it). When one has
 //!   not completed within the timeout (a rank died or hangs), or NCCL reports an asynchronous
 //!   error (a peer's process exited, a network error), it aborts the communicator: the stuck
@@ -28,7 +31,7 @@ use candle_core::cuda_backend::cudarc::nccl::{result, sys};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::{DType, Storage, Tensor};
 
-use crate::dist::{Collective, DistError, Result};
+use crate::dist::{Collective, DistError, PendingSum, Result};
 
 /// The raw communicator, shared with the watchdog.
 struct RawComm(sys::ncclComm_t);
@@ -41,7 +44,7 @@ unsafe impl Sync for RawComm {}
 struct Watch {
     comm: RawComm,
     /// Collectives queued and not yet seen complete: their event, when queued, and what.
-    pending: Mutex<Vec<(CudaEvent, Instant, &'static str)>>,
+    pending: Mutex<Vec<(Arc<CudaEvent>, Instant, &'static str)>>,
     /// Set once the communicator is aborted, with the reason.
     failed: Mutex<Option<String>>,
     aborted: AtomicBool,
@@ -67,7 +70,10 @@ pub struct Nccl {
     watch: Arc<Watch>,
     watchdog: Option<std::thread::JoinHandle<()>>,
     dev: CudaDevice,
-    stream: Arc<CudaStream>,
+    /// Candle's stream: the gradients are made and used there.
+    compute: Arc<CudaStream>,
+    /// NCCL's stream: every collective of this rank.
+    side: super::SideStream,
     rank: usize,
     world: usize,
 }
@@ -104,11 +110,12 @@ impl Nccl {
         for (d, s) in internal.iter_mut().zip(token) {
             *d = *s as std::ffi::c_char;
         }
-        let stream = dev.cuda_stream();
-        stream
+        let compute = dev.cuda_stream();
+        compute
             .context()
             .bind_to_thread()
             .map_err(|e| nccl(e, "binding the device"))?;
+        let side = super::SideStream::new(compute.context())?;
         let mut comm = std::ptr::null_mut();
         // SAFETY: an out-parameter; the id is rank 0's, the same on every rank.
         unsafe {
@@ -144,7 +151,8 @@ impl Nccl {
             watch,
             watchdog: Some(watchdog),
             dev: dev.clone(),
-            stream,
+            compute,
+            side,
             rank,
             world,
         })
@@ -166,28 +174,32 @@ impl Nccl {
         Ok(())
     }
 
-    /// Records an event after the collective just queued, for the watchdog.
-    fn queued(&self, what: &'static str) -> Result<()> {
-        let ev = self
-            .stream
-            .record_event(None)
-            .map_err(|e| nccl(e, "recording an event"))?;
+    /// Records an event after the collective just queued on NCCL's stream, for the watchdog;
+    /// returns it.
+    fn queued(&self, what: &'static str) -> Result<Arc<CudaEvent>> {
+        let ev = Arc::new(
+            self.side
+                .stream
+                .record_event(None)
+                .map_err(|e| nccl(e, "recording an event"))?,
+        );
         self.watch
             .pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((ev, Instant::now(), what));
-        Ok(())
+            .push((ev.clone(), Instant::now(), what));
+        Ok(ev)
     }
 
-    /// `ncclAllReduce` (sum) in place over `count` values of `dtype` at `ptr`, on candle's stream.
+    /// `ncclAllReduce` (sum) in place over `count` values of `dtype` at `ptr`, on NCCL's stream;
+    /// returns the event after it.
     fn all_reduce_raw(
         &self,
         ptr: u64,
         count: usize,
         dtype: sys::ncclDataType_t,
         what: &'static str,
-    ) -> Result<()> {
+    ) -> Result<Arc<CudaEvent>> {
         self.check()?;
         // SAFETY: `ptr` holds `count` values of `dtype` on this rank's device and stays alive
         // until the stream has passed this call (callers keep the buffer).
@@ -199,7 +211,7 @@ impl Nccl {
                 dtype,
                 sys::ncclRedOp_t::ncclSum,
                 self.watch.comm.0,
-                self.stream.cu_stream() as _,
+                self.side.stream.cu_stream() as _,
             )
         }
         .map_err(|e| nccl(e, what))?;
@@ -217,11 +229,11 @@ impl Nccl {
                 sys::ncclDataType_t::ncclUint8,
                 root as i32,
                 self.watch.comm.0,
-                self.stream.cu_stream() as _,
+                self.side.stream.cu_stream() as _,
             )
         }
         .map_err(|e| nccl(e, "broadcast"))?;
-        self.queued("broadcast")
+        self.queued("broadcast").map(|_| ())
     }
 }
 
@@ -265,7 +277,7 @@ impl Drop for Nccl {
         }
         if !self.watch.aborted.load(Ordering::SeqCst) {
             // SAFETY: no collective is queued by this rank any more; the watchdog has stopped.
-            let _ = self.stream.synchronize();
+            let _ = self.side.stream.synchronize();
             let _ = unsafe { result::comm_destroy(self.watch.comm.0) };
         }
     }
@@ -285,15 +297,18 @@ impl Collective for Nccl {
     }
 
     fn all_reduce_sum(&mut self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.start_sum(tensors)?.wait()
+    }
+
+    fn start_sum(&mut self, tensors: &[Tensor]) -> Result<Box<dyn PendingSum>> {
         let total: usize = tensors.iter().map(Tensor::elem_count).sum();
         if total == 0 {
-            return Ok(tensors.to_vec());
+            return Ok(Box::new(crate::dist::Ready(tensors.to_vec())));
         }
-        // One flat buffer: one NCCL call per bucket.
-        let mut flat = self
-            .stream
-            .alloc_zeros::<f32>(total)
-            .map_err(|e| nccl(e, "bucket buffer"))?;
+        // One flat buffer, filled on candle's stream after the kernels that made the gradients.
+        // SAFETY: every element is written by the copies below before the sum reads it.
+        let mut flat =
+            unsafe { self.compute.alloc::<f32>(total) }.map_err(|e| nccl(e, "bucket buffer"))?;
         let mut offset = 0;
         for t in tensors {
             let t = f32_view(t)?;
@@ -306,7 +321,7 @@ impl Collective for Nccl {
             };
             let src = cs.as_cuda_slice::<f32>()?;
             let start = layout.start_offset();
-            self.stream
+            self.compute
                 .memcpy_dtod(
                     &src.slice(start..start + n),
                     &mut flat.slice_mut(offset..offset + n),
@@ -314,11 +329,20 @@ impl Collective for Nccl {
                 .map_err(|e| nccl(e, "bucket copy"))?;
             offset += n;
         }
+        // NCCL's stream runs the sum once the copies are done; candle's stream goes on.
+        let filled = self
+            .compute
+            .record_event(None)
+            .map_err(|e| nccl(e, "recording an event"))?;
+        self.side
+            .stream
+            .wait(&filled)
+            .map_err(|e| nccl(e, "ordering the sum after the copies"))?;
         let ptr = {
-            let (p, _sync) = flat.device_ptr_mut(&self.stream);
+            let (p, _sync) = flat.device_ptr_mut(&self.side.stream);
             p
         };
-        self.all_reduce_raw(
+        let done = self.all_reduce_raw(
             ptr,
             total,
             sys::ncclDataType_t::ncclFloat32,
@@ -330,14 +354,18 @@ impl Collective for Nccl {
             candle_core::op::BackpropOp::none(),
             false,
         );
-        let mut out = Vec::with_capacity(tensors.len());
+        let mut views = Vec::with_capacity(tensors.len());
         let mut offset = 0;
         for t in tensors {
             let n = t.elem_count();
-            out.push(whole.narrow(0, offset, n)?.reshape(t.shape())?);
+            views.push(whole.narrow(0, offset, n)?.reshape(t.shape())?);
             offset += n;
         }
-        Ok(out)
+        Ok(Box::new(NcclPending {
+            views,
+            done,
+            compute: self.compute.clone(),
+        }))
     }
 
     fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<()> {
@@ -345,11 +373,12 @@ impl Collective for Nccl {
             return Ok(());
         }
         let mut buf = self
+            .side
             .stream
             .clone_htod(values)
             .map_err(|e| nccl(e, "values upload"))?;
         let ptr = {
-            let (p, _sync) = buf.device_ptr_mut(&self.stream);
+            let (p, _sync) = buf.device_ptr_mut(&self.side.stream);
             p
         };
         self.all_reduce_raw(
@@ -359,6 +388,7 @@ impl Collective for Nccl {
             "all-reduce of values",
         )?;
         let host = self
+            .side
             .stream
             .clone_dtoh(&buf)
             .map_err(|e| nccl(e, "values download"))?;
@@ -381,15 +411,17 @@ impl Collective for Nccl {
             return Ok(());
         }
         let mut buf = self
+            .side
             .stream
             .clone_htod(bytes.as_slice())
             .map_err(|e| nccl(e, "bytes upload"))?;
         let ptr = {
-            let (p, _sync) = buf.device_ptr_mut(&self.stream);
+            let (p, _sync) = buf.device_ptr_mut(&self.side.stream);
             p
         };
         self.broadcast_raw(ptr, n, root)?;
         let host = self
+            .side
             .stream
             .clone_dtoh(&buf)
             .map_err(|e| nccl(e, "bytes download"))?;
@@ -405,5 +437,23 @@ impl Collective for Nccl {
     fn abort(&mut self, reason: &str) {
         self.watch
             .abort(format!("rank {} stopped: {reason}", self.rank));
+    }
+}
+
+/// A gradient bucket's sum in flight on NCCL's stream.
+struct NcclPending {
+    views: Vec<Tensor>,
+    done: Arc<CudaEvent>,
+    compute: Arc<CudaStream>,
+}
+
+impl PendingSum for NcclPending {
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>> {
+        // A device-side wait: kernels queued on candle's stream from now on (LAMB) run after
+        // the sum; the buffer is freed on candle's stream, after them.
+        self.compute
+            .wait(&self.done)
+            .map_err(|e| nccl(e, "ordering after the sum"))?;
+        Ok(self.views)
     }
 }

@@ -241,6 +241,12 @@ pub trait Collective: Send {
     /// The sum over ranks of each f32 tensor (every rank passes the same shapes), in rank order
     /// as a [`TreeSum`] on the host implementations.
     fn all_reduce_sum(&mut self, tensors: &[Tensor]) -> Result<Vec<Tensor>>;
+    /// Starts [`Collective::all_reduce_sum`] of `tensors`; [`PendingSum::wait`] gives the sums.
+    /// A device collective runs it on a stream of its own, so the work queued after this call
+    /// (the rest of a backward pass) overlaps it; the host collectives finish it here.
+    fn start_sum(&mut self, tensors: &[Tensor]) -> Result<Box<dyn PendingSum>> {
+        Ok(Box::new(Ready(self.all_reduce_sum(tensors)?)))
+    }
     /// The sum over ranks of each value, in place (f64, [`TreeSum`] over ranks).
     fn all_reduce_f64(&mut self, values: &mut [f64]) -> Result<()>;
     /// Rank `root`'s bytes, on every rank.
@@ -249,6 +255,22 @@ pub trait Collective: Send {
     fn barrier(&mut self) -> Result<()>;
     /// Tells the other ranks this one stopped (on error), so they stop instead of waiting.
     fn abort(&mut self, reason: &str);
+}
+
+/// A sum over ranks started by [`Collective::start_sum`].
+pub trait PendingSum {
+    /// The sums, in the order of the tensors started. On a device, work queued after this call
+    /// is ordered after the sum (a device-side wait, not a host one).
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>>;
+}
+
+/// A sum that finished when it was started.
+pub struct Ready(pub Vec<Tensor>);
+
+impl PendingSum for Ready {
+    fn wait(self: Box<Self>) -> Result<Vec<Tensor>> {
+        Ok(self.0)
+    }
 }
 
 /// World size 1: every collective is the identity.

@@ -16,7 +16,7 @@ use super::ModelError;
 use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 
 mod explicit;
-pub use explicit::{BackwardMode, TrainPass};
+pub use explicit::{BackwardMode, GradHook, TrainPass};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

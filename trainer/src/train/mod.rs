@@ -45,7 +45,7 @@ mod grads;
 mod trainer;
 
 pub use eval::{evaluate, evaluate_rank};
-pub use grads::{all_reduce as all_reduce_gradients, GradAccumulator, BUCKET_BYTES};
+pub use grads::{all_reduce as all_reduce_gradients, BucketReducer, GradAccumulator, BUCKET_BYTES};
 pub use trainer::Trainer;
 
 /// Errors of a training or evaluation run. Messages name the file or setting involved.
@@ -162,6 +162,11 @@ pub struct TrainOptions {
     pub local_world_size: usize,
     /// How long a rank waits for the others in a collective before failing (ranks as threads).
     pub dist_timeout: Duration,
+    /// Bytes of gradients per all-reduce bucket (default [`BUCKET_BYTES`], 25 MiB).
+    pub bucket_bytes: usize,
+    /// The activation layout (`None`: channels-last on CUDA, NCHW elsewhere). Channels-last on
+    /// the CPU runs the fast path's layer functions on their CPU references (tests).
+    pub layout: Option<crate::model::ActivationLayout>,
 }
 
 impl TrainOptions {
@@ -184,6 +189,8 @@ impl TrainOptions {
             deterministic: false,
             local_world_size: 1,
             dist_timeout: Duration::from_secs(600),
+            bucket_bytes: BUCKET_BYTES,
+            layout: None,
         }
     }
 }

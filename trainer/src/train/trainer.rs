@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use shards::Split;
 
 use super::eval::evaluate_rank;
-use super::grads::{self, GradAccumulator};
+use super::grads::{BucketReducer, GradAccumulator};
 use super::{
     build_model, eval_transform, io_err, mix_config, open_split, rand_augment, recipe_hash,
     train_transform, EvalResult, Progress, Result, TrainError, TrainOptions, TrainSummary,
@@ -232,9 +232,11 @@ impl<'a> Trainer<'a> {
         // Model, optimizer, schedule, loss.
         let (varmap, mut model) =
             build_model(recipe, opts.model.as_ref(), num_classes, &opts.device)?;
-        if opts.device.is_cuda() {
+        match opts.layout {
+            Some(l) => model.set_layout(l),
             // The fast path: channels-last bf16 activations, f32 master weights.
-            model.set_layout(ActivationLayout::Nhwc);
+            None if opts.device.is_cuda() => model.set_layout(ActivationLayout::Nhwc),
+            None => {}
         }
         model.set_backward_mode(opts.backward);
         let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
@@ -588,7 +590,8 @@ impl<'a> Trainer<'a> {
     /// ranks, and the optimizer step queued.
     fn update(&mut self, cursor: &mut EpochCursor<'_>, u: u64) -> Result<()> {
         let lr = self.schedule.lr_at(self.step, self.updates_per_epoch);
-        let mut grads = GradAccumulator::new(&self.trainable);
+        let mut grads = Some(GradAccumulator::new(&self.trainable));
+        let mut store = None;
         // The micro-batch losses stay on the device (summed in f64) and are read only when a
         // metrics line needs them: no host sync per micro-batch.
         let mut losses = TreeSum::new();
@@ -642,7 +645,19 @@ impl<'a> Trainer<'a> {
             } else {
                 loss.clone()
             };
-            grads.add(pass.backward(&scaled)?)?;
+            let acc = grads.as_mut().expect("taken at the last micro-batch only");
+            if a + 1 == self.accum && self.world > 1 {
+                // The last micro-batch: its gradients are reduced over the ranks in buckets
+                // that start as the backward finishes their layers.
+                let acc = grads.take().expect("present");
+                let mut reducer = BucketReducer::new(acc, &mut *self.comm, self.opts.bucket_bytes);
+                let rest = pass.backward_hooked(&scaled, &mut |g| {
+                    reducer.ready(g).map_err(candle_core::Error::wrap)
+                })?;
+                store = Some(reducer.finish(rest)?);
+            } else {
+                acc.add(pass.backward(&scaled)?)?;
+            }
             // While the device works through this micro-batch, take the next one from the
             // loader and start its copy (on CUDA it overlaps this step's compute).
             if cursor.fetched < cursor.end_batch && !(last_update && a + 1 == self.accum) {
@@ -652,7 +667,11 @@ impl<'a> Trainer<'a> {
             losses.push(loss.detach().to_dtype(DType::F64)?, |x: Tensor, y| x + y)?;
             self.window.images += n as u64;
         }
-        let store = grads::all_reduce(grads, &mut *self.comm)?;
+        let store = match (store, grads) {
+            (Some(s), _) => s,
+            (None, Some(acc)) => acc.into_store()?,
+            (None, None) => unreachable!("the accumulator is taken only with a store"),
+        };
         // Queued, not waited for: on a GPU the report is read only for a metrics line.
         self.optimizer.queue_step(&store, lr)?;
         self.step += 1;

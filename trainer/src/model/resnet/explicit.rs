@@ -71,12 +71,29 @@ enum Inner<'a> {
     },
 }
 
+/// Called during a backward with the gradients computed so far, whenever more are final: a
+/// data-parallel trainer takes them from the store and starts reducing them over the ranks while
+/// the backward continues. An error stops the backward.
+pub type GradHook<'h> = dyn FnMut(&mut GradStore) -> candle_core::Result<()> + 'h;
+
 impl TrainPass<'_> {
     /// The gradients of `loss` (a scalar computed from this pass's logits) for every trainable
     /// variable of the network, as `loss.backward()` gives them.
     pub fn backward(self, loss: &Tensor) -> Result<GradStore> {
+        self.backward_hooked(loss, &mut |_| Ok(()))
+    }
+
+    /// [`TrainPass::backward`], handing the gradients to `hook` as they become final: the
+    /// explicit backward calls it after the classifier and after each residual block and the
+    /// stem (the gradients it has computed; the hook may take them out of the store), candle's
+    /// graph once at the end. The store returned holds what the hook left.
+    pub fn backward_hooked(self, loss: &Tensor, hook: &mut GradHook<'_>) -> Result<GradStore> {
         match self.inner {
-            Inner::Graph => loss.backward(),
+            Inner::Graph => {
+                let mut grads = loss.backward()?;
+                hook(&mut grads)?;
+                Ok(grads)
+            }
             Inner::Explicit {
                 model,
                 tape,
@@ -86,7 +103,8 @@ impl TrainPass<'_> {
                 let Some(d_features) = grads.remove(features.as_tensor()) else {
                     bail!("explicit backward: the loss does not depend on this pass's logits")
                 };
-                model.backward_tape(tape, &d_features, &mut grads)?;
+                hook(&mut grads)?;
+                model.backward_tape(tape, &d_features, &mut grads, hook)?;
                 Ok(grads)
             }
         }
@@ -314,7 +332,13 @@ impl ResNet {
         })
     }
 
-    fn backward_tape(&self, tape: Tape, d_features: &Tensor, grads: &mut GradStore) -> Result<()> {
+    fn backward_tape(
+        &self,
+        tape: Tape,
+        d_features: &Tensor,
+        grads: &mut GradStore,
+        hook: &mut GradHook<'_>,
+    ) -> Result<()> {
         let Tape {
             stem,
             pool,
@@ -328,6 +352,8 @@ impl ResNet {
                 bail!("explicit backward: the tape has fewer blocks than the network")
             };
             d = block.backward_tape(t, &d, grads)?;
+            // The block's weights are final.
+            hook(grads)?;
         }
         d = nhwc::max_pool_backward(&pool, &d)?;
         drop(pool);
@@ -349,7 +375,7 @@ impl ResNet {
                 None => break,
             }
         }
-        Ok(())
+        hook(grads)
     }
 }
 
