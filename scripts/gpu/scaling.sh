@@ -28,7 +28,7 @@ for n in 1 2 4 8; do
   echo "--- $n GPU(s)"
   timeout "${T_RUN:-240}" "$BIN/train-bench" --model resnet50 --batch-size "$BATCH" --size "$SIZE" \
     --steps "$STEPS" --warmup "$WARMUP" --device cuda:0 --nproc-per-node "$n" 2>"$OUT/scaling-$n.log" \
-    | grep '^{' | tee -a "$res"
+    | sed -n 's/^\(\[rank 0\] \)\{0,1\}\({.*}\)$/\2/p' | tee -a "$res"
   echo "exit code ${PIPESTATUS[0]} (log: $OUT/scaling-$n.log)"
 done
 "$PY" - "$res" <<'PY'
