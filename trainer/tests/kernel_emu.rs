@@ -1,6 +1,6 @@
 //! The CUDA kernels of `trainer/src/cuda/bn.rs` (`rsb_batch_norm`) and
 //! `trainer/src/cuda/pool.rs` (`rsb_pool`) run on the CPU and are compared with the CPU
-//! references of `trainer::ops::nhwc`: a check of the kernels' maths, indexing and launch
+//! references of `trainer::ops::nhwc::reference`: a check of the kernels' maths, indexing and launch
 //! geometry that needs no GPU and no CUDA toolkit, only `g++` (C++17, ucontext).
 //!
 //! How: the test reads the kernel sources (and `PRELUDE`) out of the `.rs` files, compiles them
@@ -762,7 +762,7 @@ fn bn_train_case(
     let xv = var(&widen(&x), &shape);
     let (gamma, beta) = (var(&pr.gamma, &[c]), var(&pr.beta, &[c]));
     let bn = bn_module(&pr, &gamma, &beta)?;
-    let y = nhwc::batch_norm(xv.as_tensor(), &bn, true, relu)?;
+    let y = nhwc::reference::batch_norm(xv.as_tensor(), &bn, true, relu)?;
     let dyt = Tensor::from_vec(widen(&dy), &shape[..], &Device::Cpu)?;
     let grads = (&y * &dyt)?.sum_all()?.backward()?;
     let grad = |v: &Var| host(grads.get(v.as_tensor()).expect("a gradient"));
@@ -826,7 +826,7 @@ fn bn_eval_case(
     s.run(exe);
 
     let xt = Tensor::from_vec(widen(&x), &shape[..], &Device::Cpu)?;
-    let y = nhwc::batch_norm(&xt, &bn, false, relu)?;
+    let y = nhwc::reference::batch_norm(&xt, &bn, false, relu)?;
     exact("y", &s.bf16("y"), &host(&y));
     Ok(())
 }
@@ -885,7 +885,7 @@ fn maxpool_case(
     s.run(exe);
 
     let xv = var(&widen(&x), &shape);
-    let y = nhwc::max_pool(xv.as_tensor(), k, st, pad)?;
+    let y = nhwc::reference::max_pool(xv.as_tensor(), k, st, pad)?;
     let dyt = Tensor::from_vec(widen(&dy), (n, oh, ow, c), &Device::Cpu)?;
     let grads = (&y * &dyt)?.sum_all()?.backward()?;
     exact("y", &s.bf16("y"), &host(&y));
@@ -928,7 +928,7 @@ fn gap_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()>
 
     let xw = widen(&x);
     let xv = var(&xw, &shape);
-    let y = nhwc::global_avg_pool(xv.as_tensor())?;
+    let y = nhwc::reference::global_avg_pool(xv.as_tensor())?;
     let dyt = Tensor::from_vec(dy, (n, c), &Device::Cpu)?;
     let grads = (&y * &dyt)?.sum_all()?.backward()?;
     let max_x = xw.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -979,7 +979,7 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
     s.run(exe);
 
     let (av, bv) = (var(&widen(&a), &shape), var(&widen(&b), &shape));
-    let y = nhwc::add_relu(av.as_tensor(), bv.as_tensor())?;
+    let y = nhwc::reference::add_relu(av.as_tensor(), bv.as_tensor())?;
     let dyt = Tensor::from_vec(widen(&dy), &shape[..], &Device::Cpu)?;
     let grads = (&y * &dyt)?.sum_all()?.backward()?;
     exact("y", &s.bf16("y"), &host(&y));

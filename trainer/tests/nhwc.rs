@@ -1,11 +1,13 @@
 //! The channels-last network equals the NCHW network (CPU, f32): logits, every gradient and the
 //! BatchNorm running statistics after a training step, and the evaluation logits.
 //!
-//! On the CPU the channels-last layer functions are the NCHW ops between permutes, so the two
-//! differ only in summation order inside candle's convolutions: the tolerance is 1e-4 relative
-//! (observed: about 1e-6). This pins the model's channels-last wiring (stem, fused BN + ReLU,
+//! On the CPU the channels-last network runs the CPU kernels of the fast path
+//! (`trainer::ops::cpu`; squeeze-excite and ResNet-D's pooled shortcut through candle's ops),
+//! the NCHW network candle's ops, so the two differ by the kernels' rounding: logits within 1e-4
+//! relative, gradients within 5e-4 (see `compare`; each op is checked at 1e-5 in
+//! `tests/cpu_ops.rs`). This pins the model's channels-last wiring (stem, fused BN + ReLU,
 //! pooling, shortcut, SE, ResNet-D pooled shortcut, stochastic depth); the GPU tests then compare
-//! each CUDA op with these same references.
+//! each CUDA op with the references.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor};
@@ -81,7 +83,10 @@ fn compare(name: &str, cfg: ResNetConfig) -> Result<()> {
     assert!(r < 1e-4, "{name}: train logits differ, rel {r:e}");
     let ga = la.sqr()?.sum_all()?.backward()?;
     let gb = lb.sqr()?.sum_all()?.backward()?;
-    let worst = same_gradients(name, (&a, &ga), (&b, &gb), 1e-4)?;
+    // The gradients reach the stem through every BatchNorm of the network, at batches as small
+    // as 3 values per channel (layer4 at 1x1): the per-op differences of the CPU kernels
+    // (about 1e-7, `tests/cpu_ops.rs`) grow to about 1.2e-4 at the first layers.
+    let worst = same_gradients(name, (&a, &ga), (&b, &gb), 5e-4)?;
     println!("{name}: worst gradient rel {worst:e}");
     same_running_stats(name, &a, &b, 1e-5);
     let r = rel(&b.forward_eval(&x_nhwc)?, &a.forward_eval(&x)?)?;
@@ -124,10 +129,10 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
 }
 
 /// The explicit training pass (hand-written trunk backward) equals candle's graph on the same
-/// channels-last network: loss, every gradient, running statistics. On the CPU each layer's
-/// explicit backward is the vector-Jacobian product of the same reference op, so this pins the
-/// chaining (block input sums, shortcut, stochastic depth masks, stem, gradient layouts and
-/// keys); `cuda_ops` checks the CUDA layers. Tolerance 1e-5 relative (observed: exact or ~1e-7).
+/// channels-last network: loss, every gradient, running statistics. On the CPU both run the same
+/// CPU kernels (the graph through their custom ops' backward), so this pins the chaining (block
+/// input sums, shortcut, stochastic depth masks, stem, gradient layouts and keys); `cuda_ops`
+/// checks the CUDA layers. Tolerance 1e-5 relative (observed: exact).
 fn explicit_matches_graph(name: &str, cfg: ResNetConfig) -> Result<()> {
     use trainer::model::BackwardMode;
     let dev = Device::Cpu;

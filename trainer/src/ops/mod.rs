@@ -1,7 +1,8 @@
 //! Custom candle operations the ResNet needs and candle lacks (CPU implementations), and the
-//! channels-last layer functions of the fast CUDA path ([`nhwc`]).
+//! channels-last layer functions of the fast path ([`nhwc`]) with their CPU kernels ([`cpu`]).
 
 pub mod avg_pool;
+pub mod cpu;
 pub mod max_pool;
 pub mod nhwc;
 

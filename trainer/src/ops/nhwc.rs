@@ -1,32 +1,46 @@
-//! Channels-last (`[N, H, W, C]`) layer functions: the layers of the fast CUDA path, each with
-//! a CPU reference built from the NCHW ops.
+//! Channels-last (`[N, H, W, C]`) layer functions: the layers of the fast path, on CUDA and on
+//! the CPU, each with a reference built from candle's NCHW ops ([`reference`]).
 //!
 //! On a CUDA device with bf16 activations each function runs the fused custom op of
 //! [`crate::cuda`] (cuDNN convolutions, BatchNorm + ReLU, max-pool, global average pool,
-//! add + ReLU). Everywhere else it permutes to NCHW, runs the reference op and permutes back, so
-//! a channels-last network on the CPU computes exactly what the NCHW network computes: the tests
-//! check this, and the GPU tests check each CUDA op against the same references.
+//! add + ReLU). With f32 activations on the CPU it runs the kernels of [`crate::ops::cpu`]
+//! (tiled GEMM convolutions, fused BatchNorm + ReLU, ...; multi-threaded, deterministic for any
+//! thread count). Anything else (f64, for instance) permutes to NCHW, runs the reference op and
+//! permutes back. The tests check that a channels-last network computes what the NCHW network
+//! computes, and the GPU tests and the kernel emulation check each CUDA op against the
+//! references.
 //!
-//! Weights stay in their PyTorch layout and dtype (f32 masters, OIHW): [`conv2d`] casts and
-//! permutes them to bf16 KRSC in one pass per call, and the gradient goes back to an f32 OIHW
-//! gradient for the optimizer (through candle's autograd, or in [`conv2d_backward`]).
+//! Weights stay in their PyTorch layout and dtype (f32 masters, OIHW): [`conv2d`] converts them
+//! per call (bf16 KRSC for cuDNN, RSCK for the CPU GEMMs), and the gradient goes back to an f32
+//! OIHW gradient for the optimizer (through candle's autograd, or in [`conv2d_backward`]).
 //!
 //! The `*_train` / `*_backward` pairs are the same layers for the explicit training pass
 //! ([`crate::model::ResNet::forward_train_pass`]): the forward returns what its backward needs,
 //! and the backward returns the input and parameter gradients without going through candle's
-//! graph. On CUDA they call the same kernels as the custom ops' backward; elsewhere the backward
-//! is the vector-Jacobian product of the reference forward, taken by candle's autograd on fresh
-//! variables (slow, recomputes the layer: it exists so the CPU tests can check the explicit
-//! pass against the graph).
+//! graph. On CUDA and the CPU they call the same kernels as the custom ops' backward (so the
+//! explicit pass and the graph compute the same values); elsewhere the backward is the
+//! vector-Jacobian product of the reference forward, taken by candle's autograd on fresh
+//! variables.
 
 use candle_core::{DType, Result, Tensor, Var};
-use candle_nn::ModuleT;
 
 use crate::model::BatchNorm2d;
+use crate::ops::cpu;
 
 /// True when `x` takes the fused CUDA ops (a CUDA tensor in bf16).
-pub fn is_fast(x: &Tensor) -> bool {
+pub fn is_cuda_fast(x: &Tensor) -> bool {
     cfg!(feature = "cuda") && x.device().is_cuda() && x.dtype() == DType::BF16
+}
+
+/// True when `x` takes the CPU kernels (an f32 tensor on the CPU).
+pub fn is_cpu_fast(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// True when `x` takes a fast path (CUDA bf16 or CPU f32): the explicit backward then has real
+/// backward kernels.
+pub fn is_fast(x: &Tensor) -> bool {
+    is_cuda_fast(x) || is_cpu_fast(x)
 }
 
 fn to_nchw(x: &Tensor) -> Result<Tensor> {
@@ -50,12 +64,19 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         let (w, op) = cudnn_conv(weight, stride, padding, groups)?;
         return x.contiguous()?.apply_op2(&w, op);
     }
-    let w = weight.to_dtype(x.dtype())?;
-    to_nhwc(&to_nchw(x)?.conv2d(&w, padding, stride, 1, groups)?)
+    if is_cpu_fast(x) && weight.dtype() == DType::F32 {
+        let op = cpu::Conv2dCpu {
+            stride,
+            pad: padding,
+            groups,
+        };
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, op);
+    }
+    reference::conv2d(x, weight, stride, padding, groups)
 }
 
 /// The fast path's filter (the OIHW weight cast and permuted to bf16 KRSC in one pass) and
@@ -86,7 +107,7 @@ fn cudnn_conv(
 /// - `x`: `[N, H, W, C]`; returns the same shape and dtype
 pub fn batch_norm(x: &Tensor, bn: &BatchNorm2d, train: bool, relu: bool) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         use crate::cuda::bn::{BatchNormApply, BatchNormTrain};
         let x = x.contiguous()?;
         let (gamma, beta) = (
@@ -106,9 +127,14 @@ pub fn batch_norm(x: &Tensor, bn: &BatchNorm2d, train: bool, relu: bool) -> Resu
         let (scale, shift) = bn.folded_scale_shift()?;
         return x.apply_op3_no_bwd(&scale, &shift, &BatchNormApply { relu });
     }
-    let y = bn.forward_t(&to_nchw(x)?, train)?;
-    let y = if relu { y.relu()? } else { y };
-    to_nhwc(&y)
+    if is_cpu_fast(x) && bn.weight().dtype() == DType::F32 {
+        if !train {
+            return cpu::batch_norm_eval(x, bn, relu);
+        }
+        let op = cpu::BatchNormTrainCpu::new(bn, relu);
+        return x.contiguous()?.apply_op3(bn.weight(), bn.bias(), op);
+    }
+    reference::batch_norm(x, bn, train, relu)
 }
 
 /// Max-pool with a `kernel x kernel` window (padding acts as `-inf`).
@@ -117,11 +143,15 @@ pub fn batch_norm(x: &Tensor, bn: &BatchNorm2d, train: bool, relu: bool) -> Resu
 /// - `x`: `[N, H, W, C]`; returns `[N, OH, OW, C]`
 pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         let op = crate::cuda::pool::MaxPoolNhwc::new(kernel, stride, padding)?;
         return x.contiguous()?.apply_op1(op);
     }
-    to_nhwc(&super::max_pool2d(&to_nchw(x)?, kernel, stride, padding)?)
+    if is_cpu_fast(x) {
+        let op = cpu::MaxPoolCpu::new(kernel, stride, padding);
+        return x.contiguous()?.apply_op1(op);
+    }
+    reference::max_pool(x, kernel, stride, padding)
 }
 
 /// Global average pool to f32 features.
@@ -130,33 +160,88 @@ pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Res
 /// - `x`: `[N, H, W, C]`; returns `[N, C]` f32
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         return x
             .contiguous()?
             .apply_op1(crate::cuda::pool::GlobalAvgPoolNhwc);
     }
-    let dt = if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    x.to_dtype(dt)?.mean((1, 2))
+    if is_cpu_fast(x) {
+        return x.contiguous()?.apply_op1(cpu::GlobalAvgPoolCpu);
+    }
+    reference::global_avg_pool(x)
 }
 
 /// `relu(a + b)` (the end of a residual block).
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(a) && b.dtype() == DType::BF16 {
+    if is_cuda_fast(a) && b.dtype() == DType::BF16 {
         return a
             .contiguous()?
             .apply_op2(&b.contiguous()?, crate::cuda::pool::AddRelu);
     }
-    (a + b)?.relu()
+    if is_cpu_fast(a) && b.dtype() == DType::F32 {
+        return a.contiguous()?.apply_op2(&b.contiguous()?, cpu::AddReluCpu);
+    }
+    reference::add_relu(a, b)
+}
+
+/// The layers from candle's NCHW ops between permutes: the fallback of every function here,
+/// and the reference the tests (and the CUDA kernel emulation) compare the fast paths with.
+pub mod reference {
+    use candle_core::{DType, Result, Tensor};
+    use candle_nn::ModuleT;
+
+    use super::{to_nchw, to_nhwc};
+    use crate::model::BatchNorm2d;
+
+    /// [`super::conv2d`] through candle's NCHW convolution.
+    pub fn conv2d(
+        x: &Tensor,
+        weight: &Tensor,
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Result<Tensor> {
+        let w = weight.to_dtype(x.dtype())?;
+        to_nhwc(&to_nchw(x)?.conv2d(&w, padding, stride, 1, groups)?)
+    }
+
+    /// [`super::batch_norm`] through candle-nn's BatchNorm.
+    pub fn batch_norm(x: &Tensor, bn: &BatchNorm2d, train: bool, relu: bool) -> Result<Tensor> {
+        let y = bn.forward_t(&to_nchw(x)?, train)?;
+        let y = if relu { y.relu()? } else { y };
+        to_nhwc(&y)
+    }
+
+    /// [`super::max_pool`] through the NCHW max-pool op.
+    pub fn max_pool(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+        to_nhwc(&crate::ops::max_pool2d(
+            &to_nchw(x)?,
+            kernel,
+            stride,
+            padding,
+        )?)
+    }
+
+    /// [`super::global_avg_pool`] as a mean.
+    pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+        let dt = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        x.to_dtype(dt)?.mean((1, 2))
+    }
+
+    /// [`super::add_relu`] as two ops.
+    pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        (a + b)?.relu()
+    }
 }
 
 /// ResNet-D's 2x2 ceil-mode average pool of the shortcut (reference path on every device).
 pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
-    to_nhwc(&super::avg_pool2d_ceil(&to_nchw(x)?)?)
+    to_nhwc(&crate::ops::avg_pool2d_ceil(&to_nchw(x)?)?)
 }
 
 /// The vector-Jacobian product of `f` at `inputs` for the output gradient `dy`: candle's
@@ -205,7 +290,7 @@ pub fn conv2d_train(
     let weight = weight.detach();
     let weight_dtype = weight.dtype();
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         let (w, op) = cudnn_conv(&weight, stride, padding, groups)?;
         let x = x.contiguous()?;
         let y = x.apply_op2_no_bwd(&w, &op)?;
@@ -219,7 +304,11 @@ pub fn conv2d_train(
         };
         return Ok((y, saved));
     }
-    let y = conv2d(x, &weight, stride, padding, groups)?;
+    let y = if is_cpu_fast(x) && weight_dtype == DType::F32 {
+        cpu::conv2d(x, &weight, stride, padding, groups)?
+    } else {
+        conv2d(x, &weight, stride, padding, groups)?
+    };
     let saved = ConvSaved {
         x: x.clone(),
         w: weight,
@@ -240,7 +329,7 @@ pub fn conv2d_backward(
 ) -> Result<(Option<Tensor>, Tensor)> {
     let (stride, padding, groups) = (saved.stride, saved.padding, saved.groups);
     #[cfg(feature = "cuda")]
-    if is_fast(&saved.x) {
+    if is_cuda_fast(&saved.x) {
         let op = crate::cuda::conv::Conv2dNhwc {
             stride,
             pad: padding,
@@ -256,6 +345,9 @@ pub fn conv2d_backward(
         // KRSC bf16 -> OIHW in the master dtype, in one strided pass.
         let dw = dw.permute((0, 3, 1, 2))?.to_dtype(saved.weight_dtype)?;
         return Ok((dx, dw));
+    }
+    if is_cpu_fast(&saved.x) && saved.weight_dtype == DType::F32 {
+        return cpu::conv2d_backward(&saved.x, &saved.w, dy, stride, padding, groups, need_dx);
     }
     let g = vjp(&[&saved.x, &saved.w], dy, |t| {
         conv2d(&t[0], &t[1], stride, padding, groups)
@@ -277,13 +369,15 @@ pub struct BnSaved {
     /// shortcut BNs hold 3.4 GiB).
     #[cfg(feature = "cuda")]
     fast: Option<(crate::cuda::bn::BatchNormTrain, Tensor, Option<Tensor>)>,
+    /// The CPU kernels' batch statistics, and the output when a ReLU follows.
+    cpu: Option<(cpu::BnStats, Option<Tensor>)>,
 }
 
 /// Training [`batch_norm`] (+ ReLU) for the explicit training pass: batch statistics, running
 /// statistics updated, no graph.
 pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm2d, relu: bool) -> Result<(Tensor, BnSaved)> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         let x = x.contiguous()?;
         let gamma = bn.weight().detach().to_dtype(DType::F32)?;
         let beta = bn.bias().detach().to_dtype(DType::F32)?;
@@ -299,6 +393,18 @@ pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm2d, relu: bool) -> Result<(Ten
             x,
             relu,
             fast: Some((op, gamma, relu.then(|| y.clone()))),
+            cpu: None,
+        };
+        return Ok((y, saved));
+    }
+    if is_cpu_fast(x) && bn.weight().dtype() == DType::F32 {
+        let (y, st) = cpu::batch_norm_train(x, bn, relu)?;
+        let saved = BnSaved {
+            x: x.clone(),
+            relu,
+            #[cfg(feature = "cuda")]
+            fast: None,
+            cpu: Some((st, relu.then(|| y.clone()))),
         };
         return Ok((y, saved));
     }
@@ -308,6 +414,7 @@ pub fn batch_norm_train(x: &Tensor, bn: &BatchNorm2d, relu: bool) -> Result<(Ten
         relu,
         #[cfg(feature = "cuda")]
         fast: None,
+        cpu: None,
     };
     Ok((y, saved))
 }
@@ -327,6 +434,9 @@ pub fn batch_norm_backward(
         return Ok((dx, dg, db));
     }
     let relu = saved.relu;
+    if let Some((st, y)) = &saved.cpu {
+        return cpu::batch_norm_backward(&saved.x, y.as_ref(), dy, bn, st, relu);
+    }
     let g = vjp(&[&saved.x, bn.weight(), bn.bias()], dy, |t| {
         let y = to_nhwc(&bn.train_output_with(&to_nchw(&t[0])?, &t[1], &t[2])?)?;
         if relu {
@@ -351,6 +461,8 @@ pub struct MaxPoolSaved {
     padding: usize,
     #[cfg(feature = "cuda")]
     fast: Option<crate::cuda::pool::MaxPoolNhwc>,
+    /// The CPU kernel's argmax map.
+    cpu_idx: Option<Vec<u8>>,
 }
 
 /// [`max_pool`] for the explicit training pass.
@@ -361,7 +473,7 @@ pub fn max_pool_train(
     padding: usize,
 ) -> Result<(Tensor, MaxPoolSaved)> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         let op = crate::cuda::pool::MaxPoolNhwc::new(kernel, stride, padding)?;
         let x = x.contiguous()?;
         let y = x.apply_op1_no_bwd(&op)?;
@@ -371,6 +483,20 @@ pub fn max_pool_train(
             stride,
             padding,
             fast: Some(op),
+            cpu_idx: None,
+        };
+        return Ok((y, saved));
+    }
+    if is_cpu_fast(x) {
+        let (y, idx) = cpu::max_pool_train(x, kernel, stride, padding)?;
+        let saved = MaxPoolSaved {
+            x: x.clone(),
+            kernel,
+            stride,
+            padding,
+            #[cfg(feature = "cuda")]
+            fast: None,
+            cpu_idx: Some(idx),
         };
         return Ok((y, saved));
     }
@@ -382,6 +508,7 @@ pub fn max_pool_train(
         padding,
         #[cfg(feature = "cuda")]
         fast: None,
+        cpu_idx: None,
     };
     Ok((y, saved))
 }
@@ -396,6 +523,9 @@ pub fn max_pool_backward(saved: &MaxPoolSaved, dy: &Tensor) -> Result<Tensor> {
             .ok_or_else(|| candle_core::Error::Msg("max-pool backward: no gradient".into()));
     }
     let (k, s, p) = (saved.kernel, saved.stride, saved.padding);
+    if let Some(idx) = &saved.cpu_idx {
+        return cpu::max_pool_backward(saved.x.dims4()?, idx, dy, k, s, p);
+    }
     let g = vjp(&[&saved.x], dy, |t| max_pool(&t[0], k, s, p))?;
     Ok(g.into_iter().next().expect("one gradient"))
 }
@@ -403,11 +533,14 @@ pub fn max_pool_backward(saved: &MaxPoolSaved, dy: &Tensor) -> Result<Tensor> {
 /// `dx` of [`global_avg_pool`] at input `x` for the feature gradient `dy` (`[N, C]` f32).
 pub fn global_avg_pool_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if is_fast(x) {
+    if is_cuda_fast(x) {
         use candle_core::CustomOp1;
         return crate::cuda::pool::GlobalAvgPoolNhwc
             .bwd(x, dy, dy)?
             .ok_or_else(|| candle_core::Error::Msg("avg-pool backward: no gradient".into()));
+    }
+    if is_cpu_fast(x) {
+        return cpu::global_avg_pool_backward(x.dims4()?, dy);
     }
     let g = vjp(&[x], dy, |t| global_avg_pool(&t[0]))?;
     Ok(g.into_iter().next().expect("one gradient"))
@@ -419,6 +552,8 @@ pub struct AddReluSaved {
     /// The output (fast path: its backward needs only the ReLU mask and the scales).
     #[cfg(feature = "cuda")]
     fast_y: Option<Tensor>,
+    /// The output of the CPU kernel (its backward needs the mask and the scales).
+    cpu_y: Option<Tensor>,
     /// The summands (reference path).
     inputs: Option<(Tensor, Tensor)>,
     scale: Option<Tensor>,
@@ -434,7 +569,7 @@ pub fn add_relu_train(
     scale: Option<&Tensor>,
 ) -> Result<(Tensor, AddReluSaved)> {
     #[cfg(feature = "cuda")]
-    if is_fast(a) && b.dtype() == DType::BF16 {
+    if is_cuda_fast(a) && b.dtype() == DType::BF16 {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let scale = scale
             .map(|s| s.to_dtype(DType::BF16)?.contiguous())
@@ -445,8 +580,20 @@ pub fn add_relu_train(
         };
         let saved = AddReluSaved {
             fast_y: Some(y.clone()),
+            cpu_y: None,
             inputs: None,
             scale,
+        };
+        return Ok((y, saved));
+    }
+    if is_cpu_fast(a) && b.dtype() == DType::F32 {
+        let y = cpu::add_relu(a, b, scale)?;
+        let saved = AddReluSaved {
+            #[cfg(feature = "cuda")]
+            fast_y: None,
+            cpu_y: Some(y.clone()),
+            inputs: None,
+            scale: scale.cloned(),
         };
         return Ok((y, saved));
     }
@@ -457,6 +604,7 @@ pub fn add_relu_train(
     let saved = AddReluSaved {
         #[cfg(feature = "cuda")]
         fast_y: None,
+        cpu_y: None,
         inputs: Some((a.clone(), b.clone())),
         scale: scale.cloned(),
     };
@@ -474,6 +622,9 @@ pub fn add_relu_backward(saved: &AddReluSaved, dy: &Tensor) -> Result<(Tensor, T
         if let (Some(da), Some(db)) = crate::cuda::pool::AddRelu.bwd(y, y, y, dy)? {
             return Ok((da, db));
         }
+    }
+    if let Some(y) = &saved.cpu_y {
+        return cpu::add_relu_backward(y, dy, saved.scale.as_ref());
     }
     let Some((a, b)) = &saved.inputs else {
         candle_core::bail!("add-relu backward: the forward kept no inputs")

@@ -1,0 +1,556 @@
+//! Channels-last f32 convolutions on the CPU: forward, backward data and backward filter as
+//! GEMMs over image-to-column tiles (the `gemm` crate's kernels, the ones candle uses).
+//!
+//! Layouts: input `[N, H, W, C]`, output `[N, OH, OW, K]`, filter as `[G][R * S * Cg][Kg]`
+//! ("RSCK" per group, `Cg = C / G`, `Kg = K / G`), so an output pixel's values for a group are
+//! the product of its patch (`R * S * Cg` values, in (r, s, c) order) and the group's filter.
+//!
+//! * Forward: the `M = N * OH * OW` output pixels are cut into tiles of [`TILE`] rows; each tile
+//!   gathers its patches into a buffer (a 1x1 stride-1 convolution reads the input rows directly)
+//!   and runs one GEMM per group. Tiles run on rayon's pool, each GEMM single-threaded.
+//! * Backward data: stride 1 is the forward convolution of the output gradient with the
+//!   flipped, transposed filter (padding `R - 1 - pad`); a 1x1 convolution is a GEMM scattered
+//!   to the strided input pixels; other strides compute the patch gradients tile by tile and
+//!   gather each input pixel's contributions (no two tasks write one value).
+//! * Backward filter: per tile, patches^T x output gradient into a partial filter gradient; the
+//!   partials are added in tile order.
+//!
+//! Tiles depend only on the problem size, never on the number of threads, and every sum has one
+//! order: the results are the same bits for any thread count.
+
+use rayon::prelude::*;
+
+/// Output rows per tile.
+pub const TILE: usize = 2048;
+
+/// Convolution geometry (square kernel, the same stride and padding on both axes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    /// Batch.
+    pub n: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Output channels.
+    pub k: usize,
+    /// Kernel side.
+    pub r: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Zero padding.
+    pub pad: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+impl ConvGeom {
+    /// Output height and width.
+    pub fn out_hw(&self) -> (usize, usize) {
+        let o = |x: usize| (x + 2 * self.pad - self.r) / self.stride + 1;
+        (o(self.h), o(self.w))
+    }
+
+    /// Output pixels `N * OH * OW`.
+    pub fn m(&self) -> usize {
+        let (oh, ow) = self.out_hw();
+        self.n * oh * ow
+    }
+
+    fn cg(&self) -> usize {
+        self.c / self.groups
+    }
+
+    fn kg(&self) -> usize {
+        self.k / self.groups
+    }
+
+    /// Patch length per group, `R * R * Cg`.
+    pub fn patch(&self) -> usize {
+        self.r * self.r * self.cg()
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.r == 1 && self.pad == 0
+    }
+}
+
+/// `out = a x b` (`a`: `m x k` row-major with row stride `lda`; `b`: `k x n` row-major with row
+/// stride `ldb`; `out`: `m x n` with row stride `ldo`), or `out += a x b` when `accumulate`.
+/// Single-threaded (the callers parallelise over tiles).
+///
+/// # Safety
+/// The pointers cover the matrices their strides and sizes describe.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // gemm: dst = alpha * dst + beta * lhs * rhs, column stride then row stride.
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out,
+        1,
+        ldo as isize,
+        accumulate,
+        a,
+        1,
+        lda as isize,
+        b,
+        1,
+        ldb as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `a^T x b` into `out` (`a`: `k x m` row-major, `b`: `k x n` row-major, `out`: `m x n`), or
+/// added to `out` when `accumulate`.
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_at(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out,
+        1,
+        ldo as isize,
+        accumulate,
+        a,
+        lda as isize,
+        1,
+        b,
+        1,
+        ldb as isize,
+        if accumulate { 1.0 } else { 0.0 },
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// `a x b^T` (`a`: `m x k`, `b`: `n x k`, both row-major) into `out` (`m x n`).
+///
+/// # Safety
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_bt(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        out,
+        1,
+        ldo as isize,
+        false,
+        a,
+        1,
+        lda as isize,
+        b,
+        ldb as isize,
+        1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Fills `buf` (`rows x patch`) with the patches of output pixels `m0..m0 + rows` for group
+/// `g` (zeros where the window leaves the image).
+fn gather(x: &[f32], geo: &ConvGeom, g: usize, m0: usize, rows: usize, buf: &mut [f32]) {
+    let (oh, ow) = geo.out_hw();
+    let (cg, r, c) = (geo.cg(), geo.r, geo.c);
+    let patch = geo.patch();
+    for (i, dst) in buf[..rows * patch].chunks_exact_mut(patch).enumerate() {
+        let m = m0 + i;
+        let (n, rest) = (m / (oh * ow), m % (oh * ow));
+        let (oy, ox) = (rest / ow, rest % ow);
+        for ky in 0..r {
+            let iy = (oy * geo.stride + ky) as isize - geo.pad as isize;
+            for kx in 0..r {
+                let ix = (ox * geo.stride + kx) as isize - geo.pad as isize;
+                let d = &mut dst[(ky * r + kx) * cg..(ky * r + kx + 1) * cg];
+                if iy < 0 || ix < 0 || iy >= geo.h as isize || ix >= geo.w as isize {
+                    d.fill(0.0);
+                } else {
+                    let at = ((n * geo.h + iy as usize) * geo.w + ix as usize) * c + g * cg;
+                    d.copy_from_slice(&x[at..at + cg]);
+                }
+            }
+        }
+    }
+}
+
+/// A raw pointer that may cross threads (tasks write disjoint parts).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// The forward convolution: `y` (`[N, OH, OW, K]`) from `x` (`[N, H, W, C]`) and `w` (RSCK per
+/// group).
+pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
+    let m = geo.m();
+    let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
+    assert_eq!(x.len(), geo.n * geo.h * geo.w * geo.c, "conv input size");
+    assert_eq!(w.len(), g_count * patch * kg, "conv filter size");
+    assert_eq!(y.len(), m * k, "conv output size");
+    let direct = geo.is_pointwise() && geo.stride == 1 && g_count == 1;
+    y.par_chunks_mut(TILE * k)
+        .enumerate()
+        .for_each_init(Vec::new, |buf, (t, out)| {
+            let m0 = t * TILE;
+            let rows = out.len() / k;
+            if direct {
+                // SAFETY: `x` rows m0.. are the patches (C = patch), `w` is patch x k.
+                unsafe {
+                    matmul(
+                        rows,
+                        k,
+                        patch,
+                        out.as_mut_ptr(),
+                        k,
+                        x[m0 * geo.c..].as_ptr(),
+                        geo.c,
+                        w.as_ptr(),
+                        kg,
+                        false,
+                    )
+                };
+                return;
+            }
+            buf.resize(rows * patch, 0.0);
+            for g in 0..g_count {
+                gather(x, geo, g, m0, rows, buf);
+                // SAFETY: buf is rows x patch; the group's filter is patch x kg; the output
+                // columns g*kg.. of each row (row stride k).
+                unsafe {
+                    matmul(
+                        rows,
+                        kg,
+                        patch,
+                        out[g * kg..].as_mut_ptr(),
+                        k,
+                        buf.as_ptr(),
+                        patch,
+                        w[g * patch * kg..].as_ptr(),
+                        kg,
+                        false,
+                    )
+                };
+            }
+        });
+}
+
+/// The filter for the stride-1 backward data pass: the flipped, transposed filter of `w`
+/// (RSCK per group with the roles of C and K exchanged).
+fn flipped(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
+    let mut out = vec![0f32; w.len()];
+    for g in 0..g_count {
+        let src = &w[g * r * r * cg * kg..(g + 1) * r * r * cg * kg];
+        let dst = &mut out[g * r * r * cg * kg..(g + 1) * r * r * cg * kg];
+        for ky in 0..r {
+            for kx in 0..r {
+                let (fy, fx) = (r - 1 - ky, r - 1 - kx);
+                for ci in 0..cg {
+                    for ko in 0..kg {
+                        // out[(fy, fx, ko), ci] = w[(ky, kx, ci), ko]
+                        dst[((fy * r + fx) * kg + ko) * cg + ci] =
+                            src[((ky * r + kx) * cg + ci) * kg + ko];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The input gradient `dx` (`[N, H, W, C]`) from the output gradient `dy` (`[N, OH, OW, K]`)
+/// and the filter `w` (RSCK per group).
+pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = geo.out_hw();
+    let (c, k, cg, kg, patch, g_count) =
+        (geo.c, geo.k, geo.cg(), geo.kg(), geo.patch(), geo.groups);
+    assert_eq!(dy.len(), geo.m() * k, "conv output gradient size");
+    assert_eq!(
+        dx.len(),
+        geo.n * geo.h * geo.w * c,
+        "conv input gradient size"
+    );
+    if geo.stride == 1 && geo.pad < geo.r {
+        // dx = conv(dy, flipped w^T), padding r - 1 - pad: a forward convolution K -> C.
+        let t = ConvGeom {
+            n: geo.n,
+            h: oh,
+            w: ow,
+            c: k,
+            k: c,
+            r: geo.r,
+            stride: 1,
+            pad: geo.r - 1 - geo.pad,
+            groups: g_count,
+        };
+        debug_assert_eq!(t.out_hw(), (geo.h, geo.w));
+        return forward(dy, &t, &flipped(w, geo), dx);
+    }
+    if geo.is_pointwise() {
+        // 1x1 stride s: dx at (s*oy, s*ox) = dy row x w^T, zero elsewhere.
+        dx.fill(0.0);
+        let dxp = SendPtr(dx.as_mut_ptr());
+        let m = geo.m();
+        (0..m.div_ceil(TILE)).into_par_iter().for_each(|t| {
+            // The whole wrapper, not its field (closures capture disjoint fields otherwise).
+            let dxp = &dxp;
+            let (m0, rows) = (t * TILE, TILE.min(m - t * TILE));
+            let mut tmp = vec![0f32; rows * c];
+            for g in 0..g_count {
+                // SAFETY: dy rows m0.. (stride k, columns g*kg..), w group (cg x kg, stride kg).
+                unsafe {
+                    matmul_bt(
+                        rows,
+                        cg,
+                        kg,
+                        tmp[g * cg..].as_mut_ptr(),
+                        c,
+                        dy[m0 * k + g * kg..].as_ptr(),
+                        k,
+                        w[g * cg * kg..].as_ptr(),
+                        kg,
+                    )
+                };
+            }
+            for (i, row) in tmp.chunks_exact(c).enumerate() {
+                let mm = m0 + i;
+                let (n, rest) = (mm / (oh * ow), mm % (oh * ow));
+                let (iy, ix) = ((rest / ow) * geo.stride, (rest % ow) * geo.stride);
+                let at = ((n * geo.h + iy) * geo.w + ix) * c;
+                // SAFETY: each output pixel maps to its own input pixel (stride >= 1, 1x1).
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dxp.0.add(at), c) };
+            }
+        });
+        return;
+    }
+    // General case: the patch gradients of every output pixel, then a gather per input pixel.
+    let m = geo.m();
+    let mut dcol = vec![0f32; m * g_count * patch];
+    dcol.par_chunks_mut(TILE * g_count * patch)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let m0 = t * TILE;
+            let rows = out.len() / (g_count * patch);
+            for g in 0..g_count {
+                // SAFETY: dy rows (stride k, columns g*kg..) x w group^T (patch x kg).
+                unsafe {
+                    matmul_bt(
+                        rows,
+                        patch,
+                        kg,
+                        out[g * patch..].as_mut_ptr(),
+                        g_count * patch,
+                        dy[m0 * k + g * kg..].as_ptr(),
+                        k,
+                        w[g * patch * kg..].as_ptr(),
+                        kg,
+                    )
+                };
+            }
+        });
+    let row_len = geo.w * c;
+    dx.par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (n, iy) = (row / geo.h, row % geo.h);
+            out.fill(0.0);
+            for ky in 0..geo.r {
+                let t = iy as isize + geo.pad as isize - ky as isize;
+                if t < 0 || t % geo.stride as isize != 0 {
+                    continue;
+                }
+                let oy = (t / geo.stride as isize) as usize;
+                if oy >= oh {
+                    continue;
+                }
+                for ix in 0..geo.w {
+                    for kx in 0..geo.r {
+                        let u = ix as isize + geo.pad as isize - kx as isize;
+                        if u < 0 || u % geo.stride as isize != 0 {
+                            continue;
+                        }
+                        let ox = (u / geo.stride as isize) as usize;
+                        if ox >= ow {
+                            continue;
+                        }
+                        let mm = (n * oh + oy) * ow + ox;
+                        for g in 0..g_count {
+                            let src =
+                                &dcol[mm * g_count * patch + g * patch + (ky * geo.r + kx) * cg..];
+                            let d = &mut out[ix * c + g * cg..ix * c + (g + 1) * cg];
+                            for (a, b) in d.iter_mut().zip(&src[..cg]) {
+                                *a += *b;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The filter gradient `dw` (RSCK per group) from the input `x` and the output gradient `dy`.
+pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
+    let m = geo.m();
+    let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
+    assert_eq!(dy.len(), m * k, "conv output gradient size");
+    assert_eq!(dw.len(), g_count * patch * kg, "conv filter gradient size");
+    let direct = geo.is_pointwise() && geo.stride == 1 && g_count == 1;
+    let tiles = m.div_ceil(TILE);
+    let partials: Vec<Vec<f32>> = (0..tiles)
+        .into_par_iter()
+        .map_init(Vec::new, |buf, t| {
+            let (m0, rows) = (t * TILE, TILE.min(m - t * TILE));
+            let mut part = vec![0f32; g_count * patch * kg];
+            if direct {
+                // SAFETY: x rows (patch = c) ^T x dy rows -> patch x k.
+                unsafe {
+                    matmul_at(
+                        patch,
+                        k,
+                        rows,
+                        part.as_mut_ptr(),
+                        kg,
+                        x[m0 * geo.c..].as_ptr(),
+                        geo.c,
+                        dy[m0 * k..].as_ptr(),
+                        k,
+                        false,
+                    )
+                };
+                return part;
+            }
+            buf.resize(rows * patch, 0.0);
+            for g in 0..g_count {
+                gather(x, geo, g, m0, rows, buf);
+                // SAFETY: buf (rows x patch)^T x dy rows (columns g*kg.., stride k).
+                unsafe {
+                    matmul_at(
+                        patch,
+                        kg,
+                        rows,
+                        part[g * patch * kg..].as_mut_ptr(),
+                        kg,
+                        buf.as_ptr(),
+                        patch,
+                        dy[m0 * k + g * kg..].as_ptr(),
+                        k,
+                        false,
+                    )
+                };
+            }
+            part
+        })
+        .collect();
+    // The tiles' partial sums, added in tile order (element-parallel).
+    dw.par_chunks_mut(4096).enumerate().for_each(|(i, out)| {
+        let (base, len) = (i * 4096, out.len());
+        out.copy_from_slice(&partials[0][base..base + len]);
+        for p in &partials[1..] {
+            for (o, v) in out.iter_mut().zip(&p[base..base + len]) {
+                *o += *v;
+            }
+        }
+    });
+}
+
+/// A PyTorch OIHW filter (`[K, Cg, R, R]`) as RSCK per group.
+pub fn oihw_to_rsck(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
+    let mut out = vec![0f32; w.len()];
+    for g in 0..g_count {
+        for ko in 0..kg {
+            let kk = g * kg + ko;
+            for ci in 0..cg {
+                for ky in 0..r {
+                    for kx in 0..r {
+                        out[g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko] =
+                            w[((kk * cg + ci) * r + ky) * r + kx];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// RSCK per group back to OIHW.
+pub fn rsck_to_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
+    let mut out = vec![0f32; w.len()];
+    for g in 0..g_count {
+        for ko in 0..kg {
+            let kk = g * kg + ko;
+            for ci in 0..cg {
+                for ky in 0..r {
+                    for kx in 0..r {
+                        out[((kk * cg + ci) * r + ky) * r + kx] =
+                            w[g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko];
+                    }
+                }
+            }
+        }
+    }
+    out
+}

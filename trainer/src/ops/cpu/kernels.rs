@@ -1,0 +1,370 @@
+//! Channels-last f32 BatchNorm, pooling and residual-add kernels on the CPU, on rayon's pool.
+//!
+//! A `[N, H, W, C]` tensor is an `[M, C]` matrix (`M = N * H * W`). Reductions over rows run
+//! in chunks of [`ROWS`] rows whose boundaries depend only on `M`; the chunks' f64 partial sums
+//! are added in chunk order, so results are the same bits for any thread count. The formulas
+//! are those of the CUDA kernels (`cuda::bn`, `cuda::pool`): biased batch variance, running
+//! statistics with PyTorch's unbiased variance and momentum, and `dx = a * g + b * (x - mean) + c`
+//! in the backward; the output is `(x - mean) * gamma * invstd + beta` (centred first, see
+//! [`apply`]).
+
+use rayon::prelude::*;
+
+/// Rows per reduction chunk.
+pub const ROWS: usize = 1024;
+
+/// Per-channel sums of `x` and `x^2` over the rows of `[M, C]`, in f64, fixed order.
+fn column_sums(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
+    let parts: Vec<Vec<f64>> = x
+        .par_chunks(ROWS * c)
+        .map(|chunk| {
+            let mut s = vec![0f64; 2 * c];
+            for row in chunk.chunks_exact(c) {
+                for (j, &v) in row.iter().enumerate() {
+                    let v = v as f64;
+                    s[j] += v;
+                    s[c + j] += v * v;
+                }
+            }
+            s
+        })
+        .collect();
+    let (mut s, mut q) = (vec![0f64; c], vec![0f64; c]);
+    for p in &parts {
+        for j in 0..c {
+            s[j] += p[j];
+            q[j] += p[c + j];
+        }
+    }
+    (s, q)
+}
+
+/// The batch statistics of a training BatchNorm and what its backward needs.
+#[derive(Clone, Debug)]
+pub struct BnStats {
+    /// Batch mean per channel.
+    pub mean: Vec<f32>,
+    /// `1 / sqrt(var + eps)` per channel (biased batch variance).
+    pub invstd: Vec<f32>,
+}
+
+/// Training BatchNorm (+ ReLU) over `x` (`[M, C]`): returns `y` and the batch statistics, and
+/// updates `running_mean` / `running_var` (momentum, unbiased variance, as PyTorch).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_train_forward(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f64,
+    momentum: f64,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    relu: bool,
+) -> (Vec<f32>, BnStats) {
+    let m = x.len() / c;
+    let (s, q) = column_sums(x, c);
+    let mut mean = vec![0f32; c];
+    let mut invstd = vec![0f32; c];
+    let mut scale = vec![0f32; c];
+    let mom = momentum as f32;
+    for j in 0..c {
+        let dm = s[j] / m as f64;
+        let var = (q[j] / m as f64 - dm * dm).max(0.0);
+        mean[j] = dm as f32;
+        invstd[j] = 1.0 / ((var as f32) + eps as f32).sqrt();
+        let unbiased = (var * m as f64 / (m.max(2) - 1) as f64) as f32;
+        running_mean[j] = running_mean[j] * (1.0 - mom) + mean[j] * mom;
+        running_var[j] = running_var[j] * (1.0 - mom) + unbiased * mom;
+        scale[j] = gamma[j] * invstd[j];
+    }
+    let y = apply(x, c, &mean, &scale, beta, relu);
+    (y, BnStats { mean, invstd })
+}
+
+/// `y = (x - mean) * scale + beta` per channel (+ ReLU). Centring first keeps f32 rounding
+/// relative to the output even when the mean is large against the spread (folding `mean` into
+/// the shift would lose it: at mean 50 the folded form is off by about 3e-6 relative).
+pub fn apply(
+    x: &[f32],
+    c: usize,
+    mean: &[f32],
+    scale: &[f32],
+    beta: &[f32],
+    relu: bool,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(ROWS * c)
+        .zip(x.par_chunks(ROWS * c))
+        .for_each(|(yo, xi)| {
+            for (yr, xr) in yo.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
+                for j in 0..c {
+                    let v = (xr[j] - mean[j]) * scale[j] + beta[j];
+                    yr[j] = if relu && v < 0.0 { 0.0 } else { v };
+                }
+            }
+        });
+    y
+}
+
+/// The backward of [`bn_train_forward`]: `(dx, dgamma, dbeta)` from the input `x`, the output
+/// `y` (read only with the fused ReLU, for its mask), the statistics and the output gradient.
+pub fn bn_train_backward(
+    x: &[f32],
+    y: Option<&[f32]>,
+    dy: &[f32],
+    c: usize,
+    gamma: &[f32],
+    st: &BnStats,
+    relu: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let m = x.len() / c;
+    let masked = |i: usize, d: f32| -> f32 {
+        match (relu, y) {
+            // Not `y > 0` (a NaN output passes no gradient, as on the GPU).
+            (true, Some(y)) if y[i].partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) => 0.0,
+            _ => d,
+        }
+    };
+    let parts: Vec<Vec<f64>> = (0..m.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|t| {
+            let mut p = vec![0f64; 2 * c];
+            for row in t * ROWS..((t + 1) * ROWS).min(m) {
+                for j in 0..c {
+                    let i = row * c + j;
+                    let g = masked(i, dy[i]) as f64;
+                    let xhat = ((x[i] - st.mean[j]) * st.invstd[j]) as f64;
+                    p[j] += g;
+                    p[c + j] += g * xhat;
+                }
+            }
+            p
+        })
+        .collect();
+    let (mut gs, mut hs) = (vec![0f64; c], vec![0f64; c]);
+    for p in &parts {
+        for j in 0..c {
+            gs[j] += p[j];
+            hs[j] += p[c + j];
+        }
+    }
+    let dbeta: Vec<f32> = gs.iter().map(|&v| v as f32).collect();
+    let dgamma: Vec<f32> = hs.iter().map(|&v| v as f32).collect();
+    // dx = a * g + b * (x - mean) + c0.
+    let inv_m = 1.0 / m as f32;
+    let mut a = vec![0f32; c];
+    let mut b = vec![0f32; c];
+    let mut c0 = vec![0f32; c];
+    for j in 0..c {
+        let k = gamma[j] * st.invstd[j];
+        a[j] = k;
+        b[j] = -k * st.invstd[j] * (dgamma[j] * inv_m);
+        c0[j] = -k * (dbeta[j] * inv_m);
+    }
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(ROWS * c)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let r0 = t * ROWS;
+            for (rr, orow) in out.chunks_exact_mut(c).enumerate() {
+                let base = (r0 + rr) * c;
+                for j in 0..c {
+                    let i = base + j;
+                    let g = masked(i, dy[i]);
+                    orow[j] = a[j] * g + b[j] * (x[i] - st.mean[j]) + c0[j];
+                }
+            }
+        });
+    (dx, dgamma, dbeta)
+}
+
+/// Max-pool `k x k`, stride `s`, padding `p` over `[N, H, W, C]`: the output and, per output
+/// value, the window position of its maximum (the first in row-major order; a NaN wins, the
+/// last NaN of a window; as the CUDA kernel and PyTorch).
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool_forward(
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> (Vec<f32>, Vec<u8>, usize, usize) {
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+    let mut y = vec![0f32; n * oh * ow * c];
+    let mut idx = vec![0u8; n * oh * ow * c];
+    y.par_chunks_mut(ow * c)
+        .zip(idx.par_chunks_mut(ow * c))
+        .enumerate()
+        .for_each(|(row, (yr, ir))| {
+            let (b, oy) = (row / oh, row % oh);
+            let mut best = vec![0f32; c];
+            let mut bi = vec![-1i32; c];
+            for ox in 0..ow {
+                best.fill(0.0);
+                bi.fill(-1);
+                for ky in 0..k {
+                    let iy = (oy * s + ky) as isize - p as isize;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    for kx in 0..k {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let at = ((b * h + iy as usize) * w + ix as usize) * c;
+                        let pos = (ky * k + kx) as i32;
+                        for j in 0..c {
+                            let v = x[at + j];
+                            if bi[j] < 0 || v > best[j] || v.is_nan() {
+                                best[j] = v;
+                                bi[j] = pos;
+                            }
+                        }
+                    }
+                }
+                yr[ox * c..(ox + 1) * c].copy_from_slice(&best);
+                for j in 0..c {
+                    ir[ox * c + j] = bi[j].max(0) as u8;
+                }
+            }
+        });
+    (y, idx, oh, ow)
+}
+
+/// The backward of [`max_pool_forward`]: each input value gathers the gradients of the
+/// outputs whose maximum it was.
+#[allow(clippy::too_many_arguments)]
+pub fn max_pool_backward(
+    dy: &[f32],
+    idx: &[u8],
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+) -> Vec<f32> {
+    let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+    let mut dx = vec![0f32; n * h * w * c];
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(row, out)| {
+        let (b, iy) = (row / h, row % h);
+        let lo_h = iy as isize + p as isize - k as isize + 1;
+        let oy0 = if lo_h <= 0 {
+            0
+        } else {
+            (lo_h as usize).div_ceil(s)
+        };
+        let oy1 = ((iy + p) / s).min(oh - 1);
+        for ix in 0..w {
+            let lo_w = ix as isize + p as isize - k as isize + 1;
+            let ox0 = if lo_w <= 0 {
+                0
+            } else {
+                (lo_w as usize).div_ceil(s)
+            };
+            let ox1 = ((ix + p) / s).min(ow - 1);
+            let d = &mut out[ix * c..(ix + 1) * c];
+            for oy in oy0..=oy1 {
+                for ox in ox0..=ox1 {
+                    let o = ((b * oh + oy) * ow + ox) * c;
+                    let want = ((iy + p - oy * s) * k + (ix + p - ox * s)) as u8;
+                    for j in 0..c {
+                        if idx[o + j] == want {
+                            d[j] += dy[o + j];
+                        }
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// Global average pool `[N, HW, C]` -> `[N, C]` (f32 sums in pixel order, then / HW).
+pub fn gap_forward(x: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * c];
+    y.par_chunks_mut(c).enumerate().for_each(|(b, out)| {
+        for px in x[b * hw * c..(b + 1) * hw * c].chunks_exact(c) {
+            for (o, v) in out.iter_mut().zip(px) {
+                *o += *v;
+            }
+        }
+        for o in out.iter_mut() {
+            *o /= hw as f32;
+        }
+    });
+    y
+}
+
+/// The backward of [`gap_forward`]: every pixel gets `dy / HW`.
+pub fn gap_backward(dy: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
+    let mut dx = vec![0f32; n * hw * c];
+    dx.par_chunks_mut(hw * c).enumerate().for_each(|(b, out)| {
+        let g: Vec<f32> = dy[b * c..(b + 1) * c]
+            .iter()
+            .map(|v| v / hw as f32)
+            .collect();
+        for px in out.chunks_exact_mut(c) {
+            px.copy_from_slice(&g);
+        }
+    });
+    dx
+}
+
+/// `relu(a * scale[sample] + b)` (`scale` per sample, stochastic depth; `None`: `relu(a + b)`).
+pub fn add_relu_forward(
+    a: &[f32],
+    b: &[f32],
+    scale: Option<&[f32]>,
+    per_sample: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(per_sample.max(1))
+        .enumerate()
+        .for_each(|(smp, out)| {
+            let base = smp * per_sample;
+            let s = scale.map(|s| s[smp]);
+            for (i, o) in out.iter_mut().enumerate() {
+                let av = match s {
+                    Some(s) => a[base + i] * s,
+                    None => a[base + i],
+                };
+                let v = av + b[base + i];
+                *o = if v < 0.0 { 0.0 } else { v };
+            }
+        });
+    y
+}
+
+/// The backward of [`add_relu_forward`] from its output `y`: `(d_branch, d_shortcut)`.
+pub fn add_relu_backward(
+    y: &[f32],
+    dy: &[f32],
+    scale: Option<&[f32]>,
+    per_sample: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut ds = vec![0f32; y.len()];
+    let mut db = vec![0f32; y.len()];
+    ds.par_chunks_mut(per_sample.max(1))
+        .zip(db.par_chunks_mut(per_sample.max(1)))
+        .enumerate()
+        .for_each(|(smp, (o_s, o_b))| {
+            let base = smp * per_sample;
+            let s = scale.map(|s| s[smp]);
+            for i in 0..o_s.len() {
+                let g = if y[base + i] > 0.0 { dy[base + i] } else { 0.0 };
+                o_s[i] = g;
+                o_b[i] = match s {
+                    Some(s) => g * s,
+                    None => g,
+                };
+            }
+        });
+    (db, ds)
+}
