@@ -11,11 +11,12 @@
 //! depth of the A1 recipe), BCE with the A1 target threshold on dense smoothed one-hot targets,
 //! backward, LAMB with the A1 settings (global-norm clip, weight-decay groups). The images are
 //! random u8 pixels normalised once and kept on the device, so the loader is not measured (see
-//! `loader-bench` and the end-to-end script for that). On CUDA the defaults are channels-last
-//! bf16 activations with f32 master weights (the fast path); `--layout nchw --dtype f32` measures
-//! candle's own ops instead. `--backward graph` measures candle's autograd over the whole network
-//! in place of the explicit trunk backward that the fast path uses by default (see
-//! `trainer::model::BackwardMode`); the line's `backward` says which ran.
+//! `loader-bench` and the end-to-end script for that). The default is the fast path:
+//! channels-last activations (bf16 on CUDA with f32 master weights, f32 on the CPU through
+//! `trainer::ops::cpu`); `--layout nchw` (with `--dtype f32` on CUDA) measures candle's own ops.
+//! `--backward graph` measures candle's autograd over the whole network in place of the explicit
+//! trunk backward that the fast path uses by default (see `trainer::model::BackwardMode`); the
+//! line's `backward` says which ran.
 //!
 //! Prints one JSON line: `images_per_s`, `ms_per_step`, `peak_mem_bytes` (CUDA: the memory pool's
 //! high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`), and with
@@ -67,7 +68,7 @@ struct Args {
     /// cpu or cuda:N.
     #[arg(long, default_value = "cuda:0")]
     device: String,
-    /// Activation layout: auto = nhwc on CUDA, nchw on the CPU.
+    /// Activation layout: auto = nhwc (the fast path on CUDA and on the CPU); nchw = candle's ops.
     #[arg(long, default_value = "auto")]
     layout: String,
     /// Activation dtype: auto = bf16 on CUDA, f32 on the CPU.
@@ -164,10 +165,12 @@ fn bench(
     let (rank, world) = (comm.rank(), comm.world_size());
     #[cfg(feature = "cuda")]
     trainer::cuda::conv::set_deterministic(args.deterministic);
-    let layout = match (args.layout.as_str(), dev.is_cuda()) {
-        ("auto", true) | ("nhwc", _) => ActivationLayout::Nhwc,
-        ("auto", false) | ("nchw", _) => ActivationLayout::Nchw,
-        (l, _) => bail!("--layout {l:?}: expected auto, nchw or nhwc"),
+    // Channels-last everywhere by default: the fast path (cuDNN and our kernels on CUDA, the
+    // CPU kernels of trainer::ops::cpu on the CPU); nchw measures candle's own ops.
+    let layout = match args.layout.as_str() {
+        "auto" | "nhwc" => ActivationLayout::Nhwc,
+        "nchw" => ActivationLayout::Nchw,
+        l => bail!("--layout {l:?}: expected auto, nchw or nhwc"),
     };
     let dtype = match (args.dtype.as_str(), dev.is_cuda()) {
         ("auto", true) | ("bf16", _) => DType::BF16,
