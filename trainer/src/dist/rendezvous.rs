@@ -119,6 +119,18 @@ fn check(ours: &Hello, theirs: &Hello, world: usize) -> std::result::Result<(), 
     Ok(())
 }
 
+/// Answers a rank with the error that stops the run.
+fn refuse(stream: &mut TcpStream, e: &DistError) {
+    send(
+        stream,
+        &Answer {
+            ok: false,
+            token: vec![],
+            error: e.to_string(),
+        },
+    );
+}
+
 fn send(stream: &mut TcpStream, answer: &Answer) {
     if let Ok(mut line) = serde_json::to_vec(answer) {
         line.push(b'\n');
@@ -215,14 +227,7 @@ fn serve(
                 ours: format!("1..{}", info.world_size),
                 theirs: theirs.rank.to_string(),
             };
-            send(
-                &mut stream,
-                &Answer {
-                    ok: false,
-                    token: vec![],
-                    error: e.to_string(),
-                },
-            );
+            refuse(&mut stream, &e);
             return Err(fail_all(&mut joined, e, Some(1)));
         }
         if joined[theirs.rank].is_some() {
@@ -233,25 +238,11 @@ fn serve(
                     theirs.rank
                 ),
             );
-            send(
-                &mut stream,
-                &Answer {
-                    ok: false,
-                    token: vec![],
-                    error: e.to_string(),
-                },
-            );
+            refuse(&mut stream, &e);
             return Err(fail_all(&mut joined, e, Some(1)));
         }
         if let Err(e) = check(hello, &theirs, info.world_size) {
-            send(
-                &mut stream,
-                &Answer {
-                    ok: false,
-                    token: vec![],
-                    error: e.to_string(),
-                },
-            );
+            refuse(&mut stream, &e);
             return Err(fail_all(&mut joined, e, Some(1)));
         }
         joined[theirs.rank] = Some(stream);

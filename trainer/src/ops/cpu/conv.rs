@@ -77,29 +77,52 @@ impl ConvGeom {
     }
 }
 
-/// `out = a x b` (`a`: `m x k` row-major with row stride `lda`; `b`: `k x n` row-major with row
-/// stride `ldb`; `out`: `m x n` with row stride `ldo`), or `out += a x b` when `accumulate`.
-/// Single-threaded (the callers parallelise over tiles).
+/// A matrix operand: its first element and its strides (between rows, between columns).
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    row: usize,
+    col: usize,
+}
+
+impl Mat {
+    /// A row-major matrix with `ld` elements between rows.
+    fn rows(ptr: *const f32, ld: usize) -> Self {
+        Mat {
+            ptr,
+            row: ld,
+            col: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix with `ld` elements between rows.
+    fn transposed(ptr: *const f32, ld: usize) -> Self {
+        Mat {
+            ptr,
+            row: 1,
+            col: ld,
+        }
+    }
+}
+
+/// `out = a x b` (`a`: `m x k`, `b`: `k x n`, any strides; `out`: `m x n` row-major with `ldo`
+/// elements between rows), or `out += a x b` when `accumulate`. Single-threaded (the callers
+/// parallelise over tiles).
 ///
 /// # Safety
 /// The pointers cover the matrices their strides and sizes describe.
-#[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     out: *mut f32,
     ldo: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
+    a: Mat,
+    b: Mat,
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    // gemm: dst = alpha * dst + beta * lhs * rhs, column stride then row stride.
+    // gemm: dst = alpha * dst + beta * lhs * rhs; strides given column first, then row.
     gemm::gemm(
         m,
         n,
@@ -108,99 +131,13 @@ unsafe fn matmul(
         1,
         ldo as isize,
         accumulate,
-        a,
-        1,
-        lda as isize,
-        b,
-        1,
-        ldb as isize,
+        a.ptr,
+        a.col as isize,
+        a.row as isize,
+        b.ptr,
+        b.col as isize,
+        b.row as isize,
         if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
-/// `a^T x b` into `out` (`a`: `k x m` row-major, `b`: `k x n` row-major, `out`: `m x n`), or
-/// added to `out` when `accumulate`.
-///
-/// # Safety
-/// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_at(
-    m: usize,
-    n: usize,
-    k: usize,
-    out: *mut f32,
-    ldo: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        out,
-        1,
-        ldo as isize,
-        accumulate,
-        a,
-        lda as isize,
-        1,
-        b,
-        1,
-        ldb as isize,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
-/// `a x b^T` (`a`: `m x k`, `b`: `n x k`, both row-major) into `out` (`m x n`).
-///
-/// # Safety
-/// As [`matmul`].
-#[allow(clippy::too_many_arguments)]
-unsafe fn matmul_bt(
-    m: usize,
-    n: usize,
-    k: usize,
-    out: *mut f32,
-    ldo: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ldb: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        out,
-        1,
-        ldo as isize,
-        false,
-        a,
-        1,
-        lda as isize,
-        b,
-        ldb as isize,
-        1,
-        0.0,
         1.0,
         false,
         false,
@@ -259,15 +196,11 @@ pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                 // SAFETY: `x` rows m0.. are the patches (C = patch), `w` is patch x k.
                 unsafe {
                     matmul(
-                        rows,
-                        k,
-                        patch,
+                        (rows, k, patch),
                         out.as_mut_ptr(),
                         k,
-                        x[m0 * geo.c..].as_ptr(),
-                        geo.c,
-                        w.as_ptr(),
-                        kg,
+                        Mat::rows(x[m0 * geo.c..].as_ptr(), geo.c),
+                        Mat::rows(w.as_ptr(), kg),
                         false,
                     )
                 };
@@ -280,15 +213,11 @@ pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                 // columns g*kg.. of each row (row stride k).
                 unsafe {
                     matmul(
-                        rows,
-                        kg,
-                        patch,
+                        (rows, kg, patch),
                         out[g * kg..].as_mut_ptr(),
                         k,
-                        buf.as_ptr(),
-                        patch,
-                        w[g * patch * kg..].as_ptr(),
-                        kg,
+                        Mat::rows(buf.as_ptr(), patch),
+                        Mat::rows(w[g * patch * kg..].as_ptr(), kg),
                         false,
                     )
                 };
@@ -361,16 +290,13 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
             for g in 0..g_count {
                 // SAFETY: dy rows m0.. (stride k, columns g*kg..), w group (cg x kg, stride kg).
                 unsafe {
-                    matmul_bt(
-                        rows,
-                        cg,
-                        kg,
+                    matmul(
+                        (rows, cg, kg),
                         tmp[g * cg..].as_mut_ptr(),
                         c,
-                        dy[m0 * k + g * kg..].as_ptr(),
-                        k,
-                        w[g * cg * kg..].as_ptr(),
-                        kg,
+                        Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
+                        Mat::transposed(w[g * cg * kg..].as_ptr(), kg),
+                        false,
                     )
                 };
             }
@@ -396,16 +322,13 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
             for g in 0..g_count {
                 // SAFETY: dy rows (stride k, columns g*kg..) x w group^T (patch x kg).
                 unsafe {
-                    matmul_bt(
-                        rows,
-                        patch,
-                        kg,
+                    matmul(
+                        (rows, patch, kg),
                         out[g * patch..].as_mut_ptr(),
                         g_count * patch,
-                        dy[m0 * k + g * kg..].as_ptr(),
-                        k,
-                        w[g * patch * kg..].as_ptr(),
-                        kg,
+                        Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
+                        Mat::transposed(w[g * patch * kg..].as_ptr(), kg),
+                        false,
                     )
                 };
             }
@@ -466,16 +389,12 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
             if direct {
                 // SAFETY: x rows (patch = c) ^T x dy rows -> patch x k.
                 unsafe {
-                    matmul_at(
-                        patch,
-                        k,
-                        rows,
+                    matmul(
+                        (patch, k, rows),
                         part.as_mut_ptr(),
                         kg,
-                        x[m0 * geo.c..].as_ptr(),
-                        geo.c,
-                        dy[m0 * k..].as_ptr(),
-                        k,
+                        Mat::transposed(x[m0 * geo.c..].as_ptr(), geo.c),
+                        Mat::rows(dy[m0 * k..].as_ptr(), k),
                         false,
                     )
                 };
@@ -486,16 +405,12 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
                 gather(x, geo, g, m0, rows, buf);
                 // SAFETY: buf (rows x patch)^T x dy rows (columns g*kg.., stride k).
                 unsafe {
-                    matmul_at(
-                        patch,
-                        kg,
-                        rows,
+                    matmul(
+                        (patch, kg, rows),
                         part[g * patch * kg..].as_mut_ptr(),
                         kg,
-                        buf.as_ptr(),
-                        patch,
-                        dy[m0 * k + g * kg..].as_ptr(),
-                        k,
+                        Mat::transposed(buf.as_ptr(), patch),
+                        Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         false,
                     )
                 };
