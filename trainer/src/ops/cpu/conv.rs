@@ -430,42 +430,34 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     });
 }
 
+/// Every filter element's index in OIHW (`[K, Cg, R, R]`) and in RSCK per group, in OIHW order.
+fn filter_indices(geo: &ConvGeom) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let (r, cg, kg) = (geo.r, geo.cg(), geo.kg());
+    (0..geo.k).flat_map(move |kk| {
+        let (g, ko) = (kk / kg, kk % kg);
+        (0..cg * r * r).map(move |rest| {
+            let (ci, ky, kx) = (rest / (r * r), (rest / r) % r, rest % r);
+            let oihw = kk * cg * r * r + rest;
+            let rsck = g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko;
+            (oihw, rsck)
+        })
+    })
+}
+
 /// A PyTorch OIHW filter (`[K, Cg, R, R]`) as RSCK per group.
 pub fn oihw_to_rsck(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
-    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
     let mut out = vec![0f32; w.len()];
-    for g in 0..g_count {
-        for ko in 0..kg {
-            let kk = g * kg + ko;
-            for ci in 0..cg {
-                for ky in 0..r {
-                    for kx in 0..r {
-                        out[g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko] =
-                            w[((kk * cg + ci) * r + ky) * r + kx];
-                    }
-                }
-            }
-        }
+    for (oihw, rsck) in filter_indices(geo) {
+        out[rsck] = w[oihw];
     }
     out
 }
 
 /// RSCK per group back to OIHW.
 pub fn rsck_to_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
-    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
     let mut out = vec![0f32; w.len()];
-    for g in 0..g_count {
-        for ko in 0..kg {
-            let kk = g * kg + ko;
-            for ci in 0..cg {
-                for ky in 0..r {
-                    for kx in 0..r {
-                        out[((kk * cg + ci) * r + ky) * r + kx] =
-                            w[g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko];
-                    }
-                }
-            }
-        }
+    for (oihw, rsck) in filter_indices(geo) {
+        out[oihw] = w[rsck];
     }
     out
 }

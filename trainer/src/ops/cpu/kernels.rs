@@ -29,8 +29,13 @@ fn column_sums(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
             s
         })
         .collect();
+    add_parts(&parts, c)
+}
+
+/// The chunks' partial sums (`[2][C]` each) added in chunk order: the two per-channel totals.
+fn add_parts(parts: &[Vec<f64>], c: usize) -> (Vec<f64>, Vec<f64>) {
     let (mut s, mut q) = (vec![0f64; c], vec![0f64; c]);
-    for p in &parts {
+    for p in parts {
         for j in 0..c {
             s[j] += p[j];
             q[j] += p[c + j];
@@ -142,13 +147,7 @@ pub fn bn_train_backward(
             p
         })
         .collect();
-    let (mut gs, mut hs) = (vec![0f64; c], vec![0f64; c]);
-    for p in &parts {
-        for j in 0..c {
-            gs[j] += p[j];
-            hs[j] += p[c + j];
-        }
-    }
+    let (gs, hs) = add_parts(&parts, c);
     let dbeta: Vec<f32> = gs.iter().map(|&v| v as f32).collect();
     let dgamma: Vec<f32> = hs.iter().map(|&v| v as f32).collect();
     // dx = a * g + b * (x - mean) + c0.
