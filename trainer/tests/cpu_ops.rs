@@ -62,7 +62,7 @@ fn grads(
 fn convolutions_match_the_reference() -> Result<()> {
     // (n, h, w, c, k, r, stride, pad, groups): every code path (1x1 direct, 1x1 strided, 3x3
     // stride 1 as a flipped forward, 3x3 stride 2 through patch gradients, the 7x7 stem,
-    // grouped, and sizes that leave a partial tile).
+    // grouped, sizes that leave a partial tile, GEMMs cut into pieces).
     let cases = [
         (2, 9, 9, 16, 32, 1, 1, 0, 1),
         (3, 8, 8, 32, 64, 1, 2, 0, 1),
@@ -72,6 +72,10 @@ fn convolutions_match_the_reference() -> Result<()> {
         (2, 8, 8, 32, 32, 3, 1, 1, 4),
         (2, 8, 8, 32, 64, 3, 2, 1, 8),
         (1, 50, 50, 8, 8, 3, 1, 1, 1),
+        // Few output pixels and wide GEMMs, cut into parallel pieces of columns (1x1) or of
+        // rows (the 3x3's filter gradient).
+        (2, 4, 4, 128, 512, 1, 1, 0, 1),
+        (2, 4, 4, 64, 256, 3, 1, 1, 1),
     ];
     for (i, (n, h, w, c, k, r, stride, pad, groups)) in cases.into_iter().enumerate() {
         let name = format!("conv [{n},{h},{w},{c}] -> {k} k{r} s{stride} p{pad} g{groups}");

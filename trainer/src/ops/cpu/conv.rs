@@ -1,8 +1,8 @@
 //! Channels-last f32 convolutions on the CPU: forward, backward data and backward filter as
 //! GEMMs over image-to-column tiles (the `gemm` crate's kernels, the ones candle uses).
 //!
-//! Layouts: input `[N, H, W, C]`, output `[N, OH, OW, K]`, filter as `[G][R * S * Cg][Kg]`
-//! ("RSCK" per group, `Cg = C / G`, `Kg = K / G`), so an output pixel's values for a group are
+//! Layouts: input `[N, H, W, C]`, output `[N, OH, OW, K]`, filter OIHW (`[K, Cg, R, R]`, as
+//! PyTorch and candle keep it), run as `[G][R * S * Cg][Kg]` ("RSCK" per group, `Cg = C / G`, `Kg = K / G`), so an output pixel's values for a group are
 //! the product of its patch (`R * S * Cg` values, in (r, s, c) order) and the group's filter.
 //!
 //! * Forward: the `M = N * OH * OW` output pixels are cut into tiles of [`TILE`] rows; each tile
@@ -105,9 +105,25 @@ impl Mat {
     }
 }
 
+/// Parallel tasks a convolution aims for: when it has fewer tiles, each tile's GEMM is cut into
+/// pieces (the late layers of a network have few output pixels and wide GEMMs).
+const TASKS: usize = 16;
+
+/// The narrowest piece of a GEMM's output worth a task of its own.
+const MIN_PIECE: usize = 64;
+
+/// The pieces each of `tiles` GEMMs with an `m x n` output is cut into (a function of the
+/// problem size only, so the results do not depend on the number of threads).
+fn pieces(tiles: usize, m: usize, n: usize) -> usize {
+    TASKS
+        .div_ceil(tiles.max(1))
+        .min(m.max(n) / MIN_PIECE)
+        .max(1)
+}
+
 /// `out = a x b` (`a`: `m x k`, `b`: `k x n`, any strides; `out`: `m x n` row-major with `ldo`
-/// elements between rows), or `out += a x b` when `accumulate`. Single-threaded (the callers
-/// parallelise over tiles).
+/// elements between rows), or `out += a x b` when `accumulate`: cut into `pieces` parallel
+/// blocks of rows or of columns (whichever side is longer), each GEMM single-threaded.
 ///
 /// # Safety
 /// The pointers cover the matrices their strides and sizes describe.
@@ -118,8 +134,41 @@ unsafe fn matmul(
     a: Mat,
     b: Mat,
     accumulate: bool,
+    pieces: usize,
 ) {
     if m == 0 || n == 0 {
+        return;
+    }
+    if pieces > 1 {
+        /// The operands of one call, shared by its pieces (they write disjoint blocks).
+        struct Shared(*mut f32, Mat, Mat);
+        unsafe impl Sync for Shared {}
+        let shared = Shared(out, a, b);
+        let by_rows = m >= n;
+        let len = if by_rows { m } else { n };
+        // Piece boundaries on multiples of 16 (a vector of f32) where the length allows.
+        let step = len.div_ceil(pieces).next_multiple_of(16).min(len);
+        (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
+            let Shared(out, a, b) = &shared;
+            let (at, size) = (i * step, step.min(len - i * step));
+            // SAFETY: block `i` of the rows (or columns) of `out` and the matching rows of `a`
+            // (or columns of `b`); no two pieces share an output element.
+            unsafe {
+                if by_rows {
+                    let a = Mat {
+                        ptr: a.ptr.add(at * a.row),
+                        ..*a
+                    };
+                    matmul((size, n, k), out.add(at * ldo), ldo, a, *b, accumulate, 1)
+                } else {
+                    let b = Mat {
+                        ptr: b.ptr.add(at * b.col),
+                        ..*b
+                    };
+                    matmul((m, size, k), out.add(at), ldo, *a, b, accumulate, 1)
+                }
+            }
+        });
         return;
     }
     // gemm: dst = alpha * dst + beta * lhs * rhs; strides given column first, then row.
@@ -178,15 +227,26 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// The forward convolution: `y` (`[N, OH, OW, K]`) from `x` (`[N, H, W, C]`) and `w` (RSCK per
-/// group).
+/// The forward convolution: `y` (`[N, OH, OW, K]`) from `x` (`[N, H, W, C]`) and the OIHW
+/// filter `w` (`[K, Cg, R, R]`).
 pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
+    assert_eq!(
+        w.len(),
+        geo.groups * geo.patch() * geo.kg(),
+        "conv filter size"
+    );
+    forward_rsck(x, geo, &oihw_to_rsck(w, geo), y)
+}
+
+/// [`forward`] with the filter already RSCK per group.
+fn forward_rsck(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
     let m = geo.m();
     let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
     assert_eq!(x.len(), geo.n * geo.h * geo.w * geo.c, "conv input size");
     assert_eq!(w.len(), g_count * patch * kg, "conv filter size");
     assert_eq!(y.len(), m * k, "conv output size");
     let direct = geo.is_pointwise() && geo.stride == 1 && g_count == 1;
+    let tiles = m.div_ceil(TILE);
     y.par_chunks_mut(TILE * k)
         .enumerate()
         .for_each_init(Vec::new, |buf, (t, out)| {
@@ -202,6 +262,7 @@ pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                         Mat::rows(x[m0 * geo.c..].as_ptr(), geo.c),
                         Mat::rows(w.as_ptr(), kg),
                         false,
+                        pieces(tiles, rows, k),
                     )
                 };
                 return;
@@ -219,38 +280,15 @@ pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                         Mat::rows(buf.as_ptr(), patch),
                         Mat::rows(w[g * patch * kg..].as_ptr(), kg),
                         false,
+                        pieces(tiles * g_count, rows, kg),
                     )
                 };
             }
         });
 }
 
-/// The filter for the stride-1 backward data pass: the flipped, transposed filter of `w`
-/// (RSCK per group with the roles of C and K exchanged).
-fn flipped(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
-    let (r, cg, kg, g_count) = (geo.r, geo.cg(), geo.kg(), geo.groups);
-    let mut out = vec![0f32; w.len()];
-    for g in 0..g_count {
-        let src = &w[g * r * r * cg * kg..(g + 1) * r * r * cg * kg];
-        let dst = &mut out[g * r * r * cg * kg..(g + 1) * r * r * cg * kg];
-        for ky in 0..r {
-            for kx in 0..r {
-                let (fy, fx) = (r - 1 - ky, r - 1 - kx);
-                for ci in 0..cg {
-                    for ko in 0..kg {
-                        // out[(fy, fx, ko), ci] = w[(ky, kx, ci), ko]
-                        dst[((fy * r + fx) * kg + ko) * cg + ci] =
-                            src[((ky * r + kx) * cg + ci) * kg + ko];
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The input gradient `dx` (`[N, H, W, C]`) from the output gradient `dy` (`[N, OH, OW, K]`)
-/// and the filter `w` (RSCK per group).
+/// and the OIHW filter `w`.
 pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
     let (oh, ow) = geo.out_hw();
     let (c, k, cg, kg, patch, g_count) =
@@ -275,14 +313,16 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
             groups: g_count,
         };
         debug_assert_eq!(t.out_hw(), (geo.h, geo.w));
-        return forward(dy, &t, &flipped(w, geo), dx);
+        return forward_rsck(dy, &t, &flipped_from_oihw(w, geo), dx);
     }
+    let w = &oihw_to_rsck(w, geo);
     if geo.is_pointwise() {
         // 1x1 stride s: dx at (s*oy, s*ox) = dy row x w^T, zero elsewhere.
         dx.fill(0.0);
         let dxp = SendPtr(dx.as_mut_ptr());
         let m = geo.m();
-        (0..m.div_ceil(TILE)).into_par_iter().for_each(|t| {
+        let tiles = m.div_ceil(TILE);
+        (0..tiles).into_par_iter().for_each(|t| {
             // The whole wrapper, not its field (closures capture disjoint fields otherwise).
             let dxp = &dxp;
             let (m0, rows) = (t * TILE, TILE.min(m - t * TILE));
@@ -297,6 +337,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         Mat::transposed(w[g * cg * kg..].as_ptr(), kg),
                         false,
+                        pieces(tiles * g_count, rows, cg),
                     )
                 };
             }
@@ -313,6 +354,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
     }
     // General case: the patch gradients of every output pixel, then a gather per input pixel.
     let m = geo.m();
+    let tiles = m.div_ceil(TILE);
     let mut dcol = vec![0f32; m * g_count * patch];
     dcol.par_chunks_mut(TILE * g_count * patch)
         .enumerate()
@@ -329,6 +371,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         Mat::transposed(w[g * patch * kg..].as_ptr(), kg),
                         false,
+                        pieces(tiles * g_count, rows, patch),
                     )
                 };
             }
@@ -373,8 +416,15 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
         });
 }
 
-/// The filter gradient `dw` (RSCK per group) from the input `x` and the output gradient `dy`.
+/// The filter gradient `dw` (OIHW) from the input `x` and the output gradient `dy`.
 pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
+    let mut rsck = vec![0f32; dw.len()];
+    backward_filter_rsck(x, dy, geo, &mut rsck);
+    dw.copy_from_slice(&rsck_to_oihw(&rsck, geo));
+}
+
+/// [`backward_filter`] into a filter RSCK per group.
+fn backward_filter_rsck(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     let m = geo.m();
     let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
     assert_eq!(dy.len(), m * k, "conv output gradient size");
@@ -396,6 +446,7 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
                         Mat::transposed(x[m0 * geo.c..].as_ptr(), geo.c),
                         Mat::rows(dy[m0 * k..].as_ptr(), k),
                         false,
+                        pieces(tiles, patch, k),
                     )
                 };
                 return part;
@@ -412,6 +463,7 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
                         Mat::transposed(buf.as_ptr(), patch),
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         false,
+                        pieces(tiles * g_count, patch, kg),
                     )
                 };
             }
@@ -430,34 +482,79 @@ pub fn backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     });
 }
 
-/// Every filter element's index in OIHW (`[K, Cg, R, R]`) and in RSCK per group, in OIHW order.
-fn filter_indices(geo: &ConvGeom) -> impl Iterator<Item = (usize, usize)> + '_ {
-    let (r, cg, kg) = (geo.r, geo.cg(), geo.kg());
-    (0..geo.k).flat_map(move |kk| {
-        let (g, ko) = (kk / kg, kk % kg);
-        (0..cg * r * r).map(move |rest| {
-            let (ci, ky, kx) = (rest / (r * r), (rest / r) % r, rest % r);
-            let oihw = kk * cg * r * r + rest;
-            let rsck = g * r * r * cg * kg + ((ky * r + kx) * cg + ci) * kg + ko;
-            (oihw, rsck)
-        })
-    })
+/// `dst[i * cols + j] = src[row_at[i] + col_at[j]]` for a `row_at.len() x cols` destination
+/// (`cols = col_at.len()`): the filter layout changes as one parallel copy, walked in square
+/// blocks so that both sides stay in cache whichever of them is strided.
+fn copy_indexed(src: &[f32], row_at: &[usize], col_at: &[usize], dst: &mut [f32]) {
+    const B: usize = 32;
+    let cols = col_at.len();
+    assert_eq!(dst.len(), row_at.len() * cols, "filter copy size");
+    if cols == 0 {
+        return;
+    }
+    dst.par_chunks_mut(B * cols)
+        .zip(row_at.par_chunks(B))
+        .for_each(|(out, rows)| {
+            for j0 in (0..cols).step_by(B) {
+                let js = &col_at[j0..cols.min(j0 + B)];
+                for (i, &ra) in rows.iter().enumerate() {
+                    let o = &mut out[i * cols + j0..i * cols + j0 + js.len()];
+                    for (d, &ca) in o.iter_mut().zip(js) {
+                        *d = src[ra + ca];
+                    }
+                }
+            }
+        });
 }
 
-/// A PyTorch OIHW filter (`[K, Cg, R, R]`) as RSCK per group.
+/// A PyTorch OIHW filter (`[K, Cg, R, R]`) as RSCK per group: row `(g, ky, kx, ci)`, column
+/// `ko` holds `w[g * Kg + ko, ci, ky, kx]`.
 pub fn oihw_to_rsck(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, patch) = (geo.r, geo.cg(), geo.kg(), geo.patch());
+    let rows: Vec<usize> = (0..geo.groups * patch)
+        .map(|row| {
+            let (g, p) = (row / patch, row % patch);
+            let (tap, ci) = (p / cg, p % cg);
+            g * kg * patch + ci * r * r + tap
+        })
+        .collect();
+    let cols: Vec<usize> = (0..kg).map(|ko| ko * patch).collect();
     let mut out = vec![0f32; w.len()];
-    for (oihw, rsck) in filter_indices(geo) {
-        out[rsck] = w[oihw];
-    }
+    copy_indexed(w, &rows, &cols, &mut out);
     out
 }
 
 /// RSCK per group back to OIHW.
 pub fn rsck_to_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, patch) = (geo.r, geo.cg(), geo.kg(), geo.patch());
+    let rows: Vec<usize> = (0..geo.k)
+        .map(|kk| (kk / kg) * patch * kg + kk % kg)
+        .collect();
+    let cols: Vec<usize> = (0..patch)
+        .map(|q| {
+            let (ci, tap) = (q / (r * r), q % (r * r));
+            (tap * cg + ci) * kg
+        })
+        .collect();
     let mut out = vec![0f32; w.len()];
-    for (oihw, rsck) in filter_indices(geo) {
-        out[oihw] = w[rsck];
-    }
+    copy_indexed(w, &rows, &cols, &mut out);
+    out
+}
+
+/// The filter of the stride-1 backward data pass, from the OIHW filter: RSCK per group with
+/// the roles of C and K exchanged and the taps flipped, row `(g, fy, fx, ko)`, column `ci`
+/// holding `w[g * Kg + ko, ci, R - 1 - fy, R - 1 - fx]`.
+fn flipped_from_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    let (r, cg, kg, patch) = (geo.r, geo.cg(), geo.kg(), geo.patch());
+    let rows: Vec<usize> = (0..geo.groups * r * r * kg)
+        .map(|row| {
+            let (g, rest) = (row / (r * r * kg), row % (r * r * kg));
+            let (tap, ko) = (rest / kg, rest % kg);
+            (g * kg + ko) * patch + (r * r - 1 - tap)
+        })
+        .collect();
+    let cols: Vec<usize> = (0..cg).map(|ci| ci * r * r).collect();
+    let mut out = vec![0f32; w.len()];
+    copy_indexed(w, &rows, &cols, &mut out);
     out
 }

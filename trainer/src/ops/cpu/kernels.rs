@@ -18,15 +18,16 @@ fn column_sums(x: &[f32], c: usize) -> (Vec<f64>, Vec<f64>) {
     let parts: Vec<Vec<f64>> = x
         .par_chunks(ROWS * c)
         .map(|chunk| {
-            let mut s = vec![0f64; 2 * c];
+            let mut p = vec![0f64; 2 * c];
+            let (s, q) = p.split_at_mut(c);
             for row in chunk.chunks_exact(c) {
-                for (j, &v) in row.iter().enumerate() {
+                for ((s, q), &v) in s.iter_mut().zip(q.iter_mut()).zip(row) {
                     let v = v as f64;
-                    s[j] += v;
-                    s[c + j] += v * v;
+                    *s += v;
+                    *q += v * v;
                 }
             }
-            s
+            p
         })
         .collect();
     add_parts(&parts, c)
@@ -99,17 +100,41 @@ pub fn apply(
     relu: bool,
 ) -> Vec<f32> {
     let mut y = vec![0f32; x.len()];
+    let (mean, scale, beta) = (&mean[..c], &scale[..c], &beta[..c]);
     y.par_chunks_mut(ROWS * c)
         .zip(x.par_chunks(ROWS * c))
         .for_each(|(yo, xi)| {
             for (yr, xr) in yo.chunks_exact_mut(c).zip(xi.chunks_exact(c)) {
-                for j in 0..c {
-                    let v = (xr[j] - mean[j]) * scale[j] + beta[j];
-                    yr[j] = if relu && v < 0.0 { 0.0 } else { v };
+                let per_channel = mean.iter().zip(scale).zip(beta);
+                for ((y, &x), ((&m, &s), &b)) in yr.iter_mut().zip(xr).zip(per_channel) {
+                    let v = (x - m) * s + b;
+                    *y = if relu { relu_keep_nan(v) } else { v };
                 }
             }
         });
     y
+}
+
+/// `max(v, 0)` that lets a NaN through (`f32::max` would turn it into 0 and hide a diverged
+/// step).
+#[inline(always)]
+fn relu_keep_nan(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// The output gradient through the fused ReLU: `dy` where the output is positive, else 0 (not
+/// `y <= 0`: a NaN output passes no gradient, as on the GPU).
+#[inline(always)]
+fn through_relu(y: f32, dy: f32) -> f32 {
+    if y > 0.0 {
+        dy
+    } else {
+        0.0
+    }
 }
 
 /// The backward of [`bn_train_forward`]: `(dx, dgamma, dbeta)` from the input `x`, the output
@@ -124,24 +149,37 @@ pub fn bn_train_backward(
     relu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let m = x.len() / c;
-    let masked = |i: usize, d: f32| -> f32 {
-        match (relu, y) {
-            // Not `y > 0` (a NaN output passes no gradient, as on the GPU).
-            (true, Some(y)) if y[i].partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) => 0.0,
-            _ => d,
+    if relu && y.is_none() {
+        panic!("batch norm backward: the fused ReLU needs the forward's output");
+    }
+    let (mean, invstd, gamma) = (&st.mean[..c], &st.invstd[..c], &gamma[..c]);
+    // Row `row`'s output gradient after the ReLU, into `g`.
+    let grad_row = |row: usize, g: &mut [f32]| {
+        let d = &dy[row * c..(row + 1) * c];
+        match y {
+            Some(y) if relu => {
+                for ((g, &d), &y) in g.iter_mut().zip(d).zip(&y[row * c..(row + 1) * c]) {
+                    *g = through_relu(y, d);
+                }
+            }
+            _ => g.copy_from_slice(d),
         }
     };
     let parts: Vec<Vec<f64>> = (0..m.div_ceil(ROWS))
         .into_par_iter()
         .map(|t| {
             let mut p = vec![0f64; 2 * c];
+            let mut g = vec![0f32; c];
+            let (gs, hs) = p.split_at_mut(c);
             for row in t * ROWS..((t + 1) * ROWS).min(m) {
-                for j in 0..c {
-                    let i = row * c + j;
-                    let g = masked(i, dy[i]) as f64;
-                    let xhat = ((x[i] - st.mean[j]) * st.invstd[j]) as f64;
-                    p[j] += g;
-                    p[c + j] += g * xhat;
+                grad_row(row, &mut g);
+                let xr = &x[row * c..(row + 1) * c];
+                let stats = mean.iter().zip(invstd);
+                let sums = gs.iter_mut().zip(hs.iter_mut());
+                for (((&g, &x), (&mu, &is)), (gs, hs)) in g.iter().zip(xr).zip(stats).zip(sums) {
+                    let xhat = ((x - mu) * is) as f64;
+                    *gs += g as f64;
+                    *hs += g as f64 * xhat;
                 }
             }
             p
@@ -156,22 +194,25 @@ pub fn bn_train_backward(
     let mut b = vec![0f32; c];
     let mut c0 = vec![0f32; c];
     for j in 0..c {
-        let k = gamma[j] * st.invstd[j];
+        let k = gamma[j] * invstd[j];
         a[j] = k;
-        b[j] = -k * st.invstd[j] * (dgamma[j] * inv_m);
+        b[j] = -k * invstd[j] * (dgamma[j] * inv_m);
         c0[j] = -k * (dbeta[j] * inv_m);
     }
     let mut dx = vec![0f32; x.len()];
     dx.par_chunks_mut(ROWS * c)
         .enumerate()
         .for_each(|(t, out)| {
-            let r0 = t * ROWS;
+            let mut g = vec![0f32; c];
             for (rr, orow) in out.chunks_exact_mut(c).enumerate() {
-                let base = (r0 + rr) * c;
-                for j in 0..c {
-                    let i = base + j;
-                    let g = masked(i, dy[i]);
-                    orow[j] = a[j] * g + b[j] * (x[i] - st.mean[j]) + c0[j];
+                let row = t * ROWS + rr;
+                grad_row(row, &mut g);
+                let xr = &x[row * c..(row + 1) * c];
+                let coef = a.iter().zip(&b).zip(&c0).zip(mean);
+                for (((o, &g), &x), (((&a, &b), &c0), &mu)) in
+                    orow.iter_mut().zip(&g).zip(xr).zip(coef)
+                {
+                    *o = a * g + b * (x - mu) + c0;
                 }
             }
         });
@@ -324,18 +365,20 @@ pub fn add_relu_forward(
     per_sample: usize,
 ) -> Vec<f32> {
     let mut y = vec![0f32; a.len()];
-    y.par_chunks_mut(per_sample.max(1))
+    let per_sample = per_sample.max(1);
+    y.par_chunks_mut(per_sample)
+        .zip(a.par_chunks(per_sample).zip(b.par_chunks(per_sample)))
         .enumerate()
-        .for_each(|(smp, out)| {
-            let base = smp * per_sample;
-            let s = scale.map(|s| s[smp]);
-            for (i, o) in out.iter_mut().enumerate() {
-                let av = match s {
-                    Some(s) => a[base + i] * s,
-                    None => a[base + i],
-                };
-                let v = av + b[base + i];
-                *o = if v < 0.0 { 0.0 } else { v };
+        .for_each(|(smp, (out, (a, b)))| match scale.map(|s| s[smp]) {
+            Some(s) => {
+                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                    *o = relu_keep_nan(a * s + b);
+                }
+            }
+            None => {
+                for ((o, &a), &b) in out.iter_mut().zip(a).zip(b) {
+                    *o = relu_keep_nan(a + b);
+                }
             }
         });
     y
@@ -350,19 +393,17 @@ pub fn add_relu_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     let mut ds = vec![0f32; y.len()];
     let mut db = vec![0f32; y.len()];
-    ds.par_chunks_mut(per_sample.max(1))
-        .zip(db.par_chunks_mut(per_sample.max(1)))
+    let per_sample = per_sample.max(1);
+    ds.par_chunks_mut(per_sample)
+        .zip(db.par_chunks_mut(per_sample))
+        .zip(y.par_chunks(per_sample).zip(dy.par_chunks(per_sample)))
         .enumerate()
-        .for_each(|(smp, (o_s, o_b))| {
-            let base = smp * per_sample;
-            let s = scale.map(|s| s[smp]);
-            for i in 0..o_s.len() {
-                let g = if y[base + i] > 0.0 { dy[base + i] } else { 0.0 };
-                o_s[i] = g;
-                o_b[i] = match s {
-                    Some(s) => g * s,
-                    None => g,
-                };
+        .for_each(|(smp, ((o_s, o_b), (y, dy)))| {
+            let s = scale.map_or(1.0, |s| s[smp]);
+            for (((o_s, o_b), &y), &d) in o_s.iter_mut().zip(o_b.iter_mut()).zip(y).zip(dy) {
+                let g = through_relu(y, d);
+                *o_s = g;
+                *o_b = g * s;
             }
         });
     (db, ds)

@@ -79,11 +79,6 @@ fn geom(
     })
 }
 
-/// The OIHW f32 filter `w` as RSCK per group.
-fn filter(w: &Tensor, geo: &ConvGeom) -> Result<Vec<f32>> {
-    with_f32(&w.to_dtype(DType::F32)?, |v| conv::oihw_to_rsck(v, geo))
-}
-
 /// Channels-last convolution (no graph): `x` `[N, H, W, C]` f32, `weight` OIHW.
 pub fn conv2d(
     x: &Tensor,
@@ -93,10 +88,10 @@ pub fn conv2d(
     groups: usize,
 ) -> Result<Tensor> {
     let geo = geom(x.dims4()?, weight.dims4()?, stride, pad, groups)?;
-    let w = filter(weight, &geo)?;
+    let w = weight.to_dtype(DType::F32)?;
     let (oh, ow) = geo.out_hw();
     let mut y = vec![0f32; geo.m() * geo.k];
-    with_f32(x, |xs| conv::forward(xs, &geo, &w, &mut y))?;
+    with_f32(x, |xs| with_f32(&w, |w| conv::forward(xs, &geo, w, &mut y)))??;
     tensor(y, (geo.n, oh, ow, geo.k))
 }
 
@@ -114,9 +109,11 @@ pub fn conv2d_backward(
     let geo = geom(x.dims4()?, weight.dims4()?, stride, pad, groups)?;
     let dy = dy.to_dtype(DType::F32)?;
     let dx = if need_dx {
-        let w = filter(weight, &geo)?;
+        let w = weight.to_dtype(DType::F32)?;
         let mut dx = vec![0f32; geo.n * geo.h * geo.w * geo.c];
-        with_f32(&dy, |d| conv::backward_data(d, &geo, &w, &mut dx))?;
+        with_f32(&dy, |d| {
+            with_f32(&w, |w| conv::backward_data(d, &geo, w, &mut dx))
+        })??;
         Some(tensor(dx, (geo.n, geo.h, geo.w, geo.c))?)
     } else {
         None
@@ -125,7 +122,6 @@ pub fn conv2d_backward(
     with_f32(x, |xs| {
         with_f32(&dy, |d| conv::backward_filter(xs, d, &geo, &mut dw))
     })??;
-    let dw = conv::rsck_to_oihw(&dw, &geo);
     let dw = tensor(dw, weight.shape())?.to_dtype(weight.dtype())?;
     Ok((dx, dw))
 }
@@ -160,10 +156,9 @@ impl CustomOp2 for Conv2dCpu {
             self.pad,
             self.groups,
         )?;
-        let w = conv::oihw_to_rsck(storage_f32(ws, wl)?, &geo);
         let (oh, ow) = geo.out_hw();
         let mut y = vec![0f32; geo.m() * geo.k];
-        conv::forward(storage_f32(xs, xl)?, &geo, &w, &mut y);
+        conv::forward(storage_f32(xs, xl)?, &geo, storage_f32(ws, wl)?, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((geo.n, oh, ow, geo.k))))
     }
 
