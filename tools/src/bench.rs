@@ -107,3 +107,19 @@ pub fn evict_from_page_cache(dir: &std::path::Path) -> anyhow::Result<u64> {
     }
     Ok(bytes)
 }
+
+/// CPU time (user + system, all threads) this process has used so far, in seconds.
+pub fn cpu_seconds() -> Option<f64> {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return None;
+    }
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+    Some(secs(ru.ru_utime) + secs(ru.ru_stime))
+}
+
+/// The cores this process may run on.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

@@ -4,7 +4,7 @@
 //! train-bench --model resnet50 --batch-size 256 --size 224 --steps N --device cuda:0
 //!             [--warmup W] [--layout auto|nchw|nhwc] [--dtype auto|bf16|f32]
 //!             [--backward auto|graph|explicit] [--deterministic] [--breakdown]
-//!             [--nproc-per-node N]
+//!             [--nproc-per-node N] [--eval]
 //! ```
 //!
 //! One step is what `train` does per update: forward (BatchNorm on batch statistics, stochastic
@@ -18,8 +18,13 @@
 //! trunk backward that the fast path uses by default (see `trainer::model::BackwardMode`); the
 //! line's `backward` says which ran.
 //!
-//! Prints one JSON line: `images_per_s`, `ms_per_step`, `peak_mem_bytes` (CUDA: the memory pool's
-//! high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`), and with
+//! `--eval` times the evaluation forward instead (BatchNorm on running statistics, no gradients,
+//! as `train`'s validation; the line's `mode` says which).
+//!
+//! Prints one JSON line: `images_per_s`, `ms_per_step`, `cpu_busy_cores` (CPU time over wall
+//! time during the timed steps; `cores` is what the process may use), `peak_mem_bytes` (CUDA:
+//! the memory pool's high-water mark over the timed steps, as `torch.cuda.max_memory_allocated`),
+//! and with
 //! `--breakdown` the GPU time per custom op and per phase (forward, backward, optimizer; timed
 //! with events on extra steps, after the timed ones).
 //!
@@ -93,6 +98,10 @@ struct Args {
     /// Seconds a rank waits for the others.
     #[arg(long, default_value_t = 300)]
     dist_timeout: u64,
+    /// Time the evaluation forward (running statistics, no gradients) instead of the training
+    /// step.
+    #[arg(long)]
+    eval: bool,
 }
 
 fn sync(dev: &Device) -> Result<()> {
@@ -209,6 +218,13 @@ fn bench(
         loader::mix::mixed_targets(&labels, args.num_classes, 1.0, recipe.augment.smoothing);
     let targets = feed.targets(&dense, b, args.num_classes)?;
 
+    if args.eval {
+        if world > 1 {
+            bail!("--eval runs on one rank")
+        }
+        return bench_eval(args, &model, &xs, &dev).map(Some);
+    }
+
     let mut step_no = 0u64;
     let explicit = std::cell::Cell::new(false);
     let trainable = model.trainable_vars()?;
@@ -276,7 +292,10 @@ fn bench(
         sync(&dev)?;
         Ok(t0.elapsed().as_secs_f64() / args.steps as f64)
     };
+    let cpu0 = tools::bench::cpu_seconds();
+    let t_timed = Instant::now();
     let dt = timed(true)?;
+    let busy = busy_cores(cpu0, t_timed);
     // The same steps without the all-reduce: the difference is what the backward does not hide.
     let dt_local = if world > 1 { Some(timed(false)?) } else { None };
     let exposed_ms = dt_local.map(|d| (dt - d) * 1e3);
@@ -289,7 +308,8 @@ fn bench(
     }
 
     let mut line = json!({
-        "bench": "train-bench",
+        "bench": "train-bench", "mode": "train",
+        "cpu_busy_cores": busy, "cores": tools::bench::cores(),
         "model": args.model, "batch_size": b, "size": s, "steps": args.steps,
         "warmup_steps": args.warmup, "warmup_s": warmup_s,
         "device": args.device, "layout": format!("{layout:?}").to_lowercase(),
@@ -357,6 +377,45 @@ fn bench(
         }
     }
     Ok((rank == 0).then_some(line))
+}
+
+/// CPU time over wall time since `cpu0` and `t0`: how many cores were busy on average.
+fn busy_cores(cpu0: Option<f64>, t0: Instant) -> Option<f64> {
+    let wall = t0.elapsed().as_secs_f64();
+    Some((tools::bench::cpu_seconds()? - cpu0?) / wall)
+}
+
+/// `--eval`: images/s of the evaluation forward on `xs`.
+fn bench_eval(
+    args: &Args,
+    model: &trainer::model::ResNet,
+    xs: &candle_core::Tensor,
+    dev: &Device,
+) -> Result<serde_json::Value> {
+    let t_warm = Instant::now();
+    for _ in 0..args.warmup {
+        model.forward_eval(xs)?;
+    }
+    sync(dev)?;
+    let warmup_s = t_warm.elapsed().as_secs_f64();
+    let cpu0 = tools::bench::cpu_seconds();
+    let t0 = Instant::now();
+    for _ in 0..args.steps {
+        model.forward_eval(xs)?;
+    }
+    sync(dev)?;
+    let dt = t0.elapsed().as_secs_f64() / args.steps as f64;
+    let busy = busy_cores(cpu0, t0);
+    Ok(json!({
+        "bench": "train-bench", "mode": "eval",
+        "model": args.model, "batch_size": args.batch_size, "size": args.size,
+        "steps": args.steps, "warmup_steps": args.warmup, "warmup_s": warmup_s,
+        "device": args.device, "layout": format!("{:?}", model.layout()).to_lowercase(),
+        "dtype": format!("{:?}", xs.dtype()).to_lowercase(),
+        "images_per_s": args.batch_size as f64 / dt, "ms_per_step": dt * 1e3,
+        "cpu_busy_cores": busy, "cores": tools::bench::cores(),
+        "git_rev": tools::bench::git_rev(),
+    }))
 }
 
 fn main() -> std::process::ExitCode {
