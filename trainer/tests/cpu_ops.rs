@@ -137,6 +137,46 @@ fn copy_bn(src: &BatchNorm2d) -> Result<BatchNorm2d> {
     )
 }
 
+/// The evaluation conv with its BatchNorm folded in (+ residual, + ReLU) against the layers run
+/// one by one through the references. Tolerance 1e-5 relative: folding changes the rounding
+/// (the filter times `gamma / sqrt(var + eps)` in f32, the mean subtracted after the sum);
+/// observed about 1e-7.
+#[test]
+fn folded_conv_bn_matches_the_layers() -> Result<()> {
+    // (n, h, w, c, k, r, stride, pad, groups): 1x1, 1x1 in pieces, 3x3 strided, 7x7 stem,
+    // grouped.
+    let cases = [
+        (2, 9, 9, 16, 32, 1, 1, 0, 1),
+        (2, 4, 4, 128, 512, 1, 1, 0, 1),
+        (2, 9, 9, 16, 24, 3, 2, 1, 1),
+        (2, 23, 21, 3, 16, 7, 2, 3, 1),
+        (2, 8, 8, 32, 64, 3, 1, 1, 8),
+    ];
+    for (i, (n, h, w, c, k, r, stride, pad, groups)) in cases.into_iter().enumerate() {
+        let x = normal(&[n, h, w, c], 40 + i as u64, 0.0)?;
+        let wt = (normal(&[k, c / groups, r, r], 50 + i as u64, 0.0)? * 0.1)?;
+        let b = bn(k, 60 + i as u64)?;
+        let y = nhwc::reference::conv2d(&x, &wt, stride, pad, groups)?;
+        let shortcut = normal(y.dims(), 70 + i as u64, 0.0)?;
+        for (relu, residual) in [(false, None), (true, None), (true, Some(&shortcut))] {
+            let name = format!(
+                "conv+bn [{n},{h},{w},{c}] -> {k} k{r} s{stride} g{groups} relu {relu} residual {}",
+                residual.is_some()
+            );
+            let got = nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, relu, residual)?;
+            let want = match residual {
+                None => nhwc::reference::batch_norm(&y, &b, false, relu)?,
+                Some(s) => nhwc::reference::add_relu(
+                    &nhwc::reference::batch_norm(&y, &b, false, false)?,
+                    s,
+                )?,
+            };
+            close(&name, &got, &want, 1e-5)?;
+        }
+    }
+    Ok(())
+}
+
 /// Training BatchNorm (+ ReLU) of `x` computed in f64 on the host.
 fn bn_truth(x: &Tensor, b: &BatchNorm2d, relu: bool) -> Result<Tensor> {
     let c = x.dim(3)?;

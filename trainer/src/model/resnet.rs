@@ -358,6 +358,36 @@ fn bn_act(bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor>
     }
 }
 
+/// `conv`, then `bn` (+ `residual`) (+ ReLU). The channels-last evaluation forward runs them as
+/// one convolution with the BatchNorm folded in ([`nhwc::conv_bn_eval`]); elsewhere the layers
+/// run one by one.
+fn conv_bn(
+    conv: &Conv,
+    bn: &BatchNorm2d,
+    xs: &Tensor,
+    ctx: Ctx,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if ctx.nhwc && !ctx.train && conv.bias.is_none() {
+        let (stride, pad, groups) = (conv.stride, conv.padding, conv.groups);
+        return nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, residual);
+    }
+    let ys = conv.forward_ctx(xs, ctx)?;
+    match residual {
+        None => bn_act(bn, &ys, ctx, relu),
+        Some(r) if relu && ctx.nhwc => nhwc::add_relu(&bn_act(bn, &ys, ctx, false)?, r),
+        Some(r) => {
+            let ys = (bn_act(bn, &ys, ctx, false)? + r)?;
+            if relu {
+                ys.relu()
+            } else {
+                Ok(ys)
+            }
+        }
+    }
+}
+
 /// timm `SEModule`: global mean, 1x1 conv down, ReLU, 1x1 conv up, sigmoid gate.
 #[derive(Clone, Debug)]
 struct SqueezeExcite {
@@ -412,7 +442,7 @@ impl Downsample {
             (true, false) => avg_pool2d_ceil(xs)?,
             (true, true) => nhwc::avg_pool2d_ceil(xs)?,
         };
-        bn_act(&self.bn, &self.conv.forward_ctx(&xs, ctx)?, ctx, false)
+        conv_bn(&self.conv, &self.bn, &xs, ctx, false, None)
     }
 }
 
@@ -429,6 +459,21 @@ struct Block {
 
 impl Block {
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        if ctx.nhwc && !ctx.train && self.se.is_none() {
+            // Evaluation: the shortcut first, so that the last conv adds it and applies the
+            // ReLU as it writes its output.
+            let shortcut = match &self.downsample {
+                Some(d) => d.forward(xs, ctx)?,
+                None => xs.clone(),
+            };
+            let mut ys = xs.clone();
+            let last = self.branch.len() - 1;
+            for (i, (conv, bn)) in self.branch.iter().enumerate() {
+                let residual = (i == last).then_some(&shortcut);
+                ys = conv_bn(conv, bn, &ys, ctx, true, residual)?;
+            }
+            return Ok(ys);
+        }
         let mut ys = xs.clone();
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
             let relu = i + 1 < self.branch.len();
@@ -706,16 +751,15 @@ impl ResNet {
 
     fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut ys = match &self.stem {
-            Stem::Conv7x7(conv) => conv.forward_ctx(xs, ctx)?,
+            Stem::Conv7x7(conv) => conv_bn(conv, &self.bn1, xs, ctx, true, None)?,
             Stem::Deep(pairs, last) => {
                 let mut ys = xs.clone();
                 for (conv, bn) in pairs {
-                    ys = bn_act(bn, &conv.forward_ctx(&ys, ctx)?, ctx, true)?;
+                    ys = conv_bn(conv, bn, &ys, ctx, true, None)?;
                 }
-                last.forward_ctx(&ys, ctx)?
+                conv_bn(last, &self.bn1, &ys, ctx, true, None)?
             }
         };
-        ys = bn_act(&self.bn1, &ys, ctx, true)?;
         ys = if ctx.nhwc {
             nhwc::max_pool(&ys, 3, 2, 1)?
         } else {

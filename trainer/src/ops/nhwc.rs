@@ -171,6 +171,32 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     reference::global_avg_pool(x)
 }
 
+/// The evaluation forward of a conv followed by BatchNorm on running statistics, then
+/// `residual` added (the block's shortcut), then a ReLU when `relu`: on the CPU fast path one
+/// convolution with the BatchNorm folded into the filter and the rest applied to each output
+/// tile while it is in cache; elsewhere [`conv2d`], [`batch_norm`] and the add.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    bn: &BatchNorm2d,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if is_cpu_fast(x) && weight.dtype() == DType::F32 && bn.weight().dtype() == DType::F32 {
+        return cpu::conv_bn_eval(x, weight, stride, padding, groups, bn, relu, residual);
+    }
+    let y = conv2d(x, weight, stride, padding, groups)?;
+    match residual {
+        None => batch_norm(&y, bn, false, relu),
+        Some(r) if relu => add_relu(&batch_norm(&y, bn, false, false)?, r),
+        Some(r) => batch_norm(&y, bn, false, false)? + r,
+    }
+}
+
 /// `relu(a + b)` (the end of a residual block).
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]

@@ -235,11 +235,74 @@ pub fn forward(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
         geo.groups * geo.patch() * geo.kg(),
         "conv filter size"
     );
-    forward_rsck(x, geo, &oihw_to_rsck(w, geo), y)
+    forward_rsck(x, geo, &oihw_to_rsck(w, geo), y, None)
 }
 
-/// [`forward`] with the filter already RSCK per group.
-fn forward_rsck(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
+/// What a convolution adds to each output row while it is still in cache: a shift per output
+/// channel (a folded BatchNorm's), then a residual (`[M, K]`, the block's shortcut), then a
+/// ReLU.
+pub struct Epilogue<'a> {
+    /// Per output channel.
+    pub shift: &'a [f32],
+    /// Added after the shift.
+    pub residual: Option<&'a [f32]>,
+    /// `max(0, v)` last (a NaN passes).
+    pub relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// Rows `m0..` of the output, `out` (`rows x K`).
+    fn apply(&self, m0: usize, k: usize, out: &mut [f32]) {
+        let shift = &self.shift[..k];
+        for (i, row) in out.chunks_exact_mut(k).enumerate() {
+            match self.residual {
+                Some(res) => {
+                    let res = &res[(m0 + i) * k..(m0 + i + 1) * k];
+                    for ((o, &s), &r) in row.iter_mut().zip(shift).zip(res) {
+                        let v = (*o + s) + r;
+                        *o = if self.relu && v < 0.0 { 0.0 } else { v };
+                    }
+                }
+                None => {
+                    for (o, &s) in row.iter_mut().zip(shift) {
+                        let v = *o + s;
+                        *o = if self.relu && v < 0.0 { 0.0 } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The evaluation convolution with a BatchNorm folded in: `y = conv(x, w * scale) + shift`
+/// (`scale`, `shift` per output channel), then `epilogue`'s residual and ReLU, in one pass.
+pub fn forward_folded(
+    x: &[f32],
+    geo: &ConvGeom,
+    w: &[f32],
+    scale: &[f32],
+    epilogue: &Epilogue<'_>,
+    y: &mut [f32],
+) {
+    let per_k = geo.patch();
+    assert_eq!(w.len(), geo.k * per_k, "conv filter size");
+    assert_eq!(scale.len(), geo.k, "folded scale size");
+    assert_eq!(epilogue.shift.len(), geo.k, "folded shift size");
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), geo.m() * geo.k, "residual size");
+    }
+    let w = rsck_scaled(w, geo, Some(scale));
+    forward_rsck(x, geo, &w, y, Some(epilogue))
+}
+
+/// [`forward`] with the filter already RSCK per group, and an optional epilogue.
+fn forward_rsck(
+    x: &[f32],
+    geo: &ConvGeom,
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: Option<&Epilogue<'_>>,
+) {
     let m = geo.m();
     let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
     assert_eq!(x.len(), geo.n * geo.h * geo.w * geo.c, "conv input size");
@@ -265,6 +328,9 @@ fn forward_rsck(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                         pieces(tiles, rows, k),
                     )
                 };
+                if let Some(e) = epilogue {
+                    e.apply(m0, k, out);
+                }
                 return;
             }
             buf.resize(rows * patch, 0.0);
@@ -283,6 +349,9 @@ fn forward_rsck(x: &[f32], geo: &ConvGeom, w: &[f32], y: &mut [f32]) {
                         pieces(tiles * g_count, rows, kg),
                     )
                 };
+            }
+            if let Some(e) = epilogue {
+                e.apply(m0, k, out);
             }
         });
 }
@@ -313,7 +382,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
             groups: g_count,
         };
         debug_assert_eq!(t.out_hw(), (geo.h, geo.w));
-        return forward_rsck(dy, &t, &flipped_from_oihw(w, geo), dx);
+        return forward_rsck(dy, &t, &flipped_from_oihw(w, geo), dx, None);
     }
     let w = &oihw_to_rsck(w, geo);
     if geo.is_pointwise() {
@@ -482,10 +551,17 @@ fn backward_filter_rsck(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     });
 }
 
-/// `dst[i * cols + j] = src[row_at[i] + col_at[j]]` for a `row_at.len() x cols` destination
-/// (`cols = col_at.len()`): the filter layout changes as one parallel copy, walked in square
-/// blocks so that both sides stay in cache whichever of them is strided.
-fn copy_indexed(src: &[f32], row_at: &[usize], col_at: &[usize], dst: &mut [f32]) {
+/// `dst[i * cols + j] = src[row_at[i] + col_at[j]]` (times `col_scale[j]` when given) for a
+/// `row_at.len() x cols` destination (`cols = col_at.len()`): the filter layout changes as one
+/// parallel copy, walked in square blocks so that both sides stay in cache whichever of them is
+/// strided.
+fn copy_indexed(
+    src: &[f32],
+    row_at: &[usize],
+    col_at: &[usize],
+    col_scale: Option<&[f32]>,
+    dst: &mut [f32],
+) {
     const B: usize = 32;
     let cols = col_at.len();
     assert_eq!(dst.len(), row_at.len() * cols, "filter copy size");
@@ -496,11 +572,21 @@ fn copy_indexed(src: &[f32], row_at: &[usize], col_at: &[usize], dst: &mut [f32]
         .zip(row_at.par_chunks(B))
         .for_each(|(out, rows)| {
             for j0 in (0..cols).step_by(B) {
-                let js = &col_at[j0..cols.min(j0 + B)];
+                let j1 = cols.min(j0 + B);
+                let js = &col_at[j0..j1];
                 for (i, &ra) in rows.iter().enumerate() {
-                    let o = &mut out[i * cols + j0..i * cols + j0 + js.len()];
-                    for (d, &ca) in o.iter_mut().zip(js) {
-                        *d = src[ra + ca];
+                    let o = &mut out[i * cols + j0..i * cols + j1];
+                    match col_scale {
+                        Some(sc) => {
+                            for ((d, &ca), &s) in o.iter_mut().zip(js).zip(&sc[j0..j1]) {
+                                *d = src[ra + ca] * s;
+                            }
+                        }
+                        None => {
+                            for (d, &ca) in o.iter_mut().zip(js) {
+                                *d = src[ra + ca];
+                            }
+                        }
                     }
                 }
             }
@@ -510,17 +596,26 @@ fn copy_indexed(src: &[f32], row_at: &[usize], col_at: &[usize], dst: &mut [f32]
 /// A PyTorch OIHW filter (`[K, Cg, R, R]`) as RSCK per group: row `(g, ky, kx, ci)`, column
 /// `ko` holds `w[g * Kg + ko, ci, ky, kx]`.
 pub fn oihw_to_rsck(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
+    rsck_scaled(w, geo, None)
+}
+
+/// [`oihw_to_rsck`], each output channel `k` times `scale[k]` when given (a folded BatchNorm).
+fn rsck_scaled(w: &[f32], geo: &ConvGeom, scale: Option<&[f32]>) -> Vec<f32> {
     let (r, cg, kg, patch) = (geo.r, geo.cg(), geo.kg(), geo.patch());
-    let rows: Vec<usize> = (0..geo.groups * patch)
-        .map(|row| {
-            let (g, p) = (row / patch, row % patch);
+    let rows: Vec<usize> = (0..patch)
+        .map(|p| {
             let (tap, ci) = (p / cg, p % cg);
-            g * kg * patch + ci * r * r + tap
+            ci * r * r + tap
         })
         .collect();
     let cols: Vec<usize> = (0..kg).map(|ko| ko * patch).collect();
     let mut out = vec![0f32; w.len()];
-    copy_indexed(w, &rows, &cols, &mut out);
+    let per_group = patch * kg;
+    for (g, dst) in out.chunks_exact_mut(per_group).enumerate() {
+        let src = &w[g * per_group..(g + 1) * per_group];
+        let sc = scale.map(|s| &s[g * kg..(g + 1) * kg]);
+        copy_indexed(src, &rows, &cols, sc, dst);
+    }
     out
 }
 
@@ -537,7 +632,7 @@ pub fn rsck_to_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
         })
         .collect();
     let mut out = vec![0f32; w.len()];
-    copy_indexed(w, &rows, &cols, &mut out);
+    copy_indexed(w, &rows, &cols, None, &mut out);
     out
 }
 
@@ -555,6 +650,6 @@ fn flipped_from_oihw(w: &[f32], geo: &ConvGeom) -> Vec<f32> {
         .collect();
     let cols: Vec<usize> = (0..cg).map(|ci| ci * r * r).collect();
     let mut out = vec![0f32; w.len()];
-    copy_indexed(w, &rows, &cols, &mut out);
+    copy_indexed(w, &rows, &cols, None, &mut out);
     out
 }

@@ -95,6 +95,60 @@ pub fn conv2d(
     tensor(y, (geo.n, oh, ow, geo.k))
 }
 
+/// The evaluation convolution followed by `bn` on its running statistics (folded into the
+/// filter and a shift), then `residual` (`[N, OH, OW, K]`) added, then a ReLU when `relu`: one
+/// pass over the output (no graph).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bn_eval(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    pad: usize,
+    groups: usize,
+    bn: &BatchNorm2d,
+    relu: bool,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let geo = geom(x.dims4()?, weight.dims4()?, stride, pad, groups)?;
+    let (oh, ow) = geo.out_hw();
+    let (scale, shift) = bn.folded_scale_shift()?;
+    let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
+    if scale.len() != geo.k {
+        bail!(
+            "conv + batch norm: {} output channels, a batch norm of {}",
+            geo.k,
+            scale.len()
+        )
+    }
+    let residual = match residual {
+        Some(r) if r.dims() != [geo.n, oh, ow, geo.k] => bail!(
+            "conv + batch norm: residual {:?} for an output [{}, {oh}, {ow}, {}]",
+            r.dims(),
+            geo.n,
+            geo.k
+        ),
+        Some(r) => Some(r.to_dtype(DType::F32)?),
+        None => None,
+    };
+    let w = weight.to_dtype(DType::F32)?;
+    let mut y = vec![0f32; geo.m() * geo.k];
+    let mut run = |xs: &[f32], w: &[f32], res: Option<&[f32]>| {
+        let epilogue = conv::Epilogue {
+            shift: &shift,
+            residual: res,
+            relu,
+        };
+        conv::forward_folded(xs, &geo, w, &scale, &epilogue, &mut y)
+    };
+    with_f32(x, |xs| {
+        with_f32(&w, |w| match &residual {
+            Some(r) => with_f32(r, |r| run(xs, w, Some(r))),
+            None => Ok(run(xs, w, None)),
+        })
+    })???;
+    tensor(y, (geo.n, oh, ow, geo.k))
+}
+
 /// The gradients of [`conv2d`] at `x`: `dx` when `need_dx`, and `dw` in OIHW (the weight's
 /// dtype).
 pub fn conv2d_backward(
