@@ -376,3 +376,70 @@ fn lamb_step_time_resnet50_sized() {
     let per_step = start.elapsed().as_secs_f64() / n as f64;
     eprintln!("lamb step over {numel} params: {:.3} s", per_step);
 }
+
+/// LAMB's fused CPU step (tensors of several chunks, a trust ratio and a plain Adam-style
+/// group) in rayon pools of 1, 2 and 3 threads: the weights and the moments are the same bits.
+#[test]
+fn lamb_does_not_depend_on_the_thread_count() {
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let dev = Device::Cpu;
+                let mut vars = Vec::new();
+                for (i, (name, shape)) in [
+                    ("conv.weight", vec![64usize, 32, 3, 3]),
+                    ("fc.weight", vec![300, 200]),
+                    ("fc.bias", vec![300]),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let n: usize = shape.iter().product();
+                    let v: Vec<f32> = (0..n)
+                        .map(|k| ((k * 7919 + i * 31) % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let t = Tensor::from_vec(v, shape, &dev).unwrap();
+                    vars.push((name.to_string(), Var::from_tensor(&t).unwrap()));
+                }
+                let g = param_groups(vars, 0.02);
+                let mut opt = Lamb::new(g.clone(), LambConfig::default()).unwrap();
+                for k in 0..3 {
+                    // Gradients that differ per element: d/dw of sum(w^2 * c_k) / 2.
+                    let mut loss: Option<Tensor> = None;
+                    for p in g.iter().flat_map(|g| &g.params) {
+                        let w = p.var.as_tensor();
+                        let term = ((w.sqr().unwrap() * (0.3 + 0.2 * k as f64)).unwrap())
+                            .sum_all()
+                            .unwrap();
+                        loss = Some(match loss {
+                            None => term,
+                            Some(l) => (l + term).unwrap(),
+                        });
+                    }
+                    opt.step(&loss.unwrap().backward().unwrap(), 0.01).unwrap();
+                }
+                let state: Vec<Vec<u32>> = opt
+                    .state_tensors()
+                    .into_iter()
+                    .filter(|(k, _)| k != "step")
+                    .map(|(_, t)| {
+                        t.flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|v| v.to_bits())
+                            .collect()
+                    })
+                    .collect();
+                (values(&g), state)
+            })
+    };
+    let one = run(1);
+    for t in [2, 3] {
+        assert!(run(t) == one, "{t} threads differ from 1");
+    }
+}

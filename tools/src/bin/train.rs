@@ -4,7 +4,7 @@
 //! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
 //!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
-//!       [--deterministic] [--nproc-per-node N] [--dist-timeout S]
+//!       [--layout nhwc|nchw] [--deterministic] [--nproc-per-node N] [--dist-timeout S]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
 use std::time::Duration;
+use trainer::model::ActivationLayout;
 
 use tools::ranks;
 use trainer::dist::RankInfo;
@@ -65,10 +66,15 @@ struct Args {
     /// Continue from RUN_DIR/checkpoints/latest.
     #[arg(long)]
     resume: bool,
-    /// Backward: auto = the explicit trunk backward on CUDA, candle's graph elsewhere; graph is
-    /// the fallback (slower and larger on CUDA, same results up to rounding).
+    /// Backward: auto = the explicit trunk backward on the fast path (channels-last, CUDA or
+    /// CPU), candle's graph elsewhere; graph is the fallback (slower and larger, same results up
+    /// to rounding).
     #[arg(long, default_value = "auto")]
     backward: trainer::model::BackwardMode,
+    /// Activation layout: nhwc (default), the fast path (cuDNN and our kernels on CUDA, the CPU
+    /// kernels of trainer::ops::cpu on the CPU); nchw, candle's own ops.
+    #[arg(long)]
+    layout: Option<ActivationLayout>,
     /// CUDA: the fastest deterministic cuDNN algorithm per convolution, for bit-identical
     /// reruns (default: the fastest algorithm).
     #[arg(long)]
@@ -178,7 +184,8 @@ fn eval_only(args: &Args) -> Result<()> {
     let dev = tools::bench::parse_device(&args.device)?;
     let (recipe, _) = load_recipe(args)?;
     let (val, classes) = train::open_split(&args.data, "val")?;
-    let (varmap, model) = train::build_model(&recipe, None, classes, &dev)?;
+    let (varmap, mut model) = train::build_model(&recipe, None, classes, &dev)?;
+    model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
     trainer::checkpoint::load_weights(&varmap, ckpt)
         .with_context(|| format!("loading {} into {}", ckpt.display(), recipe.model.name))?;
     let transform = train::eval_transform(size, args.crop_pct, interpolation)?;
@@ -257,6 +264,7 @@ fn options(
     opts.device = dev;
     opts.resume = args.resume;
     opts.backward = args.backward;
+    opts.layout = args.layout;
     opts.deterministic = args.deterministic;
     opts.train_samples = args.train_samples;
     opts.val_samples = args.val_samples;

@@ -221,6 +221,19 @@ pub enum ActivationLayout {
     Nhwc,
 }
 
+impl std::str::FromStr for ActivationLayout {
+    type Err = String;
+
+    /// `nchw` or `nhwc`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "nchw" => Ok(ActivationLayout::Nchw),
+            "nhwc" => Ok(ActivationLayout::Nhwc),
+            other => Err(format!("layout {other:?}: expected nhwc or nchw")),
+        }
+    }
+}
+
 /// Per-forward settings threaded through the blocks.
 #[derive(Clone, Copy, Debug)]
 struct Ctx {

@@ -3,8 +3,9 @@
 use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use super::lamb_host::{self, is_host_f32};
 use super::{
     check_groups, check_keys, global_grad_sumsq, read_moment, read_step, step_tensor, OptimError,
     ParamGroup, StepReport, TrainOptimizer, STEP_KEY,
@@ -46,9 +47,63 @@ impl Default for LambConfig {
 
 /// Per-parameter moments, created at a parameter's first gradient.
 #[derive(Clone, Debug)]
-struct Moments {
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+enum Moments {
+    /// candle tensors (parameters off the host path: f64, or on a GPU).
+    Tensors { exp_avg: Tensor, exp_avg_sq: Tensor },
+    /// Host vectors that the fused CPU step updates in place (f32 parameters on the CPU).
+    Host {
+        exp_avg: Vec<f32>,
+        exp_avg_sq: Vec<f32>,
+    },
+}
+
+impl Moments {
+    /// Zero moments for `w`, on the host when the fused CPU step handles it.
+    fn zeros(w: &Tensor) -> candle_core::Result<Self> {
+        Ok(if is_host_f32(w) {
+            Moments::Host {
+                exp_avg: vec![0.0; w.elem_count()],
+                exp_avg_sq: vec![0.0; w.elem_count()],
+            }
+        } else {
+            Moments::Tensors {
+                exp_avg: w.zeros_like()?,
+                exp_avg_sq: w.zeros_like()?,
+            }
+        })
+    }
+
+    /// The moments as tensors shaped like `w` (a copy for host moments).
+    fn tensors(&self, w: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok(match self {
+            Moments::Tensors {
+                exp_avg,
+                exp_avg_sq,
+            } => (exp_avg.clone(), exp_avg_sq.clone()),
+            Moments::Host {
+                exp_avg,
+                exp_avg_sq,
+            } => (
+                Tensor::from_slice(exp_avg, w.shape(), &Device::Cpu)?,
+                Tensor::from_slice(exp_avg_sq, w.shape(), &Device::Cpu)?,
+            ),
+        })
+    }
+
+    /// Moments read from tensors, for the parameter `w`.
+    fn from_tensors(w: &Tensor, exp_avg: Tensor, exp_avg_sq: Tensor) -> candle_core::Result<Self> {
+        Ok(if is_host_f32(w) {
+            Moments::Host {
+                exp_avg: exp_avg.flatten_all()?.to_vec1::<f32>()?,
+                exp_avg_sq: exp_avg_sq.flatten_all()?.to_vec1::<f32>()?,
+            }
+        } else {
+            Moments::Tensors {
+                exp_avg,
+                exp_avg_sq,
+            }
+        })
+    }
 }
 
 /// timm v0.5.4 LAMB. For step `t` (shared by all groups):
@@ -103,8 +158,25 @@ impl Lamb {
     }
 
     /// One update (the body of [`TrainOptimizer::queue_step`]).
+    /// `Σ ||g||²` over every gradient: the host sum when all are f32 on the CPU, else candle's.
+    fn grad_sumsq(&self, grads: &GradStore) -> Result<f64, OptimError> {
+        let mut host = Vec::new();
+        for p in self.groups.iter().flat_map(|g| g.params.iter()) {
+            match grads.get(p.var.as_tensor()) {
+                Some(g) if is_host_f32(g) && g.is_contiguous() => host.push(g.clone()),
+                Some(_) => return global_grad_sumsq(&self.groups, grads),
+                None => {}
+            }
+        }
+        let slices: Vec<&[f32]> = host
+            .iter()
+            .map(host_slice)
+            .collect::<candle_core::Result<_>>()?;
+        Ok(lamb_host::grad_sumsq(&slices))
+    }
+
     fn update(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
-        let grad_norm = global_grad_sumsq(&self.groups, grads)?.sqrt();
+        let grad_norm = self.grad_sumsq(grads)?.sqrt();
         if !grad_norm.is_finite() {
             return Ok(StepReport {
                 applied: false,
@@ -129,12 +201,45 @@ impl Lamb {
             (1.0, 1.0)
         };
         let bc2_sqrt = bc2.sqrt();
+        let host = lamb_host::Coeffs {
+            beta1: beta1 as f32,
+            beta3: beta3 as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            inv_bc1: (1.0 / bc1) as f32,
+            inv_bc2_sqrt: (1.0 / bc2_sqrt) as f32,
+            eps: c.eps as f32,
+            inv_clip: (1.0 / clip_factor) as f32,
+            lr: lr as f32,
+            trust_clip: c.trust_clip,
+        };
         for (group, states) in self.groups.iter().zip(self.state.iter_mut()) {
             let wd = group.weight_decay;
             for (p, state) in group.params.iter().zip(states.iter_mut()) {
                 let Some(g) = grads.get(p.var.as_tensor()) else {
                     continue;
                 };
+                if state.is_none() {
+                    *state = Some(Moments::zeros(p.var.as_tensor())?);
+                }
+                if let Some(Moments::Host {
+                    exp_avg,
+                    exp_avg_sq,
+                }) = state
+                {
+                    let g = g.detach().to_dtype(DType::F32)?;
+                    crate::ops::cpu::with_f32(&g, |g| {
+                        p.var.as_tensor().inplace_op1(&lamb_host::ParamStep {
+                            g,
+                            m: std::cell::RefCell::new(exp_avg),
+                            v: std::cell::RefCell::new(exp_avg_sq),
+                            k: host,
+                            wd: wd as f32,
+                            adapt: wd != 0.0 || c.always_adapt,
+                        })
+                    })??;
+                    continue;
+                }
                 let w = p.var.as_tensor().detach();
                 let g = g.detach().to_dtype(DType::F32)?;
                 let g = if clip_factor != 1.0 {
@@ -142,15 +247,15 @@ impl Lamb {
                 } else {
                     g
                 };
-                let prev = match state.take() {
-                    Some(m) => m,
-                    None => Moments {
-                        exp_avg: w.zeros_like()?,
-                        exp_avg_sq: w.zeros_like()?,
-                    },
+                let Some(Moments::Tensors {
+                    exp_avg: prev_avg,
+                    exp_avg_sq: prev_avg_sq,
+                }) = state.take()
+                else {
+                    unreachable!("moments created above, host moments handled above")
                 };
-                let exp_avg = ((prev.exp_avg * beta1)? + (&g * beta3)?)?;
-                let exp_avg_sq = ((prev.exp_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let exp_avg = ((prev_avg * beta1)? + (&g * beta3)?)?;
+                let exp_avg_sq = ((prev_avg_sq * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
                 let denom = ((exp_avg_sq.sqrt()? / bc2_sqrt)? + c.eps)?;
                 let mut update = ((&exp_avg / bc1)? / denom)?;
                 if wd != 0.0 {
@@ -170,7 +275,7 @@ impl Lamb {
                     update = update.broadcast_mul(&trust)?;
                 }
                 p.var.set(&(w - (update * lr)?)?)?;
-                *state = Some(Moments {
+                *state = Some(Moments::Tensors {
                     exp_avg,
                     exp_avg_sq,
                 });
@@ -207,8 +312,11 @@ impl TrainOptimizer for Lamb {
             for (p, state) in group.params.iter().zip(states) {
                 if let Some(m) = state {
                     let (k1, k2) = Self::moment_keys(&p.name);
-                    out.push((k1, m.exp_avg.clone()));
-                    out.push((k2, m.exp_avg_sq.clone()));
+                    let (m, v) = m
+                        .tensors(p.var.as_tensor())
+                        .expect("host moments as tensors");
+                    out.push((k1, m));
+                    out.push((k2, v));
                 }
             }
         }
@@ -227,10 +335,9 @@ impl TrainOptimizer for Lamb {
                 let m = read_moment(tensors, &k1, w)?;
                 let v = read_moment(tensors, &k2, w)?;
                 group_state.push(match (m, v) {
-                    (Some(exp_avg), Some(exp_avg_sq)) => Some(Moments {
-                        exp_avg,
-                        exp_avg_sq,
-                    }),
+                    (Some(exp_avg), Some(exp_avg_sq)) => {
+                        Some(Moments::from_tensors(w, exp_avg, exp_avg_sq)?)
+                    }
                     (None, None) => None,
                     (Some(_), None) => return Err(OptimError::MissingState { key: k2 }),
                     (None, Some(_)) => return Err(OptimError::MissingState { key: k1 }),
@@ -245,4 +352,19 @@ impl TrainOptimizer for Lamb {
         self.step = step;
         Ok(())
     }
+}
+
+/// The values of a contiguous f32 CPU tensor, borrowed from its storage.
+fn host_slice(t: &Tensor) -> candle_core::Result<&[f32]> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("lamb: a CPU gradient was expected")
+    };
+    let values = cpu.as_slice::<f32>()?;
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("lamb: a contiguous gradient was expected".into())
+    })?;
+    // SAFETY: the storage is kept alive by `t`, which the caller holds for the slice's lifetime;
+    // nothing writes to a gradient while the optimizer reads it.
+    Ok(unsafe { std::slice::from_raw_parts(values[start..end].as_ptr(), end - start) })
 }

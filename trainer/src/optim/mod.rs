@@ -67,6 +67,7 @@
 //! the masters after each step. Moments stay f32 either way.
 
 mod lamb;
+mod lamb_host;
 mod param_groups;
 mod sgd;
 

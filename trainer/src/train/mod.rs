@@ -164,8 +164,8 @@ pub struct TrainOptions {
     pub dist_timeout: Duration,
     /// Bytes of gradients per all-reduce bucket (default [`BUCKET_BYTES`], 25 MiB).
     pub bucket_bytes: usize,
-    /// The activation layout (`None`: channels-last on CUDA, NCHW elsewhere). Channels-last on
-    /// the CPU runs the fast path's layer functions on their CPU references (tests).
+    /// The activation layout (`None`: channels-last, the fast path on CUDA and on the CPU;
+    /// `Nchw` runs candle's own ops).
     pub layout: Option<crate::model::ActivationLayout>,
 }
 

@@ -232,12 +232,9 @@ impl<'a> Trainer<'a> {
         // Model, optimizer, schedule, loss.
         let (varmap, mut model) =
             build_model(recipe, opts.model.as_ref(), num_classes, &opts.device)?;
-        match opts.layout {
-            Some(l) => model.set_layout(l),
-            // The fast path: channels-last bf16 activations, f32 master weights.
-            None if opts.device.is_cuda() => model.set_layout(ActivationLayout::Nhwc),
-            None => {}
-        }
+        // The fast path by default: channels-last activations (bf16 with f32 master weights on
+        // CUDA, f32 through the CPU kernels on the CPU).
+        model.set_layout(opts.layout.unwrap_or(ActivationLayout::Nhwc));
         model.set_backward_mode(opts.backward);
         let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
         let optimizer = crate::backend::optimizer(recipe, groups, &opts.device)?;

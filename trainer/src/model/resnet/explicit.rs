@@ -29,13 +29,14 @@ use crate::ops::nhwc::{self, AddReluSaved, BnSaved, ConvSaved, MaxPoolSaved};
 /// How [`ResNet::forward_train_pass`] computes gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackwardMode {
-    /// Explicit where it is supported and fast (channels-last bf16 on CUDA), the graph elsewhere.
+    /// Explicit where it is supported and fast (channels-last: bf16 on CUDA, f32 through the
+    /// CPU kernels), the graph elsewhere.
     #[default]
     Auto,
     /// candle's autograd over the whole network.
     Graph,
-    /// The explicit trunk backward; an error for networks it does not support. On the CPU it
-    /// runs the slow reference backward (tests).
+    /// The explicit trunk backward; an error for networks it does not support. Off the fast
+    /// path (f64, NCHW weights in another dtype) it runs the slow reference backward (tests).
     Explicit,
 }
 
