@@ -241,11 +241,10 @@ pub fn max_pool_forward(
         .enumerate()
         .for_each(|(row, (yr, ir))| {
             let (b, oy) = (row / oh, row % oh);
-            let mut best = vec![0f32; c];
-            let mut bi = vec![-1i32; c];
             for ox in 0..ow {
-                best.fill(0.0);
-                bi.fill(-1);
+                let best = &mut yr[ox * c..(ox + 1) * c];
+                let bi = &mut ir[ox * c..(ox + 1) * c];
+                let mut first = true;
                 for ky in 0..k {
                     let iy = (oy * s + ky) as isize - p as isize;
                     if iy < 0 || iy >= h as isize {
@@ -257,19 +256,21 @@ pub fn max_pool_forward(
                             continue;
                         }
                         let at = ((b * h + iy as usize) * w + ix as usize) * c;
-                        let pos = (ky * k + kx) as i32;
-                        for j in 0..c {
-                            let v = x[at + j];
-                            if bi[j] < 0 || v > best[j] || v.is_nan() {
-                                best[j] = v;
-                                bi[j] = pos;
-                            }
+                        let px = &x[at..at + c];
+                        let pos = (ky * k + kx) as u8;
+                        if first {
+                            best.copy_from_slice(px);
+                            bi.fill(pos);
+                            first = false;
+                            continue;
+                        }
+                        // Selects rather than branches (vectorised).
+                        for ((m, i), &v) in best.iter_mut().zip(bi.iter_mut()).zip(px) {
+                            let take = v > *m || v.is_nan();
+                            *m = if take { v } else { *m };
+                            *i = if take { pos } else { *i };
                         }
                     }
-                }
-                yr[ox * c..(ox + 1) * c].copy_from_slice(&best);
-                for j in 0..c {
-                    ir[ox * c + j] = bi[j].max(0) as u8;
                 }
             }
         });
