@@ -105,25 +105,22 @@ impl Mat {
     }
 }
 
-/// Parallel tasks a convolution aims for: when it has fewer tiles, each tile's GEMM is cut into
-/// pieces (the late layers of a network have few output pixels and wide GEMMs).
+/// Parallel tasks a convolution aims for: with fewer tiles than this, each tile's GEMM runs on
+/// all threads (the late layers of a network have few output pixels and wide GEMMs).
 const TASKS: usize = 16;
 
-/// The narrowest piece of a GEMM's output worth a task of its own.
-const MIN_PIECE: usize = 64;
-
-/// The pieces each of `tiles` GEMMs with an `m x n` output is cut into (a function of the
-/// problem size only, so the results do not depend on the number of threads).
-fn pieces(tiles: usize, m: usize, n: usize) -> usize {
-    TASKS
-        .div_ceil(tiles.max(1))
-        .min(m.max(n) / MIN_PIECE)
-        .max(1)
+/// Whether the GEMMs of a convolution with `tiles` tiles run multi-threaded. The `gemm` crate
+/// splits a multi-threaded GEMM over blocks of output rows and columns, each output's sum in
+/// the same order (its `k` blocking does not depend on the threads), so the results are the
+/// same for any thread count; it shares the packed operands between threads, which cutting the
+/// GEMM into independent pieces would pack once per piece.
+fn threaded(tiles: usize) -> bool {
+    tiles < TASKS
 }
 
 /// `out = a x b` (`a`: `m x k`, `b`: `k x n`, any strides; `out`: `m x n` row-major with `ldo`
-/// elements between rows), or `out += a x b` when `accumulate`: cut into `pieces` parallel
-/// blocks of rows or of columns (whichever side is longer), each GEMM single-threaded.
+/// elements between rows), or `out += a x b` when `accumulate`; on rayon's threads when
+/// `threaded`, else on the caller's.
 ///
 /// # Safety
 /// The pointers cover the matrices their strides and sizes describe.
@@ -134,41 +131,9 @@ unsafe fn matmul(
     a: Mat,
     b: Mat,
     accumulate: bool,
-    pieces: usize,
+    threaded: bool,
 ) {
     if m == 0 || n == 0 {
-        return;
-    }
-    if pieces > 1 {
-        /// The operands of one call, shared by its pieces (they write disjoint blocks).
-        struct Shared(*mut f32, Mat, Mat);
-        unsafe impl Sync for Shared {}
-        let shared = Shared(out, a, b);
-        let by_rows = m >= n;
-        let len = if by_rows { m } else { n };
-        // Piece boundaries on multiples of 16 (a vector of f32) where the length allows.
-        let step = len.div_ceil(pieces).next_multiple_of(16).min(len);
-        (0..len.div_ceil(step)).into_par_iter().for_each(|i| {
-            let Shared(out, a, b) = &shared;
-            let (at, size) = (i * step, step.min(len - i * step));
-            // SAFETY: block `i` of the rows (or columns) of `out` and the matching rows of `a`
-            // (or columns of `b`); no two pieces share an output element.
-            unsafe {
-                if by_rows {
-                    let a = Mat {
-                        ptr: a.ptr.add(at * a.row),
-                        ..*a
-                    };
-                    matmul((size, n, k), out.add(at * ldo), ldo, a, *b, accumulate, 1)
-                } else {
-                    let b = Mat {
-                        ptr: b.ptr.add(at * b.col),
-                        ..*b
-                    };
-                    matmul((m, size, k), out.add(at), ldo, *a, b, accumulate, 1)
-                }
-            }
-        });
         return;
     }
     // gemm: dst = alpha * dst + beta * lhs * rhs; strides given column first, then row.
@@ -191,7 +156,11 @@ unsafe fn matmul(
         false,
         false,
         false,
-        gemm::Parallelism::None,
+        if threaded {
+            gemm::Parallelism::Rayon(rayon::current_num_threads())
+        } else {
+            gemm::Parallelism::None
+        },
     );
 }
 
@@ -325,7 +294,7 @@ fn forward_rsck(
                         Mat::rows(x[m0 * geo.c..].as_ptr(), geo.c),
                         Mat::rows(w.as_ptr(), kg),
                         false,
-                        pieces(tiles, rows, k),
+                        threaded(tiles),
                     )
                 };
                 if let Some(e) = epilogue {
@@ -346,7 +315,7 @@ fn forward_rsck(
                         Mat::rows(buf.as_ptr(), patch),
                         Mat::rows(w[g * patch * kg..].as_ptr(), kg),
                         false,
-                        pieces(tiles * g_count, rows, kg),
+                        threaded(tiles),
                     )
                 };
             }
@@ -406,7 +375,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         Mat::transposed(w[g * cg * kg..].as_ptr(), kg),
                         false,
-                        pieces(tiles * g_count, rows, cg),
+                        threaded(tiles),
                     )
                 };
             }
@@ -440,7 +409,7 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         Mat::transposed(w[g * patch * kg..].as_ptr(), kg),
                         false,
-                        pieces(tiles * g_count, rows, patch),
+                        threaded(tiles),
                     )
                 };
             }
@@ -515,7 +484,7 @@ fn backward_filter_rsck(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
                         Mat::transposed(x[m0 * geo.c..].as_ptr(), geo.c),
                         Mat::rows(dy[m0 * k..].as_ptr(), k),
                         false,
-                        pieces(tiles, patch, k),
+                        threaded(tiles),
                     )
                 };
                 return part;
@@ -532,7 +501,7 @@ fn backward_filter_rsck(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
                         Mat::transposed(buf.as_ptr(), patch),
                         Mat::rows(dy[m0 * k + g * kg..].as_ptr(), k),
                         false,
-                        pieces(tiles * g_count, patch, kg),
+                        threaded(tiles),
                     )
                 };
             }
