@@ -209,12 +209,15 @@ pub fn eval_geometry(
     let top = round_half_even((new_h - s) / 2.0);
     let left = round_half_even((new_w - s) / 2.0);
     let (sx, sy) = (w / new_w, h / new_h);
+    let (left, top) = (left * sx, top * sy);
     SampleGeometry {
+        // The box lies inside the image; the products can pass its edge by an ulp (with
+        // crop_pct 1, `size * (w / size)` may round above `w`), which the resizer refuses.
         crop: CropBox {
-            left: left * sx,
-            top: top * sy,
-            width: s * sx,
-            height: s * sy,
+            left,
+            top,
+            width: (s * sx).min(w - left),
+            height: (s * sy).min(h - top),
         },
         size,
         interpolation,
@@ -234,6 +237,29 @@ mod tests {
         assert_eq!(round_half_even(2.5), 2.0);
         assert_eq!(round_half_even(2.4), 2.0);
         assert_eq!(round_half_even(2.6), 3.0);
+    }
+
+    #[test]
+    fn eval_boxes_stay_inside_the_image() {
+        for width in 20..140u32 {
+            for height in [width, width + 1, width * 2 - 3, 97] {
+                for size in [24u32, 32, 40, 48, 56, 64, 224] {
+                    for crop_pct in [0.875, 0.95, 1.0] {
+                        let g =
+                            eval_geometry(width, height, size, crop_pct, Interpolation::Bilinear);
+                        let b = g.crop;
+                        assert!(
+                            b.left >= 0.0 && b.top >= 0.0,
+                            "{width}x{height} {size} {b:?}"
+                        );
+                        assert!(
+                            b.left + b.width <= width as f64 && b.top + b.height <= height as f64,
+                            "{width}x{height} size {size} crop {crop_pct}: {b:?}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
