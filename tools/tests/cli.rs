@@ -603,3 +603,80 @@ fn a_cpu_run_across_processes_is_refused() {
         "{err}"
     );
 }
+
+const EVALUATE: &str = env!("CARGO_BIN_EXE_evaluate");
+
+/// `evaluate` over two sizes and two crop ratios gives, line for line, what four single runs
+/// give (the same top-1, top-5 and loss bits); a checkpoint without a recipe beside it needs
+/// `--model`.
+#[test]
+fn evaluate_sweeps_equal_single_runs() {
+    use candle_core::Device;
+    use trainer::model::ResNetConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &["--val-per-class", "6"]);
+    let shards = dir.path().join("shards");
+    let out = run_args(&shard_args(&src, &shards, 1), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A freshly initialised resnet18 for 3 classes, saved under timm's names.
+    let cfg = ResNetConfig::by_name("resnet18").unwrap();
+    let recipe = trainer::recipe::Recipe::a3();
+    let (varmap, _) = trainer::train::build_model(&recipe, Some(&cfg), 3, &Device::Cpu).unwrap();
+    let ckpt = dir.path().join("weights.safetensors");
+    varmap.save(&ckpt).unwrap();
+
+    let ckpt_s = ckpt.to_string_lossy().into_owned();
+    let shards_s = shards.to_string_lossy().into_owned();
+    let eval = |sizes: &str, crops: &str| -> Vec<serde_json::Value> {
+        let args = [
+            "--checkpoint",
+            &ckpt_s,
+            "--data",
+            &shards_s,
+            "--model",
+            "resnet18",
+            "--sizes",
+            sizes,
+            "--crop-pct",
+            crops,
+            "--batch-size",
+            "7",
+            "--workers",
+            "2",
+        ];
+        let res = run(EVALUATE, &args, &[]);
+        assert!(res.status.success(), "{}", text(&res.stderr));
+        text(&res.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let sweep = eval("32,40", "0.875,1.0");
+    assert_eq!(sweep.len(), 4);
+    let mut i = 0;
+    for size in ["32", "40"] {
+        for crop in ["0.875", "1.0"] {
+            let single = eval(size, crop);
+            assert_eq!(single.len(), 1);
+            let (a, b) = (&sweep[i], &single[0]);
+            assert_eq!(a["size"].to_string(), size);
+            assert_eq!(a["images"], 18);
+            for k in ["size", "crop_pct", "top1", "top5", "loss", "images"] {
+                assert_eq!(a[k], b[k], "{k} at {size} px, crop {crop}");
+            }
+            i += 1;
+        }
+    }
+    // Without --model and without a recipe.toml beside the checkpoint: a clear error.
+    let res = run(
+        EVALUATE,
+        &["--checkpoint", &ckpt_s, "--data", &shards_s],
+        &[],
+    );
+    assert_eq!(res.status.code(), Some(2));
+    assert!(
+        text(&res.stderr).contains("name the network with --model"),
+        "{}",
+        text(&res.stderr)
+    );
+}

@@ -1,0 +1,199 @@
+//! `evaluate`: a checkpoint's top-1 / top-5 over test resolutions and crop ratios, in one run.
+//!
+//! ```text
+//! evaluate --checkpoint P --data SHARDS [--split val] [--sizes 160,192,224,256,288]
+//!          [--crop-pct 0.875,0.95,1.0] [--interpolation bicubic|bilinear] [--batch-size B]
+//!          [--device cpu|cuda:N] [--model NAME] [--workers N] [--samples N] [--layout nhwc|nchw]
+//! ```
+//!
+//! The network: `--model`, else the run's `recipe.toml` beside the checkpoint's directory (a
+//! `train` run keeps `RUN/recipe.toml` and `RUN/checkpoints/step-N.safetensors`), which also
+//! gives the train size the lines report and the defaults (`data.test_size_px`, `data.crop_pct`,
+//! `data.test_interpolation`). Prints one JSON line per (size, crop_pct) with `size`,
+//! `crop_pct`, `top1`, `top5`, `loss`, `images`, `images_per_s`, `train_size`, and a table on
+//! stderr at the end. Each evaluation is exactly `train --eval-only` at that size and crop.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::json;
+use trainer::model::{ActivationLayout, ResNetConfig};
+use trainer::recipe::{Interpolation, Recipe};
+use trainer::train;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "evaluate",
+    about = "Top-1/top-5 of a checkpoint over test sizes and crop ratios"
+)]
+struct Args {
+    /// Weights (.safetensors with timm names).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Shard set.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split to evaluate.
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Test sizes in pixels, comma-separated (default: the recipe's data.test_size_px, or 224).
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<u32>,
+    /// Centre-crop ratios, comma-separated (default: the recipe's data.crop_pct, or 0.95).
+    #[arg(long = "crop-pct", value_delimiter = ',')]
+    crop_pct: Vec<f64>,
+    /// Resize interpolation (default: the recipe's data.test_interpolation, or bicubic).
+    #[arg(long)]
+    interpolation: Option<String>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Network (timm name); required when no recipe.toml sits beside the checkpoint.
+    #[arg(long)]
+    model: Option<String>,
+    /// Loader threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Only the first N images of the split (0 = all).
+    #[arg(long, default_value_t = 0)]
+    samples: u64,
+    /// Activation layout: nhwc (default, the fast path) or nchw (candle's ops).
+    #[arg(long)]
+    layout: Option<ActivationLayout>,
+}
+
+/// The recipe of the run that wrote `checkpoint` (`RUN/recipe.toml` for
+/// `RUN/checkpoints/step-N.safetensors`), when there is one.
+fn run_recipe(checkpoint: &Path) -> Result<Option<(PathBuf, Recipe)>> {
+    let Some(run_dir) = checkpoint.parent().and_then(Path::parent) else {
+        return Ok(None);
+    };
+    let path = run_dir.join("recipe.toml");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let recipe = Recipe::from_toml_str(&text)
+        .with_context(|| format!("reading recipe {}", path.display()))?;
+    Ok(Some((path, recipe)))
+}
+
+fn parse_interpolation(s: &str) -> Result<Interpolation> {
+    Ok(match s {
+        "bilinear" => Interpolation::Bilinear,
+        "bicubic" => Interpolation::Bicubic,
+        other => bail!("--interpolation {other:?}: expected bilinear or bicubic"),
+    })
+}
+
+fn run(args: Args) -> Result<()> {
+    let recipe = run_recipe(&args.checkpoint)?;
+    let model_name = match (&args.model, &recipe) {
+        (Some(m), _) => m.clone(),
+        (None, Some((_, r))) => r.model.name.clone(),
+        (None, None) => bail!(
+            "{}: no recipe.toml beside the checkpoint's directory; name the network with --model",
+            args.checkpoint.display()
+        ),
+    };
+    let data_cfg = recipe.as_ref().map(|(_, r)| r.data.clone());
+    let sizes = match (&args.sizes[..], &data_cfg) {
+        ([], Some(d)) => vec![d.test_size_px],
+        ([], None) => vec![224],
+        (s, _) => s.to_vec(),
+    };
+    let crops = match (&args.crop_pct[..], &data_cfg) {
+        ([], Some(d)) => vec![d.crop_pct],
+        ([], None) => vec![0.95],
+        (c, _) => c.to_vec(),
+    };
+    if let Some(c) = crops.iter().find(|c| !(**c > 0.0 && **c <= 1.0)) {
+        bail!("--crop-pct {c}: must be in (0, 1]")
+    }
+    if let Some(s) = sizes.iter().find(|s| **s == 0) {
+        bail!("--sizes {s}: must be positive")
+    }
+    let interpolation = match (&args.interpolation, &data_cfg) {
+        (Some(s), _) => parse_interpolation(s)?,
+        (None, Some(d)) => d.test_interpolation,
+        (None, None) => Interpolation::Bicubic,
+    };
+    let interp_name = format!("{interpolation:?}").to_lowercase();
+    let train_size = data_cfg.as_ref().map(|d| d.train_size_px);
+
+    let dev = tools::bench::parse_device(&args.device)?;
+    let (split, classes) = train::open_split(&args.data, &args.split)?;
+    let cfg = ResNetConfig::by_name(&model_name)?;
+    let base = recipe.map(|(_, r)| r).unwrap_or_else(Recipe::a1);
+    let (varmap, mut model) = train::build_model(&base, Some(&cfg), classes, &dev)?;
+    model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
+    trainer::checkpoint::load_weights(&varmap, &args.checkpoint)
+        .with_context(|| format!("loading {} into {model_name}", args.checkpoint.display()))?;
+    let feed = trainer::feed::Feed::new(&dev)?;
+    let workers = match args.workers {
+        0 => tools::bench::cores(),
+        n => n,
+    };
+    let batch = args.batch_size.max(1);
+
+    let mut rows = Vec::new();
+    let total = sizes.len() * crops.len();
+    for &size in &sizes {
+        for &crop_pct in &crops {
+            eprintln!(
+                "evaluate: {} of {total}: {size} px, crop {crop_pct}, {interp_name}",
+                rows.len() + 1
+            );
+            let transform = train::eval_transform(size, crop_pct, interpolation)?;
+            let t0 = Instant::now();
+            let r = train::evaluate(
+                &model,
+                &feed,
+                split.clone(),
+                transform,
+                batch,
+                workers,
+                args.samples,
+            )?;
+            let dt = t0.elapsed().as_secs_f64();
+            let line = json!({
+                "checkpoint": args.checkpoint.display().to_string(), "model": model_name,
+                "split": args.split, "size": size, "crop_pct": crop_pct,
+                "interpolation": interp_name, "train_size": train_size,
+                "top1": r.top1, "top5": r.top5, "loss": r.loss, "images": r.samples,
+                "images_per_s": r.samples as f64 / dt.max(1e-9), "seconds": dt,
+            });
+            println!("{line}");
+            rows.push((
+                size,
+                crop_pct,
+                r.top1,
+                r.top5,
+                r.samples as f64 / dt.max(1e-9),
+            ));
+        }
+    }
+    eprintln!(
+        "{:>6} {:>6} {:>8} {:>8} {:>10}",
+        "size", "crop", "top1", "top5", "images/s"
+    );
+    for (size, crop, top1, top5, ips) in rows {
+        let mark = if Some(size) == train_size {
+            " (train size)"
+        } else {
+            ""
+        };
+        eprintln!("{size:>6} {crop:>6.3} {top1:>8.2} {top5:>8.2} {ips:>10.1}{mark}");
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    tools::bench::exit_on_error("evaluate", run(Args::parse()))
+}
