@@ -157,7 +157,6 @@ impl Lamb {
         (format!("exp_avg.{name}"), format!("exp_avg_sq.{name}"))
     }
 
-    /// One update (the body of [`TrainOptimizer::queue_step`]).
     /// `Σ ||g||²` over every gradient: the host sum when all are f32 on the CPU, else candle's.
     fn grad_sumsq(&self, grads: &GradStore) -> Result<f64, OptimError> {
         let mut host = Vec::new();
@@ -175,6 +174,7 @@ impl Lamb {
         Ok(lamb_host::grad_sumsq(&slices))
     }
 
+    /// One update (the body of [`TrainOptimizer::queue_step`]).
     fn update(&mut self, grads: &GradStore, lr: f64) -> Result<StepReport, OptimError> {
         let grad_norm = self.grad_sumsq(grads)?.sqrt();
         if !grad_norm.is_finite() {
