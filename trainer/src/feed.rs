@@ -71,6 +71,9 @@ impl Feed {
         size: usize,
         layout: ActivationLayout,
     ) -> Result<Tensor> {
+        if layout == ActivationLayout::Nhwc && matches!(self.device, Device::Cpu) {
+            return Self::nhwc_host(images, batch, size);
+        }
         let xs = self.images(images, batch, size)?;
         match layout {
             ActivationLayout::Nchw => Ok(xs),
@@ -83,6 +86,33 @@ impl Feed {
                 xs.permute((0, 2, 3, 1))?.to_dtype(dtype)?.contiguous()
             }
         }
+    }
+
+    /// [`Feed::images_for`] channels-last on the CPU: the bytes normalised straight into the
+    /// tensor's buffer, one pass over the batch on rayon's pool (the graph of [`Feed::images`]
+    /// then two permutes would make five passes and four intermediate tensors); the same f32
+    /// operations, so the same bits.
+    fn nhwc_host(images: &[u8], batch: usize, size: usize) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let per_image = size * size * 3;
+        let Some(bytes) = images.get(..batch * per_image) else {
+            candle_core::bail!(
+                "feed: {} bytes for {batch} images of {size}x{size}x3",
+                images.len()
+            )
+        };
+        let (mean, std) = Self::scaled_stats();
+        let mut out = vec![0f32; bytes.len()];
+        out.par_chunks_mut(per_image.max(1))
+            .zip(bytes.par_chunks(per_image.max(1)))
+            .for_each(|(o, b)| {
+                for (o, b) in o.chunks_exact_mut(3).zip(b.chunks_exact(3)) {
+                    for c in 0..3 {
+                        o[c] = (b[c] as f32 - mean[c]) / std[c];
+                    }
+                }
+            });
+        Tensor::from_vec(out, (batch, size, size, 3), &Device::Cpu)
     }
 
     /// Class labels as a u32 tensor of shape `[batch]`.
@@ -109,6 +139,18 @@ mod tests {
         let feed = Feed::new(&Device::Cpu)?;
         let xs = feed.images(&images, b, s)?;
         assert_eq!(xs.dims(), &[b, 3, s, s]);
+        // The channels-last one-pass path gives the same bits as the graph, permuted.
+        let nhwc = feed.images_for(&images, b, s, ActivationLayout::Nhwc)?;
+        assert_eq!(nhwc.dims(), &[b, s, s, 3]);
+        let graph = xs.permute((0, 2, 3, 1))?.contiguous()?;
+        let bits = |t: &Tensor| -> Result<Vec<u32>> {
+            Ok(t.flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|v| v.to_bits())
+                .collect())
+        };
+        assert_eq!(bits(&nhwc)?, bits(&graph)?);
         let v = xs.flatten_all()?.to_vec1::<f32>()?;
         for n in 0..b {
             for c in 0..3 {
