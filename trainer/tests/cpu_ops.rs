@@ -172,8 +172,40 @@ fn folded_conv_bn_matches_the_layers() -> Result<()> {
                 )?,
             };
             close(&name, &got, &want, 1e-5)?;
+            // An evaluation pass's cache of folded filters: the same bits, first call or not.
+            trainer::ops::cpu::with_eval_cache(|| -> Result<()> {
+                for _ in 0..2 {
+                    let again =
+                        nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, relu, residual)?;
+                    assert_eq!(bits(&again)?, bits(&got)?, "{name}: cached");
+                }
+                Ok(())
+            })?;
         }
     }
+    // The cache lives for one pass: weights changed in place between passes are picked up.
+    let x = normal(&[2, 6, 6, 8], 80, 0.0)?;
+    let w = Var::from_tensor(&(normal(&[16, 8, 3, 3], 81, 0.0)? * 0.1)?)?;
+    let b = bn(16, 82)?;
+    let eval = |w: &Tensor| {
+        trainer::ops::cpu::with_eval_cache(|| nhwc::conv_bn_eval(&x, w, 1, 1, 1, &b, false, None))
+    };
+    let first = eval(w.as_tensor())?;
+    w.set(&(w.as_tensor() * 2.0)?)?;
+    let second = eval(w.as_tensor())?;
+    let want = nhwc::reference::batch_norm(
+        &nhwc::reference::conv2d(&x, w.as_tensor(), 1, 1, 1)?,
+        &b,
+        false,
+        false,
+    )?;
+    close(
+        "conv+bn after an in-place weight change",
+        &second,
+        &want,
+        1e-5,
+    )?;
+    assert_ne!(bits(&first)?, bits(&second)?);
     Ok(())
 }
 

@@ -74,6 +74,38 @@ pub fn evaluate_rank(
     cfg.num_workers = num_workers;
     let mut loader = Loader::new(split, cfg)?;
     let mut per_batch = vec![0f64; num_batches * PER_BATCH];
+    // The weights stay as they are for the whole pass: the CPU fast path folds and lays out each
+    // conv's filter once, not once per batch.
+    crate::ops::cpu::with_eval_cache(|| {
+        eval_batches(model, feed, &mut loader, size, world, rank, &mut per_batch)
+    })?;
+    comm.all_reduce_f64(&mut per_batch)?;
+    let (mut n, mut c1, mut c5, mut loss_sum) = (0u64, 0u64, 0u64, 0f64);
+    for v in per_batch.chunks(PER_BATCH) {
+        c1 += v[0] as u64;
+        c5 += v[1] as u64;
+        loss_sum += v[2];
+        n += v[3] as u64;
+    }
+    let pct = |c: u64| 100.0 * c as f64 / n.max(1) as f64;
+    Ok(EvalResult {
+        top1: pct(c1),
+        top5: pct(c5),
+        loss: loss_sum / n.max(1) as f64,
+        samples: n,
+    })
+}
+
+/// This rank's batches: their counts and loss sums into `per_batch` (indexed by one-rank batch).
+fn eval_batches(
+    model: &ResNet,
+    feed: &Feed,
+    loader: &mut Loader<Vec<u8>>,
+    size: usize,
+    world: usize,
+    rank: usize,
+    per_batch: &mut [f64],
+) -> Result<()> {
     for batch in loader.epoch(0)? {
         let batch = batch?;
         if batch.len == 0 {
@@ -94,19 +126,5 @@ pub fn evaluate_rank(
             batch.len as f64,
         ]);
     }
-    comm.all_reduce_f64(&mut per_batch)?;
-    let (mut n, mut c1, mut c5, mut loss_sum) = (0u64, 0u64, 0u64, 0f64);
-    for v in per_batch.chunks(PER_BATCH) {
-        c1 += v[0] as u64;
-        c5 += v[1] as u64;
-        loss_sum += v[2];
-        n += v[3] as u64;
-    }
-    let pct = |c: u64| 100.0 * c as f64 / n.max(1) as f64;
-    Ok(EvalResult {
-        top1: pct(c1),
-        top5: pct(c5),
-        loss: loss_sum / n.max(1) as f64,
-        samples: n,
-    })
+    Ok(())
 }

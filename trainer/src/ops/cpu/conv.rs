@@ -260,8 +260,29 @@ pub fn forward_folded(
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), geo.m() * geo.k, "residual size");
     }
-    let w = rsck_scaled(w, geo, Some(scale));
-    forward_rsck(x, geo, &w, y, Some(epilogue))
+    forward_prepared(x, geo, &folded_filter(w, geo, scale), epilogue, y)
+}
+
+/// The filter of [`forward_folded`]: OIHW `w` times `scale` per output channel, RSCK per group.
+pub fn folded_filter(w: &[f32], geo: &ConvGeom, scale: &[f32]) -> Vec<f32> {
+    assert_eq!(w.len(), geo.k * geo.patch(), "conv filter size");
+    assert_eq!(scale.len(), geo.k, "folded scale size");
+    rsck_scaled(w, geo, Some(scale))
+}
+
+/// [`forward_folded`] with the filter already folded ([`folded_filter`]).
+pub fn forward_prepared(
+    x: &[f32],
+    geo: &ConvGeom,
+    w_rsck: &[f32],
+    epilogue: &Epilogue<'_>,
+    y: &mut [f32],
+) {
+    assert_eq!(epilogue.shift.len(), geo.k, "folded shift size");
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), geo.m() * geo.k, "residual size");
+    }
+    forward_rsck(x, geo, w_rsck, y, Some(epilogue))
 }
 
 /// [`forward`] with the filter already RSCK per group, and an optional epilogue.

@@ -10,11 +10,13 @@
 pub mod conv;
 pub mod kernels;
 
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape,
-    Storage, Tensor,
+    Storage, Tensor, TensorId,
 };
 
 use crate::model::BatchNorm2d;
@@ -95,6 +97,40 @@ pub fn conv2d(
     tensor(y, (geo.n, oh, ow, geo.k))
 }
 
+/// A folded evaluation filter (RSCK) and its shift, by (conv weight, BatchNorm weight).
+type FoldedCache = HashMap<(TensorId, TensorId), Arc<(Vec<f32>, Vec<f32>)>>;
+
+thread_local! {
+    /// The folded filters of [`conv_bn_eval`] while a [`with_eval_cache`] runs on this thread.
+    static EVAL_CACHE: RefCell<Option<FoldedCache>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with the folded filters of [`conv_bn_eval`] kept between its calls on this thread:
+/// each conv's filter is folded with its BatchNorm and laid out once for the whole of `f`
+/// instead of once per batch. For an evaluation pass: the weights and running statistics must
+/// not change while `f` runs. Nested calls keep the outer cache.
+pub fn with_eval_cache<R>(f: impl FnOnce() -> R) -> R {
+    /// Drops the cache when `f` returns or unwinds.
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            if self.0 {
+                EVAL_CACHE.with(|c| *c.borrow_mut() = None);
+            }
+        }
+    }
+    let fresh = EVAL_CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        let fresh = c.is_none();
+        if fresh {
+            *c = Some(HashMap::new());
+        }
+        fresh
+    });
+    let _reset = Reset(fresh);
+    f()
+}
+
 /// The evaluation convolution followed by `bn` on its running statistics (folded into the
 /// filter and a shift), then `residual` (`[N, OH, OW, K]`) added, then a ReLU when `relu`: one
 /// pass over the output (no graph).
@@ -111,14 +147,34 @@ pub fn conv_bn_eval(
 ) -> Result<Tensor> {
     let geo = geom(x.dims4()?, weight.dims4()?, stride, pad, groups)?;
     let (oh, ow) = geo.out_hw();
-    let (scale, shift) = bn.folded_scale_shift()?;
-    let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
-    if scale.len() != geo.k {
-        bail!(
-            "conv + batch norm: {} output channels, a batch norm of {}",
-            geo.k,
-            scale.len()
-        )
+    let key = (weight.id(), bn.weight().id());
+    let folded = match EVAL_CACHE.with(|c| c.borrow().as_ref().and_then(|m| m.get(&key).cloned())) {
+        Some(f) => f,
+        None => {
+            let (scale, shift) = bn.folded_scale_shift()?;
+            let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
+            if scale.len() != geo.k {
+                bail!(
+                    "conv + batch norm: {} output channels, a batch norm of {}",
+                    geo.k,
+                    scale.len()
+                )
+            }
+            let w = with_f32(&weight.to_dtype(DType::F32)?, |w| {
+                conv::folded_filter(w, &geo, &scale)
+            })?;
+            let f = Arc::new((w, shift));
+            EVAL_CACHE.with(|c| {
+                if let Some(m) = c.borrow_mut().as_mut() {
+                    m.insert(key, f.clone());
+                }
+            });
+            f
+        }
+    };
+    let (w, shift) = (&folded.0, &folded.1);
+    if w.len() != geo.k * geo.patch() {
+        bail!("conv + batch norm: a cached filter of another shape")
     }
     let residual = match residual {
         Some(r) if r.dims() != [geo.n, oh, ow, geo.k] => bail!(
@@ -130,22 +186,19 @@ pub fn conv_bn_eval(
         Some(r) => Some(r.to_dtype(DType::F32)?),
         None => None,
     };
-    let w = weight.to_dtype(DType::F32)?;
     let mut y = vec![0f32; geo.m() * geo.k];
-    let mut run = |xs: &[f32], w: &[f32], res: Option<&[f32]>| {
+    let mut run = |xs: &[f32], res: Option<&[f32]>| {
         let epilogue = conv::Epilogue {
-            shift: &shift,
+            shift,
             residual: res,
             relu,
         };
-        conv::forward_folded(xs, &geo, w, &scale, &epilogue, &mut y)
+        conv::forward_prepared(xs, &geo, w, &epilogue, &mut y)
     };
-    with_f32(x, |xs| {
-        with_f32(&w, |w| match &residual {
-            Some(r) => with_f32(r, |r| run(xs, w, Some(r))),
-            None => Ok(run(xs, w, None)),
-        })
-    })???;
+    with_f32(x, |xs| match &residual {
+        Some(r) => with_f32(r, |r| run(xs, Some(r))),
+        None => Ok(run(xs, None)),
+    })??;
     tensor(y, (geo.n, oh, ow, geo.k))
 }
 
