@@ -371,34 +371,15 @@ fn bn_act(bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor>
     }
 }
 
-/// `conv`, then `bn` (+ `residual`) (+ ReLU). The channels-last evaluation forward runs them as
-/// one convolution with the BatchNorm folded in ([`nhwc::conv_bn_eval`]); elsewhere the layers
-/// run one by one.
-fn conv_bn(
-    conv: &Conv,
-    bn: &BatchNorm2d,
-    xs: &Tensor,
-    ctx: Ctx,
-    relu: bool,
-    residual: Option<&Tensor>,
-) -> Result<Tensor> {
+/// `conv`, then `bn` (+ ReLU). The channels-last evaluation forward runs them as one
+/// convolution with the BatchNorm folded in ([`nhwc::conv_bn_eval`]); elsewhere the layers run
+/// one by one.
+fn conv_bn(conv: &Conv, bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor> {
     if ctx.nhwc && !ctx.train && conv.bias.is_none() {
         let (stride, pad, groups) = (conv.stride, conv.padding, conv.groups);
-        return nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, residual);
+        return nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, None);
     }
-    let ys = conv.forward_ctx(xs, ctx)?;
-    match residual {
-        None => bn_act(bn, &ys, ctx, relu),
-        Some(r) if relu && ctx.nhwc => nhwc::add_relu(&bn_act(bn, &ys, ctx, false)?, r),
-        Some(r) => {
-            let ys = (bn_act(bn, &ys, ctx, false)? + r)?;
-            if relu {
-                ys.relu()
-            } else {
-                Ok(ys)
-            }
-        }
-    }
+    bn_act(bn, &conv.forward_ctx(xs, ctx)?, ctx, relu)
 }
 
 /// timm `SEModule`: global mean, 1x1 conv down, ReLU, 1x1 conv up, sigmoid gate.
@@ -455,7 +436,7 @@ impl Downsample {
             (true, false) => avg_pool2d_ceil(xs)?,
             (true, true) => nhwc::avg_pool2d_ceil(xs)?,
         };
-        conv_bn(&self.conv, &self.bn, &xs, ctx, false, None)
+        conv_bn(&self.conv, &self.bn, &xs, ctx, false)
     }
 }
 
@@ -472,7 +453,11 @@ struct Block {
 
 impl Block {
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        if ctx.nhwc && !ctx.train && self.se.is_none() {
+        let fused_eval = ctx.nhwc
+            && !ctx.train
+            && self.se.is_none()
+            && self.branch.iter().all(|(c, _)| c.bias.is_none());
+        if let (true, Some(((last, last_bn), rest))) = (fused_eval, self.branch.split_last()) {
             // Evaluation: the shortcut first, so that the last conv adds it and applies the
             // ReLU as it writes its output.
             let shortcut = match &self.downsample {
@@ -480,12 +465,20 @@ impl Block {
                 None => xs.clone(),
             };
             let mut ys = xs.clone();
-            let last = self.branch.len() - 1;
-            for (i, (conv, bn)) in self.branch.iter().enumerate() {
-                let residual = (i == last).then_some(&shortcut);
-                ys = conv_bn(conv, bn, &ys, ctx, true, residual)?;
+            for (conv, bn) in rest {
+                ys = conv_bn(conv, bn, &ys, ctx, true)?;
             }
-            return Ok(ys);
+            let (stride, pad, groups) = (last.stride, last.padding, last.groups);
+            return nhwc::conv_bn_eval(
+                &ys,
+                &last.weight,
+                stride,
+                pad,
+                groups,
+                last_bn,
+                true,
+                Some(&shortcut),
+            );
         }
         let mut ys = xs.clone();
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
@@ -764,13 +757,13 @@ impl ResNet {
 
     fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut ys = match &self.stem {
-            Stem::Conv7x7(conv) => conv_bn(conv, &self.bn1, xs, ctx, true, None)?,
+            Stem::Conv7x7(conv) => conv_bn(conv, &self.bn1, xs, ctx, true)?,
             Stem::Deep(pairs, last) => {
                 let mut ys = xs.clone();
                 for (conv, bn) in pairs {
-                    ys = conv_bn(conv, bn, &ys, ctx, true, None)?;
+                    ys = conv_bn(conv, bn, &ys, ctx, true)?;
                 }
-                conv_bn(last, &self.bn1, &ys, ctx, true, None)?
+                conv_bn(last, &self.bn1, &ys, ctx, true)?
             }
         };
         ys = if ctx.nhwc {

@@ -243,34 +243,17 @@ impl Epilogue<'_> {
     }
 }
 
-/// The evaluation convolution with a BatchNorm folded in: `y = conv(x, w * scale) + shift`
-/// (`scale`, `shift` per output channel), then `epilogue`'s residual and ReLU, in one pass.
-pub fn forward_folded(
-    x: &[f32],
-    geo: &ConvGeom,
-    w: &[f32],
-    scale: &[f32],
-    epilogue: &Epilogue<'_>,
-    y: &mut [f32],
-) {
-    let per_k = geo.patch();
-    assert_eq!(w.len(), geo.k * per_k, "conv filter size");
-    assert_eq!(scale.len(), geo.k, "folded scale size");
-    assert_eq!(epilogue.shift.len(), geo.k, "folded shift size");
-    if let Some(r) = epilogue.residual {
-        assert_eq!(r.len(), geo.m() * geo.k, "residual size");
-    }
-    forward_prepared(x, geo, &folded_filter(w, geo, scale), epilogue, y)
-}
-
-/// The filter of [`forward_folded`]: OIHW `w` times `scale` per output channel, RSCK per group.
+/// The filter of an evaluation convolution with a BatchNorm folded in (`y = conv(x, w * scale)
+/// + shift`): OIHW `w` times `scale` per output channel, RSCK per group, for
+/// [`forward_prepared`].
 pub fn folded_filter(w: &[f32], geo: &ConvGeom, scale: &[f32]) -> Vec<f32> {
     assert_eq!(w.len(), geo.k * geo.patch(), "conv filter size");
     assert_eq!(scale.len(), geo.k, "folded scale size");
     rsck_scaled(w, geo, Some(scale))
 }
 
-/// [`forward_folded`] with the filter already folded ([`folded_filter`]).
+/// The evaluation convolution with the filter already folded ([`folded_filter`]): `epilogue`
+/// adds the shift, the residual and the ReLU to each output tile, in one pass.
 pub fn forward_prepared(
     x: &[f32],
     geo: &ConvGeom,
