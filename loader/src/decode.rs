@@ -95,9 +95,30 @@ pub struct Decoder {
     turbo: Option<turbo::Turbo>,
 }
 
+/// The most pixels an image may have: PIL's `Image.MAX_IMAGE_PIXELS` doubled, the size at which
+/// PIL (and so timm's loader) refuses an image as a decompression bomb. A header's size is
+/// checked against it before any pixel buffer is allocated: a 1 KB file can claim
+/// 65500 x 65500 pixels (12.9 GB as RGB). ImageNet's largest image has 0.2 % of it.
+pub const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
+
+/// `width` x `height` if it is at most [`MAX_IMAGE_PIXELS`], else the error naming the limit.
+pub fn check_image_size(width: u32, height: u32) -> Result<(), String> {
+    let pixels = width as u64 * height as u64;
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "JPEG of {width} x {height} pixels ({pixels}) is larger than the limit of \
+             {MAX_IMAGE_PIXELS} pixels (PIL's decompression-bomb limit; corrupt header?)"
+        ));
+    }
+    Ok(())
+}
+
 /// Image size from the JPEG headers, or an error saying why the bytes are not a usable JPEG.
 pub fn jpeg_size(bytes: &[u8]) -> Result<(u32, u32), String> {
-    let mut d = zune_jpeg::JpegDecoder::new(zune_jpeg::zune_core::bytestream::ZCursor::new(bytes));
+    let mut d = zune_jpeg::JpegDecoder::new_with_options(
+        zune_jpeg::zune_core::bytestream::ZCursor::new(bytes),
+        zune_options(),
+    );
     d.decode_headers()
         .map_err(|e| format!("bad JPEG header: {e}"))?;
     let (w, h) = d.dimensions().ok_or("bad JPEG header: no frame size")?;
@@ -175,24 +196,28 @@ impl Decoder {
     }
 }
 
+/// zune-jpeg's options: RGB out, and any size a JPEG can state (zune's default stops at 16384
+/// per side; [`MAX_IMAGE_PIXELS`] is the limit that applies).
+fn zune_options() -> zune_jpeg::zune_core::options::DecoderOptions {
+    zune_jpeg::zune_core::options::DecoderOptions::default()
+        .jpeg_set_out_colorspace(zune_jpeg::zune_core::colorspace::ColorSpace::RGB)
+        .set_max_width(1 << 16)
+        .set_max_height(1 << 16)
+}
+
 fn decode_zune(
     bytes: &[u8],
     crop: Option<CropBox>,
     out: &mut Vec<u8>,
 ) -> Result<DecodedRegion, String> {
-    use zune_jpeg::zune_core::colorspace::ColorSpace;
-    use zune_jpeg::zune_core::options::DecoderOptions;
-    let options = DecoderOptions::default()
-        .jpeg_set_out_colorspace(ColorSpace::RGB)
-        .set_max_width(1 << 16)
-        .set_max_height(1 << 16);
     let mut d = zune_jpeg::JpegDecoder::new_with_options(
         zune_jpeg::zune_core::bytestream::ZCursor::new(bytes),
-        options,
+        zune_options(),
     );
     d.decode_headers()
         .map_err(|e| format!("cannot decode JPEG: {e}"))?;
     let (w, h) = d.dimensions().ok_or("cannot decode JPEG: no frame size")?;
+    check_image_size(w as u32, h as u32)?;
     let channels = d.output_colorspace().map_or(3, |c| c.num_components());
     out.resize(w * h * channels, 0);
     d.decode_into(out)
@@ -331,6 +356,8 @@ mod turbo {
             out: &mut Vec<u8>,
         ) -> Result<DecodedRegion, TurboError> {
             let h = self.header(bytes)?;
+            // Before any allocation: the pixel buffer below is sized from the header.
+            super::check_image_size(h.width, h.height).map_err(TurboError::Failed)?;
             let m = match crop {
                 Some(r) if opts.dct_scaling => scale_for(&r.crop, r.size),
                 _ => 8,
@@ -402,8 +429,9 @@ mod turbo {
             // on an iMCU boundary, as tj3SetCroppingRegion requires (it checks and fails if not).
             self.check(unsafe { raw::tj3SetCroppingRegion(self.handle.as_ptr(), region) })?;
             let (w, ht) = (x1 - x0, y1 - y0);
-            // With a cropping region, tj3Decompress8 writes rows of the region's width.
-            out.resize((w * ht * 3) as usize, 0);
+            // With a cropping region, tj3Decompress8 writes rows of the region's width. At most
+            // MAX_IMAGE_PIXELS * 3 bytes, so neither this product nor the pitch overflows.
+            out.resize(w as usize * ht as usize * 3, 0);
             // SAFETY: `out` holds w * ht * 3 bytes: ht rows of pitch w * 3, exactly what a
             // decode of the region (or whole scaled image) to packed RGB writes.
             let rc = unsafe {
@@ -447,5 +475,60 @@ mod turbo {
             // SAFETY: the handle came from tj3Init and is destroyed once.
             unsafe { raw::tj3Destroy(self.handle.as_ptr()) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 16 x 8 baseline JPEG whose frame header is then patched to claim `width` x `height`.
+    fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
+        let pixels: Vec<u8> = (0..16 * 8 * 3).map(|i| (i * 7 % 256) as u8).collect();
+        let mut out = Vec::new();
+        jpeg_encoder::Encoder::new(&mut out, 90)
+            .encode(&pixels, 16, 8, jpeg_encoder::ColorType::Rgb)
+            .unwrap();
+        let sof = out.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        out[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+        out[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+        out
+    }
+
+    /// Found while writing the fuzz targets: a 1 KB file claiming 65500 x 65500 made both
+    /// decoders allocate 12.9 GB, and the libjpeg-turbo path computed its buffer size in u32 (an overflow panic,
+    /// or in release a 4 GB buffer for a 12.9 GB decode).
+    #[test]
+    fn a_header_claiming_a_huge_image_is_refused_before_allocating() {
+        // 65500: libjpeg-turbo's largest side (JPEG_MAX_DIMENSION).
+        let bomb = jpeg_claiming(65500, 65500);
+        let kinds = [Some(DecoderKind::Zune), "turbo".parse().ok()];
+        for kind in kinds.into_iter().flatten() {
+            let mut d = Decoder::new(kind).unwrap();
+            assert_eq!(d.size(&bomb).unwrap(), (65500, 65500), "{kind:?}");
+            let mut out = Vec::new();
+            let err = d
+                .decode(&bomb, None, DecodeOptions::default(), &mut out)
+                .unwrap_err();
+            assert_eq!(
+                err,
+                "JPEG of 65500 x 65500 pixels (4290250000) is larger than the limit of \
+                 178956970 pixels (PIL's decompression-bomb limit; corrupt header?)",
+                "{kind:?}"
+            );
+            assert_eq!(out.capacity(), 0, "{kind:?}");
+            // The same file at its true size decodes.
+            let ok = jpeg_claiming(16, 8);
+            let r = d
+                .decode(&ok, None, DecodeOptions::default(), &mut out)
+                .unwrap();
+            assert_eq!(
+                (r.width, r.height, out.len()),
+                (16, 8, 16 * 8 * 3),
+                "{kind:?}"
+            );
+        }
+        assert!(check_image_size(17_895_697, 10).is_ok());
+        assert!(check_image_size(17_895_697, 11).is_err());
     }
 }

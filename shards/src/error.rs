@@ -117,7 +117,7 @@ pub enum Error {
     #[error(
         "{}: sample {sample} (key {key:?}) spans bytes {offset}..{} but the shard's data ends at {data_end}",
         shard.display(),
-        offset + len
+        u128::from(*offset) + u128::from(*len)
     )]
     SamplePastEnd {
         /// The shard file.

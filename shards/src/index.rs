@@ -140,7 +140,12 @@ impl<'a> ShardIndex<'a> {
                 })?;
             let key = std::str::from_utf8(key)
                 .map_err(|_| corrupt(format!("sample {i}: key is not valid UTF-8")))?;
-            if e.offset + e.len as u64 > data_end {
+            // checked_add: an offset near u64::MAX overflowed (a fuzzing finding,
+            // fuzz/regressions/shard_index/).
+            if e.offset
+                .checked_add(e.len as u64)
+                .is_none_or(|end| end > data_end)
+            {
                 return Err(Error::SamplePastEnd {
                     shard: shard.to_owned(),
                     sample: i as u64,
@@ -303,6 +308,15 @@ mod tests {
         assert_eq!(
             e,
             "x.tar: sample 1 (key \"bc\") spans bytes 2048..2648 but the shard's data ends at 1976"
+        );
+
+        // An offset near u64::MAX: the end overflowed (a fuzzing finding).
+        let mut bytes = sample_index();
+        bytes[HEADER_BYTES..HEADER_BYTES + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let e = ShardIndex::parse(&bytes, p, t).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "x.tar: sample 0 (key \"a\") spans bytes 18446744073709551615..18446744073709551625 but the shard's data ends at 3072"
         );
     }
 }

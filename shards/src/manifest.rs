@@ -134,8 +134,13 @@ impl Manifest {
             return Err("the class list is empty".into());
         }
         for (name, split) in &self.splits {
-            let sum: u64 = split.shards.iter().map(|s| s.num_samples).sum();
-            if sum != split.num_samples {
+            // Checked: counts near u64::MAX overflowed the sum (a fuzzing finding).
+            let sum = split
+                .shards
+                .iter()
+                .try_fold(0u64, |sum, s| sum.checked_add(s.num_samples));
+            if sum != Some(split.num_samples) {
+                let sum = sum.map_or("more than 2^64".to_owned(), |s| s.to_string());
                 return Err(format!(
                     "split {name:?} says {} samples but its shards hold {sum}",
                     split.num_samples
@@ -238,6 +243,31 @@ mod tests {
         assert_eq!(
             e,
             "m.json: split \"train\" says 5 samples but its shards hold 0"
+        );
+    }
+
+    #[test]
+    fn shard_counts_that_overflow_are_rejected() {
+        // A fuzzing finding: the sum of the shards' counts overflowed.
+        let mut m = manifest();
+        let shard = ShardInfo {
+            tar: "train/a.tar".into(),
+            index: "train/a.idx".into(),
+            num_samples: u64::MAX,
+            tar_bytes: 1024,
+            tar_sha256: String::new(),
+            index_bytes: 64,
+            index_sha256: String::new(),
+        };
+        let split = m.splits.get_mut("train").unwrap();
+        split.shards = vec![shard.clone(), shard];
+        let text = serde_json::to_vec(&m).unwrap();
+        let e = Manifest::parse(&text, Path::new("m.json"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "m.json: split \"train\" says 0 samples but its shards hold more than 2^64"
         );
     }
 }

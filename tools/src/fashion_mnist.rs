@@ -92,14 +92,36 @@ impl IdxImages {
     }
 }
 
-/// Reads a whole file, gunzipping it if it starts with the gzip magic bytes.
+/// The largest IDX file (after gunzipping) the reader accepts: 768 MiB. Fashion-MNIST's
+/// largest is 47 MB, EMNIST's 547 MB; the limit keeps a small gzip file that inflates without
+/// end (a "zip bomb": deflate reaches 1032:1) from taking all memory.
+pub const MAX_IDX_BYTES: u64 = 768 << 20;
+
+/// Reads a whole file, gunzipping it if it starts with the gzip magic bytes; at most
+/// [`MAX_IDX_BYTES`] either way.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
+    let too_big = |how: &str| {
+        anyhow::anyhow!(
+            "{}: more than {MAX_IDX_BYTES} bytes{how}, the limit for an IDX file (not an IDX file?)",
+            path.display()
+        )
+    };
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > MAX_IDX_BYTES {
+        return Err(too_big(""));
+    }
     let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(raw.len() * 2);
         flate2::read::MultiGzDecoder::new(raw.as_slice())
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .with_context(|| format!("{}: cannot gunzip", path.display()))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(too_big(" when gunzipped"));
+        }
         Ok(out)
     } else {
         Ok(raw)
@@ -140,8 +162,10 @@ fn parse_idx(path: &Path, bytes: &[u8], magic: u32, what: &str, dims: usize) -> 
         return Err(too_short(what));
     }
     let sizes: Vec<u32> = (0..dims).map(|d| be_u32(bytes, 4 + 4 * d)).collect();
-    let payload: u64 = sizes.iter().map(|&s| s as u64).product();
-    let found = (bytes.len() - header) as u64;
+    // u128: three u32 sizes multiply to up to 2^96 (a u64 product overflowed: fuzzing finding,
+    // fuzz/regressions/idx/).
+    let payload: u128 = sizes.iter().map(|&s| s as u128).product();
+    let found = (bytes.len() - header) as u128;
     if found != payload {
         let shape: Vec<String> = sizes.iter().map(u32::to_string).collect();
         bail!(
@@ -506,6 +530,13 @@ mod tests {
         assert_eq!(
             err(&idx(LABELS_MAGIC, &[3], &[1, 10, 2]), false),
             format!("{name}: label 10 at index 1, expected 0 to 9")
+        );
+        // Sizes whose product overflows u64 (a fuzzing finding: the product panicked).
+        assert_eq!(
+            err(&idx(IMAGES_MAGIC, &[0x0102b4d9, 0x03284d72, 0x97bce10b], &[0x30, 0x55]), true),
+            format!(
+                "{name}: header says 16954585 x 52972914 x 2545737995 (2286413270800592873666550 bytes of data), found 2 bytes after the header (truncated?)"
+            )
         );
         let e = find_idx_file(dir.path(), "y").unwrap_err().to_string();
         assert!(e.contains("found neither y.gz nor y"), "{e}");

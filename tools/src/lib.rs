@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod convert;
 pub mod fashion_mnist;
+pub mod fuzz_targets;
 pub mod photos;
 pub mod plot;
 pub mod progress;
@@ -11,6 +12,7 @@ pub mod ranks;
 pub mod sharding;
 pub mod sniff;
 pub mod source;
+pub mod sweep;
 pub mod synth;
 
 /// Every regular file under `dir`, recursively, sorted by path.

@@ -40,6 +40,12 @@ pub fn launch_self(nproc: usize) -> Result<()> {
             outcome.exit_code
         );
     }
+    if outcome.exit_code == trainer::train::stop::EXIT_STOPPED {
+        eprintln!(
+            "train: the workers stopped on a signal after a checkpoint; continue with --resume"
+        );
+        std::process::exit(trainer::train::stop::EXIT_STOPPED);
+    }
     Ok(())
 }
 

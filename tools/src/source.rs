@@ -9,6 +9,8 @@
 //! SRC/val/*.JPEG + a label file    flat validation with LOC_val_solution.csv (Kaggle) or
 //!                                  "file label" lines (label: a wnid or a 0-based class index)
 //! SRC/LOC_synset_mapping.txt       optional class names, "wnid name" per line
+//! SRC/0/*.jpeg .. SRC/999/*.jpeg   ImageNet-V2 (an extracted imagenetv2-*.tar.gz): folders named
+//!                                  by class index; one split, `val`
 //! ```
 //!
 //! Names starting with `.` are ignored. Anything else unexpected is an error that names it.
@@ -129,9 +131,12 @@ pub fn scan(src: &Path, opts: &ScanOptions) -> Result<Source> {
         src.to_owned()
     } else if src.join("ILSVRC/Data/CLS-LOC").is_dir() {
         src.join("ILSVRC/Data/CLS-LOC")
+    } else if let Some(source) = scan_class_index_folders(src, opts)? {
+        return Ok(source);
     } else {
         bail!(
-            "{}: found neither train/ nor val/ (nor ILSVRC/Data/CLS-LOC/): expected an ImageNet folder",
+            "{}: found neither train/ nor val/ (nor ILSVRC/Data/CLS-LOC/, nor ImageNet-V2's class \
+             index folders 0/ .. 999/): expected an ImageNet folder",
             src.display()
         );
     };
@@ -280,6 +285,82 @@ pub fn scan(src: &Path, opts: &ScanOptions) -> Result<Source> {
         splits,
         notes,
     })
+}
+
+/// ImageNet-V2's layout: `src` holds only folders named by class index (`0` .. `999`), each of
+/// images of that class. `None` if `src` is not laid out so (no folders, or a folder or file
+/// with another name). The classes are the synset file's (sorted by wnid, timm's order) when one
+/// is given, else one per index up to the largest folder's, named by the index.
+fn scan_class_index_folders(src: &Path, opts: &ScanOptions) -> Result<Option<Source>> {
+    if !src.is_dir() {
+        return Ok(None);
+    }
+    let (dirs, files) = subdirs(src)?;
+    if dirs.is_empty() || !files.is_empty() {
+        return Ok(None);
+    }
+    let mut indexed = Vec::with_capacity(dirs.len());
+    for d in &dirs {
+        // Decimal without leading zeros, as the V2 archives name them.
+        let canonical = d.parse::<u32>().ok().filter(|i| i.to_string() == *d);
+        match canonical {
+            Some(i) => indexed.push((i, d)),
+            None => return Ok(None),
+        }
+    }
+    indexed.sort();
+    let largest = indexed.last().map_or(0, |(i, _)| *i) as usize;
+    let mut notes = vec![format!(
+        "ImageNet-V2 layout: {} class folders named by class index, one split (val)",
+        indexed.len()
+    )];
+    let classes: Vec<ClassInfo> = match &opts.synsets {
+        Some(path) => {
+            let mut synsets = read_synsets(path)?;
+            synsets.sort();
+            if largest >= synsets.len() {
+                bail!(
+                    "{}: class folder {largest} is beyond the {} classes of {}",
+                    src.join(largest.to_string()).display(),
+                    synsets.len(),
+                    path.display()
+                );
+            }
+            notes.push(format!("class names from {}", path.display()));
+            synsets
+                .into_iter()
+                .map(|(wnid, name)| ClassInfo {
+                    wnid,
+                    name: Some(name).filter(|n| !n.is_empty()),
+                })
+                .collect()
+        }
+        None => (0..=largest)
+            .map(|i| ClassInfo {
+                wnid: i.to_string(),
+                name: None,
+            })
+            .collect(),
+    };
+    if indexed.len() < classes.len() {
+        notes.push(format!(
+            "{} of the {} classes have a folder",
+            indexed.len(),
+            classes.len()
+        ));
+    }
+    let mut samples = Vec::new();
+    for (label, dir) in indexed {
+        for e in visible_entries(&src.join(dir))? {
+            samples.push(file_sample(src, &e, label)?);
+        }
+    }
+    samples.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(Some(Source {
+        classes,
+        splits: vec![finish_split("val", samples, Vec::new())?],
+        notes,
+    }))
 }
 
 fn finish_split(

@@ -184,7 +184,7 @@ fn errors_are_one_line_with_exit_code_2() {
     let err = text(&out.stderr);
     assert_eq!(
         err.trim_end(),
-        format!("shard-imagenet: error: {missing}: found neither train/ nor val/ (nor ILSVRC/Data/CLS-LOC/): expected an ImageNet folder")
+        format!("shard-imagenet: error: {missing}: found neither train/ nor val/ (nor ILSVRC/Data/CLS-LOC/, nor ImageNet-V2's class index folders 0/ .. 999/): expected an ImageNet folder")
     );
 
     // A flat val/ without a label file says what to pass.
@@ -653,6 +653,9 @@ fn evaluate_sweeps_equal_single_runs() {
     };
     let sweep = eval("32,40", "0.875,1.0");
     assert_eq!(sweep.len(), 4);
+    // The PNG of top-1 against size, by default beside the checkpoint.
+    let png = image::open(dir.path().join("weights.eval-val.png")).unwrap();
+    assert!(png.width() > 0 && png.height() > 0);
     let mut i = 0;
     for size in ["32", "40"] {
         for crop in ["0.875", "1.0"] {
@@ -678,5 +681,151 @@ fn evaluate_sweeps_equal_single_runs() {
         text(&res.stderr).contains("name the network with --model"),
         "{}",
         text(&res.stderr)
+    );
+}
+
+/// `evaluate --real-labels`: a network whose logits are its classifier bias (zero weights, bias
+/// one-hot at class 1) predicts class 1 for every image, so ReaL's answer is known from a
+/// hand-made `real.json`: lists with 1 in them are right (several labels included), lists
+/// without it wrong, empty lists not counted. The lists are by ILSVRC2012 file number; the
+/// shards are in shuffled order, so a mapping by position would score differently. A file
+/// shorter than the split is an error naming it.
+#[test]
+fn evaluate_scores_real_labels_by_file_name() {
+    use candle_core::{Device, Tensor};
+    use trainer::model::ResNetConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let src = make(dir.path(), &["--val-per-class", "4"]);
+    let shards = dir.path().join("shards");
+    let out = run_args(&shard_args(&src, &shards, 1), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cfg = ResNetConfig::by_name("resnet18").unwrap();
+    let recipe = trainer::recipe::Recipe::a3();
+    let (varmap, _) = trainer::train::build_model(&recipe, Some(&cfg), 3, &Device::Cpu).unwrap();
+    {
+        let data = varmap.data().lock().unwrap();
+        let w = &data["fc.weight"];
+        w.set(&w.zeros_like().unwrap()).unwrap();
+        data["fc.bias"]
+            .set(&Tensor::new(&[0f32, 1.0, 0.0], &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let ckpt = dir.path().join("class1.safetensors");
+    varmap.save(&ckpt).unwrap();
+    // Images 1..=12: right (1, 4, 7, 9, 12), wrong (2, 5, 8, 10), not counted (3, 6, 11).
+    let lists = "[[1], [0], [], [0, 1], [2, 0], [], [1, 2], [2], [1], [0], [], [2, 1, 0]]";
+    let real = dir.path().join("real.json");
+    std::fs::write(&real, lists).unwrap();
+    let (ckpt_s, shards_s, real_s) = (
+        ckpt.to_string_lossy().into_owned(),
+        shards.to_string_lossy().into_owned(),
+        real.to_string_lossy().into_owned(),
+    );
+    let args = [
+        "--checkpoint",
+        &ckpt_s,
+        "--data",
+        &shards_s,
+        "--model",
+        "resnet18",
+        "--sizes",
+        "32",
+        "--batch-size",
+        "5",
+        "--real-labels",
+        &real_s,
+    ];
+    let res = run(EVALUATE, &args, &[]);
+    assert!(res.status.success(), "{}", text(&res.stderr));
+    let line: serde_json::Value = serde_json::from_str(text(&res.stdout).trim()).unwrap();
+    assert_eq!(line["images"], 12);
+    assert_eq!(line["real_images"], 9);
+    assert!((line["top1"].as_f64().unwrap() - 100.0 * 4.0 / 12.0).abs() < 1e-9);
+    assert!((line["real_top1"].as_f64().unwrap() - 100.0 * 5.0 / 9.0).abs() < 1e-9);
+    assert_eq!(
+        line["real_top5"], 100.0,
+        "3 classes: every label is in the top 5"
+    );
+
+    // A file that lists fewer images than the shards hold.
+    std::fs::write(&real, "[[1], [0], [], [0, 1]]").unwrap();
+    let res = run(EVALUATE, &args, &[]);
+    let err = text(&res.stderr);
+    assert_eq!(res.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("real.json") && err.contains("does not match the shards"),
+        "{err}"
+    );
+    // Not JSON lists of class indices.
+    std::fs::write(&real, "{\"a\": 1}").unwrap();
+    let err = text(&run(EVALUATE, &args, &[]).stderr);
+    assert!(err.contains("expected ImageNet-ReaL labels"), "{err}");
+}
+
+/// ImageNet-V2 as its archives extract: folders `0` .. `N-1` named by class index, holding
+/// JPEGs named by hash. `shard-imagenet` makes one `val` split whose labels are the folder
+/// indices (not the sorted folder names' positions: "10" sorts before "2"), with a synset file
+/// naming the classes when given; a folder that is not an index is not taken for V2.
+#[test]
+fn imagenet_v2_folders_shard_with_their_index_as_label() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("imagenetv2-matched-frequency-format-val");
+    let mut want = BTreeMap::new();
+    for class in [0u32, 1, 2, 10] {
+        let folder = src.join(class.to_string());
+        std::fs::create_dir_all(&folder).unwrap();
+        for k in 0..2u32 {
+            let name = format!("{:040x}", (class as u128 + 1) * 7919 + k as u128);
+            let img = image::RgbImage::from_fn(24, 20, |x, y| {
+                image::Rgb([(x * 9) as u8, (y * 11) as u8, (class * 20 + k) as u8])
+            });
+            img.save(folder.join(format!("{name}.jpeg"))).unwrap();
+            want.insert(name, class);
+        }
+    }
+    let synsets = dir.path().join("synsets.txt");
+    let lines: String = (0..11)
+        .map(|i| format!("n{:08} class {i}\n", 109 - i))
+        .collect();
+    std::fs::write(&synsets, lines).unwrap();
+    for with_synsets in [false, true] {
+        let dst = dir.path().join(format!("v2-{with_synsets}"));
+        let mut args = shard_args(&src.to_string_lossy(), &dst, 1);
+        if with_synsets {
+            args.extend(["--synsets".into(), synsets.to_string_lossy().into_owned()]);
+        }
+        let out = run_args(&args, &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let data = shards::Dataset::open(&dst).unwrap();
+        assert_eq!(data.num_classes(), 11, "classes 0..=10");
+        let classes = &data.manifest().classes;
+        if with_synsets {
+            // Sorted by wnid: index 0 is the smallest wnid.
+            assert_eq!(classes[0].wnid, "n00000099");
+            assert_eq!(classes[0].name.as_deref(), Some("class 10"));
+        } else {
+            assert_eq!(classes[10].wnid, "10");
+        }
+        let val = data.split("val").unwrap();
+        assert_eq!(val.len(), 8);
+        let got: BTreeMap<String, u32> = (0..val.len())
+            .map(|i| {
+                let s = val.get(i).unwrap();
+                (s.key.to_string(), s.label)
+            })
+            .collect();
+        assert_eq!(got, want);
+    }
+    // A stray folder name: not V2, and the error says what was expected.
+    std::fs::create_dir_all(src.join("extra")).unwrap();
+    let out = run_args(
+        &shard_args(&src.to_string_lossy(), &dir.path().join("x"), 1),
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("ImageNet-V2"),
+        "{}",
+        text(&out.stderr)
     );
 }

@@ -48,6 +48,9 @@ pub enum CheckpointError {
         /// What went wrong.
         message: String,
     },
+    /// A weight file could not be read.
+    #[error(transparent)]
+    Weights(#[from] crate::weights::WeightsError),
     /// There is no checkpoint to resume from.
     #[error(
         "{dir}: no checkpoint to resume from (expected a `latest` file written by a previous run)"
@@ -93,6 +96,36 @@ pub struct RunState {
     /// `global_batch / micro_batch`).
     #[serde(default)]
     pub accum_steps: u32,
+    /// The metrics window open at this checkpoint (the updates since the last metrics line), so
+    /// that a resumed run writes the same metrics lines; `None` in sidecars written before this
+    /// field existed (the first line after resuming one averages only the updates after it).
+    #[serde(default)]
+    pub metrics_window: Option<LossWindow>,
+}
+
+/// The losses of the updates since the last metrics line, as the trainer sums them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LossWindow {
+    /// Updates in the window.
+    pub updates: u64,
+    /// Their losses summed in f64 in update order, as [`f64::to_bits`]: exact, and a NaN loss
+    /// survives JSON (which has no NaN).
+    pub loss_sum_bits: u64,
+}
+
+impl LossWindow {
+    /// The window of `updates` updates whose losses sum to `loss_sum`.
+    pub fn new(updates: u64, loss_sum: f64) -> Self {
+        LossWindow {
+            updates,
+            loss_sum_bits: loss_sum.to_bits(),
+        }
+    }
+
+    /// The sum of the window's losses.
+    pub fn loss_sum(&self) -> f64 {
+        f64::from_bits(self.loss_sum_bits)
+    }
 }
 
 fn one() -> u32 {
@@ -130,7 +163,21 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
         path: t.clone(),
         message: e.to_string(),
     })?;
+    fault_pause();
     fs::rename(&t, path).map_err(io(path))
+}
+
+/// Fault injection for tests: with `RSB_FAULT_CHECKPOINT_PAUSE_MS=N` in the environment, each
+/// tensor file of a checkpoint waits N ms between being written (under its `.tmp` name) and
+/// being renamed, so that a test can kill the process in the middle of a checkpoint (a real
+/// write of a small model's files takes a few milliseconds). Nothing else changes.
+fn fault_pause() {
+    if let Some(ms) = std::env::var("RSB_FAULT_CHECKPOINT_PAUSE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// Writes checkpoint `state.step` into `dir` and points `dir/latest` at it.
@@ -206,8 +253,59 @@ pub fn latest(dir: &Path) -> Result<Checkpoint> {
     })
 }
 
-/// Loads weights from `path` into every variable of `varmap` (by name; extra tensors in the
-/// file, such as timm's `num_batches_tracked`, are ignored). Shapes must match.
+/// Deletes all but the newest `keep` checkpoints of `dir` (by step; `keep` 0 keeps all): each
+/// one's sidecar first (so a half-deleted checkpoint is never taken for a whole one), then its
+/// tensor files. The checkpoint `latest` names is always kept. Returns the steps deleted.
+pub fn prune(dir: &Path, keep: usize) -> Result<Vec<u64>> {
+    if keep == 0 {
+        return Ok(Vec::new());
+    }
+    let latest = fs::read_to_string(dir.join("latest")).map_err(io(dir))?;
+    let latest = latest.trim();
+    let mut steps: Vec<u64> = Vec::new();
+    for e in fs::read_dir(dir).map_err(io(dir))? {
+        let name = e.map_err(io(dir))?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            steps.push(step);
+        }
+    }
+    steps.sort_unstable();
+    let old = steps.len().saturating_sub(keep);
+    let mut deleted = Vec::new();
+    for &step in &steps[..old] {
+        let stem = format!("step-{step}");
+        if stem == latest {
+            continue;
+        }
+        for suffix in [".json", ".safetensors", ".optim.safetensors"] {
+            let path = dir.join(format!("{stem}{suffix}"));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&path)(e)),
+            }
+        }
+        deleted.push(step);
+    }
+    Ok(deleted)
+}
+
+/// Points `dir/latest` at the checkpoint of `step` (written atomically).
+pub fn point_latest(dir: &Path, step: u64) -> Result<()> {
+    write_atomically(&dir.join("latest"), format!("step-{step}\n").as_bytes())
+}
+
+/// Loads weights from `path` (safetensors or a PyTorch `.pth` with timm's names, see
+/// [`crate::weights`]) into every variable of `varmap`, by name, converting floating-point
+/// tensors (f16, bf16, f64) to the variable's dtype. Every variable must be in the file with its
+/// shape, and every tensor of the file must be a variable, except timm's BatchNorm
+/// `num_batches_tracked` counters: a missing key, an unexpected key, a wrong shape or a
+/// non-floating-point tensor is an error naming the key.
 pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
     let err = |message: String| CheckpointError::Tensors {
         path: path.to_path_buf(),
@@ -219,18 +317,48 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
         .next()
         .map(|v| v.device().clone())
         .unwrap_or(Device::Cpu);
-    let tensors = candle_core::safetensors::load(path, &device).map_err(|e| err(e.to_string()))?;
+    let tensors = crate::weights::read(path, &device)?.tensors;
+    let list = |keys: &mut Vec<&String>| {
+        keys.sort();
+        let shown: Vec<&String> = keys.iter().take(5).copied().collect();
+        let more = keys.len().saturating_sub(shown.len());
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        format!("{shown:?}{more}")
+    };
     let mut missing: Vec<&String> = data.keys().filter(|k| !tensors.contains_key(*k)).collect();
     if !missing.is_empty() {
-        missing.sort();
         return Err(err(format!(
-            "{} of the network's tensors are missing, e.g. {:?} (a checkpoint of another model?)",
+            "{} of the network's {} tensors are missing: {} (a checkpoint of another model?)",
             missing.len(),
-            &missing[..missing.len().min(5)]
+            data.len(),
+            list(&mut missing)
         )));
     }
-    for (name, var) in data.iter() {
-        let t = &tensors[name];
+    let mut unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !data.contains_key(*k) && !k.ends_with(".num_batches_tracked"))
+        .collect();
+    if !unexpected.is_empty() {
+        return Err(err(format!(
+            "{} tensors are not in the network: {} (a checkpoint of another model?)",
+            unexpected.len(),
+            list(&mut unexpected)
+        )));
+    }
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let (var, t) = (&data[name], &tensors[name]);
+        if !t.dtype().is_float() {
+            return Err(err(format!(
+                "{name}: dtype {:?} is not floating point (expected f32, f16, bf16 or f64)",
+                t.dtype()
+            )));
+        }
         if t.dims() != var.dims() {
             return Err(err(format!(
                 "{name}: expected shape {:?}, found {:?}",
@@ -297,6 +425,7 @@ mod tests {
             optimizer: String::new(),
             world_size: 1,
             accum_steps: 2,
+            metrics_window: Some(LossWindow::new(1, f64::NAN)),
         }
     }
 
@@ -329,6 +458,26 @@ mod tests {
             w.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             vec![0.5; 6]
         );
+    }
+
+    #[test]
+    fn the_metrics_window_round_trips_exactly_and_older_sidecars_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (varmap, vars) = net(0.5);
+        let opt = Sgd::new(param_groups(vars, 0.0), SgdConfig::default()).unwrap();
+        let mut s = state(3);
+        let sum = 0.1 + 0.2 + 1e-17;
+        s.metrics_window = Some(LossWindow::new(2, sum));
+        save(dir.path(), &varmap, &opt, s).unwrap();
+        let w = latest(dir.path()).unwrap().state.metrics_window.unwrap();
+        assert_eq!((w.updates, w.loss_sum().to_bits()), (2, sum.to_bits()));
+
+        // A sidecar of format 1 written before the window was saved.
+        let side = dir.path().join("step-3.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&side).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("metrics_window");
+        fs::write(&side, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(latest(dir.path()).unwrap().state.metrics_window, None);
     }
 
     #[test]

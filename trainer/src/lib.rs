@@ -20,3 +20,4 @@ pub mod recipe;
 pub mod schedule;
 pub mod train;
 pub mod transfer;
+pub mod weights;

@@ -26,6 +26,38 @@ pub fn topk_correct(logits: &Tensor, labels: &[u32], ks: &[usize]) -> Result<Vec
     Ok(correct)
 }
 
+/// Multi-label [`topk_correct`] (ImageNet-ReaL): for each `k` in `ks`, how many rows have one
+/// of their labels among the `k` largest logits (the same rank rule), counting only rows whose
+/// label list is not empty. Returns the counts and the number of rows counted.
+///
+/// # Shapes
+/// `logits`: `[batch, classes]`; `label_lists`: `batch` lists.
+pub fn topk_correct_multi(
+    logits: &Tensor,
+    label_lists: &[&[u32]],
+    ks: &[usize],
+) -> Result<(Vec<u64>, u64)> {
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut correct = vec![0u64; ks.len()];
+    let mut counted = 0;
+    for (row, labels) in rows.iter().zip(label_lists) {
+        let Some(rank) = labels
+            .iter()
+            .map(|&l| row.iter().filter(|&&v| v > row[l as usize]).count())
+            .min()
+        else {
+            continue;
+        };
+        counted += 1;
+        for (c, &k) in correct.iter_mut().zip(ks) {
+            if rank < k {
+                *c += 1;
+            }
+        }
+    }
+    Ok((correct, counted))
+}
+
 /// Appends JSON lines to a metrics file, flushing after each line.
 pub struct MetricsWriter {
     path: PathBuf,
@@ -74,6 +106,33 @@ mod tests {
         assert_eq!(
             topk_correct(&logits, &[2, 0, 0], &[1, 2, 4])?,
             vec![1, 2, 3]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn multi_label_topk_counts_the_best_ranked_label_and_skips_empty_lists() -> Result<()> {
+        let logits = Tensor::new(
+            &[
+                [0.1f32, 0.9, 0.5, 0.2],
+                [0.4, 0.3, 0.2, 0.1],
+                [0.0, 0.1, 0.2, 0.3],
+                [0.0, 0.1, 0.2, 0.3],
+            ],
+            &Device::Cpu,
+        )?;
+        // Row 0: labels {2, 1}: 1 has rank 0; row 1: no labels (not counted); row 2: {0, 2}:
+        // best rank 1; row 3: {0}: rank 3.
+        let lists: [&[u32]; 4] = [&[2, 1], &[], &[0, 2], &[0]];
+        assert_eq!(
+            topk_correct_multi(&logits, &lists, &[1, 2, 4])?,
+            (vec![1, 2, 3], 3)
+        );
+        // Single labels give topk_correct's counts.
+        let single: [&[u32]; 3] = [&[2], &[0], &[0]];
+        assert_eq!(
+            topk_correct_multi(&logits.narrow(0, 0, 3)?, &single, &[1, 2, 4])?.0,
+            topk_correct(&logits.narrow(0, 0, 3)?, &[2, 0, 0], &[1, 2, 4])?
         );
         Ok(())
     }

@@ -368,3 +368,135 @@ fn seresnet50_matches_timm() -> Result<()> {
 fn resnext50_32x4d_matches_timm() -> Result<()> {
     check("resnext50_32x4d")
 }
+
+/// `golden/weights_*.gz`: timm's ResNet (BasicBlock, one block per stage, 10 classes) saved by
+/// torch 2.5.1 as a bare `.pth` state_dict, as a `.pth` dict with the state_dict under
+/// `state_dict` and every key prefixed `module.`, as `{"model": float16 state_dict}`, and as
+/// safetensors (`golden/weights_golden.py`). Each file, gunzipped, loads into the candle ResNet by
+/// timm's names and gives timm's eval logits on the script's input. Tolerance 1e-4 absolute on
+/// logits of magnitude below 1 (float32 in both; the float16 file against timm's forward with
+/// the same float16 weights widened to float32).
+#[test]
+fn timm_weight_files_load_and_give_timm_logits() -> Result<()> {
+    use std::io::Read;
+    use trainer::model::ActivationLayout;
+    let golden = json(include_str!("golden/weights_logits.json"));
+    let num_classes = golden["num_classes"].as_u64().unwrap() as usize;
+    let in_shape: Vec<usize> = flat(&golden["input_shape"])
+        .iter()
+        .map(|&d| d as usize)
+        .collect();
+    let cfg = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        ..ResNetConfig::by_name("resnet18")
+            .unwrap()
+            .with_num_classes(num_classes)
+    };
+    let x = raw("input", &in_shape, DType::F32)?;
+    let dir = tempfile::tempdir().unwrap();
+    let files: [(&str, &[u8], &str); 4] = [
+        (
+            "weights_resnet10.pth",
+            include_bytes!("golden/weights_resnet10.pth.gz"),
+            "logits",
+        ),
+        (
+            "weights_resnet10_wrapped.pth",
+            include_bytes!("golden/weights_resnet10_wrapped.pth.gz"),
+            "logits",
+        ),
+        (
+            "weights_resnet10_f16.pth",
+            include_bytes!("golden/weights_resnet10_f16.pth.gz"),
+            "logits_f16_weights",
+        ),
+        (
+            "weights_resnet10.safetensors",
+            include_bytes!("golden/weights_resnet10.safetensors.gz"),
+            "logits",
+        ),
+    ];
+    for (name, gz, logits_key) in files {
+        let mut bytes = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut bytes)
+            .unwrap();
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let want = flat(&golden[logits_key]);
+        for layout in [ActivationLayout::Nchw, ActivationLayout::Nhwc] {
+            let varmap = VarMap::new();
+            let mut model =
+                cfg.build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+            model.set_layout(layout);
+            trainer::checkpoint::load_weights(&varmap, &path)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let input = match layout {
+                ActivationLayout::Nhwc => x.permute((0, 2, 3, 1))?.contiguous()?,
+                _ => x.clone(),
+            };
+            let got: Vec<f64> = model
+                .forward_eval(&input)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1()?;
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "{name} ({layout:?}): logits differ by {diff}");
+        }
+    }
+
+    // The loader's errors name the key: a missing tensor, an unexpected one, a wrong shape and
+    // an integer tensor, each written as safetensors from the golden float32 weights.
+    let good = dir.path().join("weights_resnet10.safetensors");
+    let base = candle_core::safetensors::load(&good, &Device::Cpu)?;
+    let varmap = VarMap::new();
+    cfg.build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    type Edit = Box<dyn Fn(&mut std::collections::HashMap<String, Tensor>)>;
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "missing",
+            Box::new(|t| {
+                t.remove("layer3.0.bn2.running_var");
+            }),
+            "missing: [\"layer3.0.bn2.running_var\"]",
+        ),
+        (
+            "unexpected",
+            Box::new(|t| {
+                let v = t["fc.bias"].clone();
+                t.insert("head.fc.bias".into(), v);
+            }),
+            "not in the network: [\"head.fc.bias\"]",
+        ),
+        (
+            "shape",
+            Box::new(|t| {
+                let v = t["fc.weight"].narrow(0, 0, 5).unwrap();
+                t.insert("fc.weight".into(), v);
+            }),
+            "fc.weight: expected shape [10, 512], found [5, 512]",
+        ),
+        (
+            "dtype",
+            Box::new(|t| {
+                let v = t["bn1.weight"].to_dtype(DType::I64).unwrap();
+                t.insert("bn1.weight".into(), v);
+            }),
+            "bn1.weight: dtype I64 is not floating point",
+        ),
+    ];
+    for (case, edit, want) in cases {
+        let mut t = base.clone();
+        edit(&mut t);
+        let path = dir.path().join(format!("{case}.safetensors"));
+        candle_core::safetensors::save(&t, &path)?;
+        let err = trainer::checkpoint::load_weights(&varmap, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{case}.safetensors")) && err.contains(want),
+            "{case}: {err}"
+        );
+    }
+    Ok(())
+}

@@ -255,6 +255,10 @@ pub enum OpArg {
     Fraction(f64),
 }
 
+/// The most ops per image (`n`) a config may ask for. timm sets no limit, but every op runs on
+/// every image, so `rand-n999999999` made each sample hang (a fuzzing finding).
+pub const MAX_NUM_LAYERS: usize = 32;
+
 /// Parsed RandAugment settings (timm's config string plus the hparams the train transform
 /// passes: fill colour and interpolation).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -316,7 +320,14 @@ impl RandAugmentConfig {
             let int = || val.parse::<u32>().map_err(|_| bad("expected an integer"));
             match key {
                 "m" => c.magnitude = int()? as f64,
-                "n" => c.num_layers = int()? as usize,
+                "n" => {
+                    c.num_layers = int()? as usize;
+                    if c.num_layers > MAX_NUM_LAYERS {
+                        return Err(bad(&format!(
+                            "at most {MAX_NUM_LAYERS} ops per image (timm's recipes use 2 or 3)"
+                        )));
+                    }
+                }
                 "mstd" => {
                     let s: f64 = val.parse().map_err(|_| bad("expected a number"))?;
                     c.magnitude_std = if s > 100.0 { f64::INFINITY } else { s };
@@ -568,6 +579,11 @@ mod tests {
             ("rand-mx", "\"mx\""),
             ("rand-m7.5", "\"m7.5\""),
             ("auto-m7", "must start"),
+            // Fuzzing finding (fuzz/regressions/rand_augment/): a billion ops per image.
+            (
+                "rand-m9-n999999999",
+                "\"n999999999\": at most 32 ops per image",
+            ),
         ] {
             let e = RandAugmentConfig::parse(s).unwrap_err();
             assert!(e.contains(needle), "{s}: {e}");

@@ -4,6 +4,7 @@
 //! evaluate --checkpoint P --data SHARDS [--split val] [--sizes 160,192,224,256,288]
 //!          [--crop-pct 0.875,0.95,1.0] [--interpolation bicubic|bilinear] [--batch-size B]
 //!          [--device cpu|cuda:N] [--model NAME] [--workers N] [--samples N] [--layout nhwc|nchw]
+//!          [--real-labels real.json]
 //! ```
 //!
 //! The network: `--model`, else the run's `recipe.toml` beside the checkpoint's directory (a
@@ -11,7 +12,13 @@
 //! gives the train size the lines report and the defaults (`data.test_size_px`, `data.crop_pct`,
 //! `data.test_interpolation`). Prints one JSON line per (size, crop_pct) with `size`,
 //! `crop_pct`, `top1`, `top5`, `loss`, `images`, `images_per_s`, `train_size`, and a table on
-//! stderr at the end. Each evaluation is exactly `train --eval-only` at that size and crop.
+//! stderr at the end, and a PNG of top-1 against test size (a line per crop ratio, the train size
+//! marked). Each evaluation is exactly `train --eval-only` at that size and crop.
+//!
+//! Weights: `train`'s safetensors checkpoints, timm's `.safetensors`, or PyTorch `.pth` files
+//! (timm's released ResNet-strikes-back weights), by timm's tensor names
+//! (`trainer::weights`). With `--real-labels`, each line also has ImageNet-ReaL's `real_top1`,
+//! `real_top5` and `real_images` (`trainer::train::real`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,7 +36,8 @@ use trainer::train;
     about = "Top-1/top-5 of a checkpoint over test sizes and crop ratios"
 )]
 struct Args {
-    /// Weights (.safetensors with timm names).
+    /// Weights with timm's names: .safetensors, or a PyTorch .pth (bare state_dict, or under
+    /// "state_dict" or "model").
     #[arg(long)]
     checkpoint: PathBuf,
     /// Shard set.
@@ -65,6 +73,50 @@ struct Args {
     /// Activation layout: nhwc (default, the fast path) or nchw (candle's ops).
     #[arg(long)]
     layout: Option<ActivationLayout>,
+    /// ImageNet-ReaL labels (real.json: one list of class indices per ILSVRC2012 validation
+    /// image, matched to the shards by file name); adds real_top1/real_top5 to each line.
+    #[arg(long = "real-labels", value_name = "FILE")]
+    real_labels: Option<PathBuf>,
+    /// PNG of top-1 against test size, a line per crop ratio, the train size marked (default:
+    /// beside the checkpoint, `<name>.eval-<split>.png`).
+    #[arg(long, value_name = "PNG")]
+    plot: Option<PathBuf>,
+    /// No PNG.
+    #[arg(long, conflicts_with = "plot")]
+    no_plot: bool,
+    /// No progress display.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Benchmark: before each evaluation, run the loader alone over the same images with the
+    /// same transform, batch size and threads, and add `loader_images_per_s` and
+    /// `ratio_vs_loader` (evaluation images/s over the loader's) to the line.
+    #[arg(long)]
+    loader_baseline: bool,
+}
+
+/// Images/s of the loader alone: the evaluation's plan and transform, no model.
+fn loader_images_per_s(
+    split: &std::sync::Arc<shards::Split>,
+    transform: &loader::Transform,
+    batch: usize,
+    workers: usize,
+    samples: u64,
+) -> Result<f64> {
+    let total = match samples {
+        0 => split.len(),
+        n => n.min(split.len()),
+    };
+    let mut plan = loader::PlanConfig::new(total, batch);
+    plan.shuffle = false;
+    let mut cfg = loader::LoaderConfig::new(transform.clone(), plan);
+    cfg.num_workers = workers;
+    let mut loader = loader::Loader::<Vec<u8>>::new(split.clone(), cfg)?;
+    let t0 = Instant::now();
+    let mut images = 0;
+    for b in loader.epoch(0)? {
+        images += b?.len;
+    }
+    Ok(images as f64 / t0.elapsed().as_secs_f64().max(1e-9))
 }
 
 /// The recipe of the run that wrote `checkpoint` (`RUN/recipe.toml` for
@@ -131,6 +183,19 @@ fn run(args: Args) -> Result<()> {
     let (split, classes) = train::open_split(&args.data, &args.split)?;
     let cfg = ResNetConfig::by_name(&model_name)?;
     let base = recipe.map(|(_, r)| r).unwrap_or_else(Recipe::a1);
+    let real = match &args.real_labels {
+        Some(path) => {
+            let labels = train::real::RealLabels::load(path)?;
+            let real = labels.for_split(&split, args.samples, classes)?;
+            eprintln!(
+                "evaluate: ReaL labels {}: {} of the split's images have a label list",
+                path.display(),
+                real.num_counted()
+            );
+            Some(real)
+        }
+        None => None,
+    };
     let (varmap, mut model) = train::build_model(&base, Some(&cfg), classes, &dev)?;
     model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
     trainer::checkpoint::load_weights(&varmap, &args.checkpoint)
@@ -151,45 +216,106 @@ fn run(args: Args) -> Result<()> {
                 rows.len() + 1
             );
             let transform = train::eval_transform(size, crop_pct, interpolation)?;
+            let loader_ips = if args.loader_baseline {
+                Some(loader_images_per_s(
+                    &split,
+                    &transform,
+                    batch,
+                    workers,
+                    args.samples,
+                )?)
+            } else {
+                None
+            };
             let t0 = Instant::now();
-            let r = train::evaluate(
-                &model,
-                &feed,
-                split.clone(),
-                transform,
-                batch,
-                workers,
-                args.samples,
-            )?;
+            let total_images = match args.samples {
+                0 => split.len(),
+                n => n.min(split.len()),
+            };
+            let mut progress = tools::progress::Progress::counting(
+                &format!("{size} px, crop {crop_pct}"),
+                total_images,
+                "images",
+                args.quiet,
+            );
+            let mut shown = 0;
+            let mut on_batch = |done: u64| {
+                progress.add(done - shown, 0);
+                shown = done;
+            };
+            let opts = train::EvalOptions {
+                num_samples: args.samples,
+                real: real.as_ref(),
+                progress: Some(&mut on_batch),
+                ..train::EvalOptions::new(batch, workers)
+            };
+            let r = train::evaluate_with(&model, &feed, split.clone(), transform, opts)?;
+            progress.finish();
             let dt = t0.elapsed().as_secs_f64();
-            let line = json!({
+            let mut line = json!({
                 "checkpoint": args.checkpoint.display().to_string(), "model": model_name,
                 "split": args.split, "size": size, "crop_pct": crop_pct,
                 "interpolation": interp_name, "train_size": train_size,
                 "top1": r.top1, "top5": r.top5, "loss": r.loss, "images": r.samples,
                 "images_per_s": r.samples as f64 / dt.max(1e-9), "seconds": dt,
             });
+            if let Some(l) = loader_ips {
+                line["loader_images_per_s"] = json!(l);
+                line["ratio_vs_loader"] = json!(r.samples as f64 / dt.max(1e-9) / l);
+            }
+            if let Some(real) = &r.real {
+                line["real_top1"] = json!(real.top1);
+                line["real_top5"] = json!(real.top5);
+                line["real_images"] = json!(real.samples);
+            }
             println!("{line}");
-            rows.push((
-                size,
-                crop_pct,
-                r.top1,
-                r.top5,
-                r.samples as f64 / dt.max(1e-9),
-            ));
+            rows.push((size, crop_pct, r, r.samples as f64 / dt.max(1e-9)));
         }
     }
+    if !args.no_plot {
+        let out = args.plot.clone().unwrap_or_else(|| {
+            let stem = args
+                .checkpoint
+                .file_stem()
+                .map_or("weights".into(), |s| s.to_string_lossy().into_owned());
+            args.checkpoint
+                .with_file_name(format!("{stem}.eval-{}.png", args.split))
+        });
+        let points: Vec<tools::plot::SweepPoint> = rows
+            .iter()
+            .map(|(size, crop_pct, r, _)| tools::plot::SweepPoint {
+                size: *size,
+                crop_pct: *crop_pct,
+                top1: r.top1,
+            })
+            .collect();
+        let title = format!(
+            "{model_name} on {} ({}), {interp_name}",
+            args.data.display(),
+            args.split
+        );
+        tools::plot::plot_resolution_sweep(&points, train_size, &title, &out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("evaluate: top-1 against test size in {}", out.display());
+    }
+    let real_head = if real.is_some() { "  ReaL-1" } else { "" };
     eprintln!(
-        "{:>6} {:>6} {:>8} {:>8} {:>10}",
+        "{:>6} {:>6} {:>8} {:>8}{real_head} {:>10}",
         "size", "crop", "top1", "top5", "images/s"
     );
-    for (size, crop, top1, top5, ips) in rows {
+    for (size, crop, r, ips) in rows {
         let mark = if Some(size) == train_size {
             " (train size)"
         } else {
             ""
         };
-        eprintln!("{size:>6} {crop:>6.3} {top1:>8.2} {top5:>8.2} {ips:>10.1}{mark}");
+        let real = r
+            .real
+            .map_or(String::new(), |x| format!(" {:>7.2}", x.top1));
+        eprintln!(
+            "{size:>6} {crop:>6.3} {:>8.2} {:>8.2}{real} {ips:>10.1}{mark}",
+            r.top1, r.top5
+        );
     }
     Ok(())
 }

@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Precedence: recipe (preset or complete file) < `--config` (partial TOML) < typed flags <
-//! `--set`. Exit codes: 0 success, 2 error (one line with its causes on stderr).
+//! `--set`. Exit codes: 0 success, 2 error (one line with its causes on stderr), 75 stopped by
+//! SIGTERM or SIGINT after writing a checkpoint (`--resume` continues; a second signal exits at
+//! once with 128 + the signal's number).
 
 use std::path::{Path, PathBuf};
 
@@ -111,6 +113,13 @@ struct Args {
     /// with an error naming what is missing.
     #[arg(long, default_value_t = 300)]
     dist_timeout: u64,
+    /// Checkpoints to keep: the newest N (0 = all); older ones are deleted as new ones complete.
+    #[arg(long, default_value_t = 3)]
+    keep_checkpoints: usize,
+    /// Stop (exit code 2, `latest` back at the last checkpoint before them) after this many
+    /// consecutive updates with a non-finite loss (0 = never); fewer are skipped and counted.
+    #[arg(long, default_value_t = 20)]
+    max_nonfinite_updates: u64,
 }
 
 fn main() {
@@ -223,6 +232,8 @@ fn run(args: Args) -> Result<()> {
         .out
         .clone()
         .context("--out RUN_DIR is required for training")?;
+    // SIGTERM / SIGINT: finish the update, checkpoint, exit 75 (a second one exits at once).
+    train::stop::install_signal_handlers().context("installing the SIGTERM/SIGINT handlers")?;
     let rank = RankInfo::from_env().context("reading this rank from the environment")?;
     if let Some(info) = rank.filter(|i| i.world_size > 1) {
         if args.nproc_per_node.is_some() {
@@ -248,7 +259,9 @@ fn run(args: Args) -> Result<()> {
     }
     let s = train::train_threads(&opts, nproc)
         .with_context(|| format!("training into {}", out.display()))?;
-    finish(&out, &s)
+    finish(&out, &s)?;
+    exit_if_stopped(&s);
+    Ok(())
 }
 
 /// Options common to every way of running.
@@ -269,6 +282,9 @@ fn options(
     opts.train_samples = args.train_samples;
     opts.val_samples = args.val_samples;
     opts.dist_timeout = Duration::from_secs(args.dist_timeout);
+    opts.keep_checkpoints = args.keep_checkpoints;
+    opts.max_nonfinite_updates = args.max_nonfinite_updates;
+    opts.stop = train::stop::StopSource::Process;
     opts.progress = if args.no_bar {
         Progress::Lines
     } else {
@@ -289,9 +305,22 @@ fn finish(out: &Path, s: &train::TrainSummary) -> Result<()> {
         .map(|r| json!({"top1": r.top1, "top5": r.top5, "val_loss": r.loss}));
     println!(
         "{}",
-        json!({"steps": s.steps, "updates_per_epoch": s.updates_per_epoch, "wall_s": s.wall_s, "eval": eval})
+        json!({"steps": s.steps, "updates_per_epoch": s.updates_per_epoch, "wall_s": s.wall_s,
+               "eval": eval, "stopped_by": s.stopped_by})
     );
     Ok(())
+}
+
+/// After a stop on a signal (the checkpoint is written): the documented exit code.
+fn exit_if_stopped(s: &train::TrainSummary) {
+    if let Some(reason) = &s.stopped_by {
+        eprintln!(
+            "train: stopped by {reason} after update {} (checkpoint written); continue with \
+             --resume",
+            s.steps
+        );
+        std::process::exit(train::stop::EXIT_STOPPED);
+    }
 }
 
 /// One rank of a multi-process run (started by the launcher, torchrun or Slurm).
@@ -321,5 +350,6 @@ fn train_on_gpu(
     if info.rank == 0 {
         finish(out, &s)?;
     }
+    exit_if_stopped(&s);
     Ok(())
 }

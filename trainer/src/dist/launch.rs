@@ -73,6 +73,8 @@ fn forward(
     })
 }
 
+use crate::train::stop::EXIT_STOPPED;
+
 fn terminate(child: &mut Child) {
     // SIGTERM first: a worker may finish its update and write a checkpoint.
     // SAFETY: kill(2) on the pid of a child this process spawned and has not reaped.
@@ -133,6 +135,7 @@ pub fn launch_local(opts: &LaunchOptions) -> Result<LaunchOutcome> {
     let mut done: Vec<Option<i32>> = vec![None; opts.nproc];
     let mut failed: Option<(usize, i32)> = None;
     let mut stop_at: Option<Instant> = None;
+    let mut forwarded = false;
     loop {
         for (rank, child) in children.iter_mut().enumerate() {
             if done[rank].is_some() {
@@ -141,13 +144,28 @@ pub fn launch_local(opts: &LaunchOptions) -> Result<LaunchOutcome> {
             if let Ok(Some(status)) = child.try_wait() {
                 let code = status.code().unwrap_or(1);
                 done[rank] = Some(code);
-                if code != 0 && failed.is_none() {
+                // A worker that stopped on a signal after its checkpoint has not failed.
+                if code != 0 && code != EXIT_STOPPED && failed.is_none() {
                     failed = Some((rank, code));
                 }
             }
         }
         if done.iter().all(Option::is_some) {
             break;
+        }
+        // A stop signal to the launcher goes on to the workers (once): they stop together after
+        // the same update, write a checkpoint and exit with EXIT_STOPPED.
+        if let (Some(signal), false) = (crate::train::stop::process_signal(), forwarded) {
+            forwarded = true;
+            for (rank, child) in children.iter_mut().enumerate() {
+                if done[rank].is_none() {
+                    // SAFETY: kill(2) on the pid of a child this process spawned and has not
+                    // reaped.
+                    unsafe {
+                        libc::kill(child.id() as libc::pid_t, signal);
+                    }
+                }
+            }
         }
         if failed.is_some() {
             match stop_at {
@@ -174,9 +192,10 @@ pub fn launch_local(opts: &LaunchOptions) -> Result<LaunchOutcome> {
     for p in pumps {
         let _ = p.join();
     }
+    let stopped = done.contains(&Some(EXIT_STOPPED));
     Ok(match failed {
         None => LaunchOutcome {
-            exit_code: 0,
+            exit_code: if stopped { EXIT_STOPPED } else { 0 },
             failed: None,
         },
         Some((rank, code)) => LaunchOutcome {

@@ -12,14 +12,16 @@ use std::sync::Arc;
 use loader::{Loader, LoaderConfig, PlanConfig, Transform};
 use shards::Split;
 
-use super::{EvalResult, Result};
+use super::real::SplitReal;
+use super::{EvalResult, RealScores, Result};
 use crate::dist::{Collective, SingleRank};
 use crate::feed::Feed;
-use crate::metrics::topk_correct;
+use crate::metrics::{topk_correct, topk_correct_multi};
 use crate::model::ResNet;
 
-/// Values kept per batch: top-1 hits, top-5 hits, loss sum, images.
-const PER_BATCH: usize = 4;
+/// Values kept per batch: top-1 hits, top-5 hits, loss sum, images, and the ReaL top-1 hits,
+/// top-5 hits and images counted.
+const PER_BATCH: usize = 7;
 
 /// Evaluates `model` on `split` (in index order) with `transform`: top-1, top-5 and mean
 /// cross-entropy, as timm's `validate`. `num_samples` 0 means the whole split.
@@ -57,6 +59,64 @@ pub fn evaluate_rank(
     num_samples: u64,
     comm: &mut dyn Collective,
 ) -> Result<EvalResult> {
+    let opts = EvalOptions {
+        num_samples,
+        ..EvalOptions::new(batch_size, num_workers)
+    };
+    evaluate_impl(model, feed, split, transform, opts, comm)
+}
+
+/// Options of [`evaluate_with`] beyond the model, data and transform.
+pub struct EvalOptions<'a> {
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Loader threads.
+    pub num_workers: usize,
+    /// Only the first N images of the split (0: all).
+    pub num_samples: u64,
+    /// ImageNet-ReaL label lists (see [`super::real`]): the result's `real` then holds ReaL
+    /// top-1 and top-5 over the images whose list is not empty.
+    pub real: Option<&'a SplitReal>,
+    /// Called after each batch with the images evaluated so far (progress displays).
+    pub progress: Option<&'a mut dyn FnMut(u64)>,
+}
+
+impl EvalOptions<'_> {
+    /// Batches of `batch_size` on `num_workers` loader threads, the whole split, no ReaL, no
+    /// progress.
+    pub fn new(batch_size: usize, num_workers: usize) -> Self {
+        EvalOptions {
+            batch_size,
+            num_workers,
+            num_samples: 0,
+            real: None,
+            progress: None,
+        }
+    }
+}
+
+/// [`evaluate`] with [`EvalOptions`]: ImageNet-ReaL scores and a progress callback.
+pub fn evaluate_with(
+    model: &ResNet,
+    feed: &Feed,
+    split: Arc<Split>,
+    transform: Transform,
+    opts: EvalOptions<'_>,
+) -> Result<EvalResult> {
+    evaluate_impl(model, feed, split, transform, opts, &mut SingleRank)
+}
+
+fn evaluate_impl(
+    model: &ResNet,
+    feed: &Feed,
+    split: Arc<Split>,
+    transform: Transform,
+    opts: EvalOptions<'_>,
+    comm: &mut dyn Collective,
+) -> Result<EvalResult> {
+    let mut opts = opts;
+    let (batch_size, num_workers, num_samples) =
+        (opts.batch_size, opts.num_workers, opts.num_samples);
     let (rank, world) = (comm.rank(), comm.world_size());
     let size = transform.size() as usize;
     let total = if num_samples == 0 {
@@ -77,22 +137,39 @@ pub fn evaluate_rank(
     // The weights stay as they are for the whole pass: the CPU fast path folds and lays out each
     // conv's filter once, not once per batch.
     crate::ops::cpu::with_eval_cache(|| {
-        eval_batches(model, feed, &mut loader, size, world, rank, &mut per_batch)
+        eval_batches(
+            model,
+            feed,
+            &mut loader,
+            size,
+            (world, rank),
+            &mut opts,
+            &mut per_batch,
+        )
     })?;
     comm.all_reduce_f64(&mut per_batch)?;
     let (mut n, mut c1, mut c5, mut loss_sum) = (0u64, 0u64, 0u64, 0f64);
+    let (mut real_n, mut real_c1, mut real_c5) = (0u64, 0u64, 0u64);
     for v in per_batch.chunks(PER_BATCH) {
         c1 += v[0] as u64;
         c5 += v[1] as u64;
         loss_sum += v[2];
         n += v[3] as u64;
+        real_c1 += v[4] as u64;
+        real_c5 += v[5] as u64;
+        real_n += v[6] as u64;
     }
-    let pct = |c: u64| 100.0 * c as f64 / n.max(1) as f64;
+    let pct = |c: u64, n: u64| 100.0 * c as f64 / n.max(1) as f64;
     Ok(EvalResult {
-        top1: pct(c1),
-        top5: pct(c5),
+        top1: pct(c1, n),
+        top5: pct(c5, n),
         loss: loss_sum / n.max(1) as f64,
         samples: n,
+        real: opts.real.map(|_| RealScores {
+            top1: pct(real_c1, real_n),
+            top5: pct(real_c5, real_n),
+            samples: real_n,
+        }),
     })
 }
 
@@ -102,10 +179,11 @@ fn eval_batches(
     feed: &Feed,
     loader: &mut Loader<Vec<u8>>,
     size: usize,
-    world: usize,
-    rank: usize,
+    (world, rank): (usize, usize),
+    opts: &mut EvalOptions<'_>,
     per_batch: &mut [f64],
 ) -> Result<()> {
+    let mut done = 0u64;
     for batch in loader.epoch(0)? {
         let batch = batch?;
         if batch.len == 0 {
@@ -116,6 +194,17 @@ fn eval_batches(
         let labels = feed.labels(&batch.labels)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?.to_scalar::<f32>()?;
         let c = topk_correct(&logits, &batch.labels, &[1, 5])?;
+        let (r, real_n) = match opts.real {
+            Some(real) => {
+                let lists: Vec<&[u32]> = batch
+                    .indices
+                    .iter()
+                    .map(|&i| real.labels(i as usize))
+                    .collect();
+                topk_correct_multi(&logits, &lists, &[1, 5])?
+            }
+            None => (vec![0, 0], 0),
+        };
         // This rank's k-th batch is the one-rank batch k * W + rank.
         let b = batch.batch_id * world + rank;
         let slot = &mut per_batch[b * PER_BATCH..(b + 1) * PER_BATCH];
@@ -124,7 +213,14 @@ fn eval_batches(
             c[1] as f64,
             loss as f64 * batch.len as f64,
             batch.len as f64,
+            r[0] as f64,
+            r[1] as f64,
+            real_n as f64,
         ]);
+        done += batch.len as u64;
+        if let Some(p) = &mut opts.progress {
+            p(done);
+        }
     }
     Ok(())
 }

@@ -42,9 +42,11 @@ use crate::recipe::{Interpolation, Recipe};
 
 mod eval;
 mod grads;
+pub mod real;
+pub mod stop;
 mod trainer;
 
-pub use eval::{evaluate, evaluate_rank};
+pub use eval::{evaluate, evaluate_rank, evaluate_with, EvalOptions};
 pub use grads::{all_reduce as all_reduce_gradients, BucketReducer, GradAccumulator, BUCKET_BYTES};
 pub use trainer::Trainer;
 
@@ -101,6 +103,21 @@ pub enum TrainError {
     /// A collective or the rendezvous failed (another rank's error is named with its rank).
     #[error("{0}")]
     Dist(#[from] crate::dist::DistError),
+    /// The loss stayed non-finite for too many consecutive updates.
+    #[error(
+        "the loss was not finite for {count} consecutive updates (updates {first} to {last}): \
+         the run diverged and stopped; {checkpoint}"
+    )]
+    Diverged {
+        /// Consecutive non-finite updates.
+        count: u64,
+        /// The first of them (1-based update number).
+        first: u64,
+        /// The last of them.
+        last: u64,
+        /// What became of the checkpoints (the last one before the divergence is `latest`).
+        checkpoint: String,
+    },
 }
 
 /// Result of this module.
@@ -167,6 +184,14 @@ pub struct TrainOptions {
     /// The activation layout (`None`: channels-last, the fast path on CUDA and on the CPU;
     /// `Nchw` runs candle's own ops).
     pub layout: Option<crate::model::ActivationLayout>,
+    /// Where the run looks for a stop request ([`stop`]; default: never).
+    pub stop: stop::StopSource,
+    /// Checkpoints kept in `checkpoints/`: the newest N (0: all); older ones are deleted after
+    /// each new one is complete. `latest` is always among them.
+    pub keep_checkpoints: usize,
+    /// Stop with [`TrainError::Diverged`] when this many consecutive updates have a non-finite
+    /// loss (0: never). A shorter run of them is skipped by the optimizer and counted.
+    pub max_nonfinite_updates: u64,
 }
 
 impl TrainOptions {
@@ -191,6 +216,9 @@ impl TrainOptions {
             dist_timeout: Duration::from_secs(600),
             bucket_bytes: BUCKET_BYTES,
             layout: None,
+            stop: stop::StopSource::Never,
+            keep_checkpoints: 0,
+            max_nonfinite_updates: 0,
         }
     }
 }
@@ -205,6 +233,19 @@ pub struct EvalResult {
     /// Mean cross-entropy.
     pub loss: f64,
     /// Images evaluated.
+    pub samples: u64,
+    /// ImageNet-ReaL scores, when evaluated with ReaL labels.
+    pub real: Option<RealScores>,
+}
+
+/// ImageNet-ReaL top-1 and top-5 (see [`real`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RealScores {
+    /// Top-1 in percent over the images with a non-empty label list.
+    pub top1: f64,
+    /// Top-5 in percent over the same images.
+    pub top5: f64,
+    /// Images counted (those with a non-empty list).
     pub samples: u64,
 }
 
@@ -221,6 +262,8 @@ pub struct TrainSummary {
     pub interrupted: bool,
     /// Wall time of this invocation in seconds.
     pub wall_s: f64,
+    /// The signal that stopped the run early (after a checkpoint), if one did.
+    pub stopped_by: Option<String>,
 }
 
 /// SHA-256 (hex) of a recipe's TOML text.

@@ -4,7 +4,7 @@
 //! collective is [`SingleRank`] and every reduction is the identity.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +23,7 @@ use super::{
     build_model, eval_transform, io_err, mix_config, open_split, rand_augment, recipe_hash,
     train_transform, EvalResult, Progress, Result, TrainError, TrainOptions, TrainSummary,
 };
-use crate::checkpoint::{self, RunState};
+use crate::checkpoint::{self, LossWindow, RunState};
 use crate::dist::{Collective, TreeSum};
 use crate::feed::Feed;
 use crate::loss::{Targets, TrainLoss};
@@ -71,11 +71,31 @@ struct EpochCursor<'r> {
     ahead: Option<Staged>,
 }
 
-/// The timing window of a metrics line.
+/// Consecutive updates with a non-finite loss, as their losses are read.
+#[derive(Clone, Copy, Debug, Default)]
+struct NonFiniteRun {
+    /// How many.
+    count: u64,
+    /// The first of them (update number, 1-based).
+    first: u64,
+}
+
+/// The window of a metrics line: its timing, and the losses of the updates since the last
+/// line. Each update's loss is the mean over the update's micro-batches of all ranks, as a line
+/// logged it before (`loss_last`); the line's `loss` is the mean of those over the window,
+/// summed in f64 in update order. The sum so far travels in checkpoints
+/// ([`checkpoint::LossWindow`]), so a resumed run writes the same lines.
 struct Window {
     start: Instant,
     wait_s: f64,
     images: u64,
+    /// This rank's per-update loss sums (micro-batches summed, unscaled), on the device and not
+    /// yet read: read and reduced over the ranks only for a metrics line or a checkpoint.
+    pending: Vec<Tensor>,
+    /// The updates already read, and their losses' sum.
+    loss: LossWindow,
+    /// The loss of the last update read.
+    loss_last: f64,
 }
 
 impl Window {
@@ -84,7 +104,32 @@ impl Window {
             start: Instant::now(),
             wait_s: 0.0,
             images: 0,
+            pending: Vec::new(),
+            loss: LossWindow::default(),
+            loss_last: f64::NAN,
         }
+    }
+
+    /// A new timing window that keeps the losses (the set-up and the evaluation are not timed).
+    fn restart_clock(&mut self) {
+        self.start = Instant::now();
+        self.wait_s = 0.0;
+        self.images = 0;
+    }
+
+    /// Adds updates' losses (each already the mean over the update's micro-batches), in order.
+    fn add_losses(&mut self, losses: &[f64]) {
+        let mut sum = self.loss.loss_sum();
+        for &l in losses {
+            sum += l;
+            self.loss_last = l;
+        }
+        self.loss = LossWindow::new(self.loss.updates + losses.len() as u64, sum);
+    }
+
+    /// The mean loss of the window's updates.
+    fn mean_loss(&self) -> f64 {
+        self.loss.loss_sum() / self.loss.updates as f64
     }
 }
 
@@ -125,9 +170,14 @@ pub struct Trainer<'a> {
     metrics: Option<MetricsWriter>,
     log: Log,
     window: Window,
-    /// The last update's micro-batch losses (unscaled), summed on the device.
-    last_loss: Option<Tensor>,
     backward_logged: bool,
+    /// Whether the ranks agreed at the last metrics line to stop (a stop request on any rank).
+    stop_agreed: bool,
+    /// The current run of consecutive updates with a non-finite loss.
+    nonfinite: NonFiniteRun,
+    /// The step of the newest checkpoint written with no non-finite update before it in the
+    /// current run of them (where `latest` goes back to when the run diverges).
+    last_good_step: Option<u64>,
     last_eval: Option<EvalResult>,
     t_start: Instant,
 }
@@ -292,13 +342,21 @@ impl<'a> Trainer<'a> {
                 bar: None,
             },
             window: Window::new(),
-            last_loss: None,
             backward_logged: false,
             last_eval: None,
             t_start,
+            stop_agreed: false,
+            nonfinite: NonFiniteRun::default(),
+            last_good_step: None,
         };
         if opts.resume {
             t.resume()?;
+        } else if t.ckpt_dir.join("latest").exists() {
+            return Err(TrainError::Unsupported(format!(
+                "{}: holds the checkpoints of an earlier run: pass --resume to continue it, or \
+                 choose another run directory",
+                t.ckpt_dir.display()
+            )));
         }
         t.check_same_weights()?;
         t.record_run(&lr_line)?;
@@ -352,6 +410,19 @@ impl<'a> Trainer<'a> {
         }
         loader.next_batch = loader.next_batch / a0 * self.accum;
         self.state = loader;
+        let log_every = self.opts.recipe.run.log_every_steps;
+        match ck.state.metrics_window {
+            Some(w) => self.window.loss = w,
+            None if loader.next_batch != 0 && !self.step.is_multiple_of(log_every) => {
+                self.log.line(&format!(
+                    "note: {} predates saved metrics windows: the first metrics line's loss \
+                     averages only the updates after update {}",
+                    ck.sidecar_path.display(),
+                    self.step
+                ));
+            }
+            None => {}
+        }
         if w0 != self.world {
             self.log.line(&format!(
                 "resuming a checkpoint of {w0} rank(s) with {}: the same updates ({virtual_ranks} \
@@ -403,6 +474,14 @@ impl<'a> Trainer<'a> {
                 .map_err(|e| TrainError::Recipe(vec![e.to_string()]))?;
             std::fs::write(&recipe_path, text).map_err(io_err(&recipe_path))?;
             let path = run_dir.join("metrics.jsonl");
+            if opts.resume {
+                // Lines written after the checkpoint (by a run killed before its next one) are
+                // written again by this run.
+                truncate_metrics(&path, self.step)?;
+            } else if path.exists() {
+                // A fresh run (an earlier one stopped before its first checkpoint).
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
             self.metrics = Some(MetricsWriter::append(&path).map_err(io_err(&path))?);
         }
         if self.log.progress == Progress::Auto {
@@ -467,7 +546,9 @@ impl<'a> Trainer<'a> {
     /// Runs the schedule from the current position to its end (or `max_steps`).
     pub fn run(&mut self, loader: &mut Loader<DynStorage>) -> Result<TrainSummary> {
         let mut interrupted = false;
-        self.window = Window::new();
+        let mut stopped_by = None;
+        // Set-up is not timed; a resumed window keeps its losses.
+        self.window.restart_clock();
         'epochs: for epoch in self.state.epoch..self.total_epochs {
             let start = if epoch == self.state.epoch {
                 self.state
@@ -504,13 +585,24 @@ impl<'a> Trainer<'a> {
                     self.write_metrics(epoch)?;
                 }
                 let every = self.opts.recipe.run.checkpoint_every_steps;
-                if every > 0 && self.step.is_multiple_of(every) && u + 1 < self.updates_per_epoch {
-                    // The cursor counts the prefetched micro-batch: resume after the update.
-                    let at = LoaderState {
-                        epoch,
-                        next_batch: (u as usize + 1) * self.accum,
-                    };
+                // The cursor counts the prefetched micro-batch: resume after the update.
+                let at = LoaderState {
+                    epoch,
+                    next_batch: (u as usize + 1) * self.accum,
+                };
+                let mid_epoch = u + 1 < self.updates_per_epoch;
+                let periodic = every > 0 && self.step.is_multiple_of(every) && mid_epoch;
+                if periodic {
                     self.save_checkpoint(at)?;
+                }
+                self.check_divergence()?;
+                if mid_epoch && self.stop_requested() {
+                    if !periodic {
+                        self.save_checkpoint(at)?;
+                        self.check_divergence()?;
+                    }
+                    stopped_by = Some(self.write_stop_line(epoch)?);
+                    break 'epochs;
                 }
             }
             drop(cursor);
@@ -523,6 +615,11 @@ impl<'a> Trainer<'a> {
                 epoch: epoch + 1,
                 next_batch: 0,
             })?;
+            self.check_divergence()?;
+            if !last && self.stop_requested() {
+                stopped_by = Some(self.write_stop_line(epoch)?);
+                break 'epochs;
+            }
         }
         if let Some(bar) = &self.log.bar {
             bar.finish();
@@ -533,6 +630,68 @@ impl<'a> Trainer<'a> {
             last_eval: self.last_eval,
             interrupted,
             wall_s: self.t_start.elapsed().as_secs_f64(),
+            stopped_by,
+        })
+    }
+
+    /// Whether to stop after this update: this process's request on one rank; with several
+    /// ranks, what they agreed at the last metrics line (so that all stop after the same one).
+    fn stop_requested(&self) -> bool {
+        if self.world == 1 {
+            self.opts.stop.requested().is_some()
+        } else {
+            self.stop_agreed
+        }
+    }
+
+    /// After a stop's checkpoint: a metrics line saying why the run stopped and where it can
+    /// continue, and the log line. Returns the reason.
+    fn write_stop_line(&mut self, epoch: u64) -> Result<String> {
+        let reason = match self.opts.stop.requested() {
+            Some(signal) => super::stop::signal_name(signal),
+            None => "a stop request on another rank".to_string(),
+        };
+        let checkpoint = format!("step-{}", self.step);
+        if let Some(metrics) = &mut self.metrics {
+            metrics
+                .write(&json!({
+                    "epoch": epoch, "step": self.step, "stopped": reason,
+                    "checkpoint": checkpoint, "world_size": self.world,
+                }))
+                .map_err(io_err(metrics.path()))?;
+        }
+        self.log.line(&format!(
+            "stopped by {reason} after update {}: checkpoint {checkpoint} written; continue \
+             with --resume",
+            self.step
+        ));
+        Ok(reason)
+    }
+
+    /// Fails with [`TrainError::Diverged`] once `max_nonfinite_updates` consecutive updates had
+    /// a non-finite loss, pointing `latest` back at the last checkpoint written before them.
+    fn check_divergence(&mut self) -> Result<()> {
+        let max = self.opts.max_nonfinite_updates;
+        if max == 0 || self.nonfinite.count < max {
+            return Ok(());
+        }
+        let checkpoint = match self.last_good_step {
+            Some(step) => {
+                if self.rank == 0 {
+                    checkpoint::point_latest(&self.ckpt_dir, step)?;
+                }
+                format!(
+                    "checkpoints/latest names step-{step}, the last checkpoint before them \
+                     (lower the learning rate or check the data, then start again or --resume)"
+                )
+            }
+            None => "no checkpoint was written before them".to_string(),
+        };
+        Err(TrainError::Diverged {
+            count: self.nonfinite.count,
+            first: self.nonfinite.first,
+            last: self.nonfinite.first + self.nonfinite.count - 1,
+            checkpoint,
         })
     }
 
@@ -590,7 +749,7 @@ impl<'a> Trainer<'a> {
         let mut grads = Some(GradAccumulator::new(&self.trainable));
         let mut store = None;
         // The micro-batch losses stay on the device (summed in f64) and are read only when a
-        // metrics line needs them: no host sync per micro-batch.
+        // metrics line or a checkpoint needs them: no host sync per micro-batch.
         let mut losses = TreeSum::new();
         let last_update =
             u + 1 == self.updates_per_epoch || self.opts.max_steps == Some(self.step + 1);
@@ -672,32 +831,65 @@ impl<'a> Trainer<'a> {
         // Queued, not waited for: on a GPU the report is read only for a metrics line.
         self.optimizer.queue_step(&store, lr)?;
         self.step += 1;
-        self.last_loss = losses.finish(|x: Tensor, y| x + y)?;
+        let loss = losses.finish(|x: Tensor, y| x + y)?;
+        self.window
+            .pending
+            .push(loss.expect("an update has at least one micro-batch"));
         Ok(())
     }
 
-    /// A metrics line (rank 0 writes it; every rank takes part in the sums): the last update's
-    /// mean loss over all its micro-batches, the learning rate, the gradient norm, images per
+    /// Reads this rank's unread update losses (one transfer), sums each over the ranks together
+    /// with `extra` (one collective, which every rank joins) and adds them to the window. Returns
+    /// the reduced `extra`.
+    fn reduce_window_losses(&mut self, extra: &[f64]) -> Result<Vec<f64>> {
+        let pending = std::mem::take(&mut self.window.pending);
+        let mut sums = if pending.is_empty() {
+            Vec::new()
+        } else {
+            Tensor::stack(&pending, 0)?.to_vec1::<f64>()?
+        };
+        let n = sums.len();
+        sums.extend_from_slice(extra);
+        if !sums.is_empty() {
+            self.comm.all_reduce_f64(&mut sums)?;
+        }
+        let micro_batches = (self.accum * self.world) as f64;
+        let losses: Vec<f64> = sums[..n].iter().map(|s| s / micro_batches).collect();
+        // The losses of updates step - n + 1 ..= step, in order.
+        for (i, l) in losses.iter().enumerate() {
+            if l.is_finite() {
+                self.nonfinite = NonFiniteRun::default();
+            } else {
+                if self.nonfinite.count == 0 {
+                    self.nonfinite.first = self.step - n as u64 + 1 + i as u64;
+                }
+                self.nonfinite.count += 1;
+            }
+        }
+        self.window.add_losses(&losses);
+        Ok(sums.split_off(n))
+    }
+
+    /// A metrics line (rank 0 writes it; every rank takes part in the sums): the mean loss of
+    /// the window's updates (`loss`; each update's loss is the mean over all its micro-batches)
+    /// and the last update's (`loss_last`), the learning rate, the gradient norm, images per
     /// second over all ranks, and the mean fraction of the window the ranks waited for data.
     fn write_metrics(&mut self, epoch: u64) -> Result<()> {
         let report = self
             .optimizer
             .last_report()?
             .expect("an update was queued just before");
-        let local = match &self.last_loss {
-            Some(sum) => sum.to_scalar::<f64>()?,
-            None => f64::NAN,
-        };
-        let mut sums = [local, self.window.wait_s];
-        self.comm.all_reduce_f64(&mut sums)?;
-        let loss = sums[0] / (self.accum * self.world) as f64;
-        let wait = sums[1] / self.world as f64;
+        let asked = self.opts.stop.requested().is_some() as u8 as f64;
+        let reduced = self.reduce_window_losses(&[self.window.wait_s, asked])?;
+        let wait = reduced[0] / self.world as f64;
+        self.stop_agreed = reduced[1] > 0.0;
+        let (loss, loss_last) = (self.window.mean_loss(), self.window.loss_last);
         let dt = self.window.start.elapsed().as_secs_f64().max(1e-9);
         let images_per_s = (self.window.images * self.world as u64) as f64 / dt;
         let lr = self.schedule.lr_at(self.step - 1, self.updates_per_epoch);
         if let Some(metrics) = &mut self.metrics {
             let line = json!({
-                "epoch": epoch, "step": self.step, "loss": loss, "lr": lr,
+                "epoch": epoch, "step": self.step, "loss": loss, "loss_last": loss_last, "lr": lr,
                 "grad_norm": report.grad_norm, "applied": report.applied,
                 "images_per_s": images_per_s,
                 "data_wait_s": wait, "loader_wait_frac": wait / dt,
@@ -706,8 +898,8 @@ impl<'a> Trainer<'a> {
             metrics.write(&line).map_err(io_err(metrics.path()))?;
         }
         let msg = format!(
-            "epoch {epoch} step {}/{} loss {loss:.4} lr {lr:.3e} {images_per_s:.1} img/s data \
-             wait {:.0}%",
+            "epoch {epoch} step {}/{} loss {loss:.4} (last {loss_last:.4}) lr {lr:.3e} \
+             {images_per_s:.1} img/s data wait {:.0}%",
             self.step,
             self.total_steps,
             100.0 * wait / dt
@@ -755,6 +947,8 @@ impl<'a> Trainer<'a> {
     /// Rank 0 writes a checkpoint at loader position `at` (weights, optimizer state, run state
     /// with this world's size and accumulation); every rank waits until it is on disk.
     pub fn save_checkpoint(&mut self, at: LoaderState) -> Result<()> {
+        // The open metrics window's losses so far (a collective when updates are unread).
+        self.reduce_window_losses(&[])?;
         if self.rank == 0 {
             checkpoint::save(
                 &self.ckpt_dir,
@@ -771,8 +965,13 @@ impl<'a> Trainer<'a> {
                     optimizer: String::new(),
                     world_size: self.world as u32,
                     accum_steps: self.accum as u32,
+                    metrics_window: Some(self.window.loss),
                 },
             )?;
+            checkpoint::prune(&self.ckpt_dir, self.opts.keep_checkpoints)?;
+        }
+        if self.nonfinite.count == 0 {
+            self.last_good_step = Some(self.step);
         }
         self.comm.barrier()?;
         Ok(())
@@ -787,4 +986,34 @@ fn workers_per_rank(configured: u32, local_world_size: usize) -> usize {
     } else {
         configured as usize
     }
+}
+
+/// Keeps the lines of `path` up to the first that is not a complete JSON object with a `step`
+/// at most `step` (the lines of the updates a checkpoint at `step` includes: every line of a
+/// step is written before its checkpoint, and a killed run leaves at most one partial line, its
+/// last). Written to a temporary file and renamed, so the file is whole whenever it is read.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let mut keep = 0;
+    for line in text.split_inclusive('\n') {
+        let within = line.ends_with('\n')
+            && serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                .is_some_and(|s| s <= step);
+        if !within {
+            break;
+        }
+        keep += line.len();
+    }
+    if keep == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, &text.as_bytes()[..keep]).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
 }

@@ -197,7 +197,10 @@ pub fn conv_bn_eval(
     };
     with_f32(x, |xs| match &residual {
         Some(r) => with_f32(r, |r| run(xs, Some(r))),
-        None => Ok(run(xs, None)),
+        None => {
+            run(xs, None);
+            Ok(())
+        }
     })??;
     tensor(y, (geo.n, oh, ow, geo.k))
 }
