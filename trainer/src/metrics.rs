@@ -58,6 +58,15 @@ pub fn topk_correct_multi(
     Ok((correct, counted))
 }
 
+/// This process's resident memory in bytes (Linux: `/proc/self/statm`), `None` elsewhere.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(1) as u64)
+}
+
 /// Appends JSON lines to a metrics file, flushing after each line.
 pub struct MetricsWriter {
     path: PathBuf,

@@ -931,7 +931,7 @@ impl<'a> Trainer<'a> {
                 .write(&json!({
                     "epoch": epoch, "step": self.step, "top1": r.top1, "top5": r.top5,
                     "val_loss": r.loss, "val_samples": r.samples, "eval_s": eval_s,
-                    "world_size": self.world,
+                    "world_size": self.world, "rss_bytes": crate::metrics::resident_bytes(),
                 }))
                 .map_err(io_err(metrics.path()))?;
         }

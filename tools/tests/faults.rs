@@ -42,8 +42,14 @@ const RUN: &[&str] = &[
     "run.log_every_steps=1",
 ];
 
-/// Metrics fields that measure time, not the run.
-const TIMING: &[&str] = &["images_per_s", "data_wait_s", "loader_wait_frac", "eval_s"];
+/// Metrics fields that measure time or the process, not the run.
+const TIMING: &[&str] = &[
+    "images_per_s",
+    "data_wait_s",
+    "loader_wait_frac",
+    "eval_s",
+    "rss_bytes",
+];
 
 fn shards(dir: &Path) -> PathBuf {
     let src = dir.join("src");
@@ -130,6 +136,27 @@ fn signal(child: &std::process::Child, signal: i32) {
 fn metrics_lines(run: &Path) -> usize {
     std::fs::read(run.join("metrics.jsonl"))
         .map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
+}
+
+/// Limits the size of any file `cmd` writes to `bytes` (RLIMIT_FSIZE), with SIGXFSZ ignored so
+/// that a write beyond it fails with EFBIG ("File too large") instead of killing the process:
+/// a full disk without root.
+fn fsize_limit(cmd: &mut Command, bytes: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls: signal(2), setrlimit(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Kills before the run is left to finish.
@@ -298,6 +325,22 @@ fn killed_runs_resume_to_the_bits_of_an_uninterrupted_run() {
         "stopped before the end"
     );
     check_latest_loads(&termed);
+
+    // A file-size limit (RLIMIT_FSIZE, as a full disk) hit by the resumed run's first checkpoint:
+    // a clear error naming the file, and `latest` still names the stop's checkpoint, which loads.
+    let mut cmd = train(&data, &termed, true);
+    fsize_limit(&mut cmd, 1 << 20);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(".safetensors.tmp") && err.contains("File too large"),
+        "{err}"
+    );
+    let after = std::fs::read_to_string(termed.join("checkpoints/latest")).unwrap();
+    assert_eq!(after, latest, "latest unchanged");
+    check_latest_loads(&termed);
+
     let out = train(&data, &termed, true).output().unwrap();
     assert!(
         out.status.success(),
@@ -375,4 +418,53 @@ fn a_diverged_run_stops_at_the_last_good_checkpoint() {
     );
     assert!(err.contains(&format!("names {}", latest.trim())), "{err}");
     check_latest_loads(&run);
+}
+
+/// `shard-imagenet` under a file-size limit smaller than a shard (RLIMIT_FSIZE, as a full disk):
+/// exit 2 with an error naming the file, no manifest, and no shard under its final name.
+#[test]
+fn a_full_disk_while_sharding_leaves_nothing_that_looks_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let synth = tools::synth::SynthOptions {
+        classes: 3,
+        per_class: 12,
+        val_per_class: 2,
+        seed: 3,
+        val_layout: tools::synth::ValLayout::Folders,
+        threads: 2,
+        ..Default::default()
+    };
+    tools::synth::generate(&src, &synth).unwrap();
+    let dst = dir.path().join("shards");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-imagenet"));
+    cmd.arg(&src)
+        .arg(&dst)
+        .args(["--shard-bytes", "300000", "-q"]);
+    fsize_limit(&mut cmd, 64 << 10);
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("File too large"), "{err}");
+    assert!(!dst.join("manifest.json").exists());
+    for f in tools::files_under(&dst).unwrap() {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            !name.ends_with(".tar") && !name.ends_with(".idx"),
+            "{name} looks complete"
+        );
+    }
+    // Without the limit, the same command completes the set.
+    let out = Command::new(env!("CARGO_BIN_EXE_shard-imagenet"))
+        .arg(&src)
+        .arg(&dst)
+        .args(["--shard-bytes", "300000", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dst.join("manifest.json").exists());
 }
