@@ -506,3 +506,44 @@ fn ranks_reducing_during_the_explicit_backward_train_what_one_rank_trains() {
     );
     assert_eq!(update_metrics(&one), update_metrics(&two));
 }
+
+/// With several ranks a stop request is acted on at the next metrics line, whose all-reduce
+/// carries each rank's flag (ranks as threads share the flag here; separate processes each have
+/// their own, and the sum makes any one of them stop all): both ranks stop after update 2, not
+/// 1, the checkpoint there is written, the summary says why, and a resume on one rank ends with
+/// the uninterrupted run's weights.
+#[test]
+fn a_stop_request_stops_every_rank_after_the_same_update() {
+    use trainer::train::stop::StopSource;
+    let dir = tempfile::tempdir().unwrap();
+    let data = shard_set(dir.path(), 3, 12, 2);
+    let recipe = four_micro_batch_recipe()
+        .with_overrides(&["run.log_every_steps=2"])
+        .unwrap();
+    let straight = dir.path().join("straight");
+    train(&options(recipe.clone(), &data, &straight)).unwrap();
+
+    let run = dir.path().join("run");
+    let mut o = options(recipe.clone(), &data, &run);
+    let stop = StopSource::flag();
+    stop.request(15); // SIGTERM, before the first update: seen at the first metrics line
+    o.stop = stop;
+    let s = train_threads(&o, 2).unwrap();
+    assert_eq!(s.stopped_by.as_deref(), Some("SIGTERM"));
+    assert_eq!(s.steps, 2, "the first metrics line is at update 2");
+    let latest = std::fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), "step-2");
+    let last: serde_json::Value = metric_lines(&run).pop().unwrap();
+    assert_eq!(
+        (last["stopped"].as_str(), last["step"].as_u64()),
+        (Some("SIGTERM"), Some(2))
+    );
+
+    let mut o = options(recipe, &data, &run);
+    o.resume = true;
+    let s = train(&o).unwrap();
+    assert_eq!(s.stopped_by, None);
+    let ck = |d: &Path, f: &str| d.join("checkpoints").join(f);
+    let f = format!("step-{}.safetensors", s.steps);
+    assert_same_trainable(&ck(&straight, &f), &ck(&run, &f));
+}
