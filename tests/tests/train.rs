@@ -547,3 +547,95 @@ fn a_stop_request_stops_every_rank_after_the_same_update() {
     let f = format!("step-{}.safetensors", s.steps);
     assert_same_trainable(&ck(&straight, &f), &ck(&run, &f));
 }
+
+/// Fine-tuning (`init_from`): a run on a data set of 4 classes started from a 3-class run's
+/// checkpoint loads every trunk tensor bit for bit and re-initialises the classifier (timm's
+/// init: the same values as a fresh run's); with the same class count everything is loaded, so
+/// the evaluation logits equal the checkpoint's. The start is recorded in `init-from.json`, and
+/// a tensor that does not fit (another network) is an error naming the key.
+#[test]
+fn a_fine_tuning_run_starts_from_the_given_weights() {
+    use trainer::checkpoint::{load_weights_replacing, CLASSIFIER};
+    let dir = tempfile::tempdir().unwrap();
+    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
+    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1);
+    let pre = dir.path().join("pre");
+    train(&options(recipe.clone(), &three, &pre)).unwrap();
+    let latest = std::fs::read_to_string(pre.join("checkpoints/latest")).unwrap();
+    let weights = pre
+        .join("checkpoints")
+        .join(format!("{}.safetensors", latest.trim()));
+    let saved = load(&weights);
+
+    // 4 classes: the trunk is the checkpoint's, the classifier a fresh init.
+    let (vm, _) = trainer::train::build_model(&recipe, Some(&tiny_net()), 4, &Device::Cpu).unwrap();
+    let fresh_fc = vm.data().lock().unwrap()["fc.weight"].as_tensor().clone();
+    let replaced = load_weights_replacing(&vm, &weights, &CLASSIFIER).unwrap();
+    assert_eq!(replaced, ["fc.weight", "fc.bias"]);
+    let data = vm.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|x| x.to_bits()).collect()
+        };
+        if name.starts_with("fc.") {
+            assert_eq!(var.dims()[0], 4, "{name}");
+        } else {
+            assert!(bits(var.as_tensor()) == bits(&saved[name]), "{name}");
+        }
+    }
+    assert!(bits_equal(
+        &data["fc.weight"].as_tensor().clone(),
+        &fresh_fc
+    ));
+    drop(data);
+
+    // Same classes: everything loaded, so the logits are the checkpoint's.
+    let (a, mut ma) =
+        trainer::train::build_model(&recipe, Some(&tiny_net()), 3, &Device::Cpu).unwrap();
+    let (b, mut mb) =
+        trainer::train::build_model(&recipe, Some(&tiny_net()), 3, &Device::Cpu).unwrap();
+    trainer::checkpoint::load_weights(&a, &weights).unwrap();
+    assert!(load_weights_replacing(&b, &weights, &CLASSIFIER)
+        .unwrap()
+        .is_empty());
+    ma.set_layout(trainer::model::ActivationLayout::Nchw);
+    mb.set_layout(trainer::model::ActivationLayout::Nchw);
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 32, 32), &Device::Cpu).unwrap();
+    let (la, lb) = (ma.forward_eval(&x).unwrap(), mb.forward_eval(&x).unwrap());
+    assert!(bits_equal(&la, &lb));
+
+    // The run itself: it records where it started, then trains on the 4 classes.
+    let ft = dir.path().join("ft");
+    let mut o = options(recipe.clone(), &four, &ft);
+    o.init_from = Some(weights.clone());
+    let s = train(&o).unwrap();
+    assert!(s.steps > 0);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("init-from.json")).unwrap()).unwrap();
+    assert_eq!(rec["replaced"], serde_json::json!(["fc.weight", "fc.bias"]));
+    assert_eq!(rec["num_classes"], 4);
+    assert_eq!(rec["sha256"].as_str().unwrap().len(), 64);
+
+    // Another network's weights: an error naming a key.
+    let (other, _) = trainer::train::build_model(
+        &recipe,
+        Some(&trainer::model::ResNetConfig::by_name("resnet18").unwrap()),
+        3,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = load_weights_replacing(&other, &weights, &CLASSIFIER)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing") || e.contains("expected shape"), "{e}");
+}
+
+fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
+    let f = |t: &Tensor| -> Vec<u32> {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    a.dims() == b.dims() && f(a) == f(b)
+}

@@ -307,6 +307,20 @@ pub fn point_latest(dir: &Path, step: u64) -> Result<()> {
 /// `num_batches_tracked` counters: a missing key, an unexpected key, a wrong shape or a
 /// non-floating-point tensor is an error naming the key.
 pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
+    load_weights_replacing(varmap, path, &[]).map(|_| ())
+}
+
+/// The classifier of the ResNets (timm's names): what fine-tuning replaces.
+pub const CLASSIFIER: [&str; 2] = ["fc.weight", "fc.bias"];
+
+/// [`load_weights`] for fine-tuning: the tensors named in `replaceable` (the classifier) are
+/// left as initialised when the file's shapes differ from the network's (another class count),
+/// and loaded when they match. Returns the keys left as initialised.
+pub fn load_weights_replacing(
+    varmap: &VarMap,
+    path: &Path,
+    replaceable: &[&str],
+) -> Result<Vec<String>> {
     let err = |message: String| CheckpointError::Tensors {
         path: path.to_path_buf(),
         message,
@@ -318,6 +332,14 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
         .map(|v| v.device().clone())
         .unwrap_or(Device::Cpu);
     let tensors = crate::weights::read(path, &device)?.tensors;
+    let replaced: Vec<String> = replaceable
+        .iter()
+        .filter(|k| match (data.get(**k), tensors.get(**k)) {
+            (Some(v), Some(t)) => v.dims() != t.dims(),
+            _ => false,
+        })
+        .map(|k| k.to_string())
+        .collect();
     let list = |keys: &mut Vec<&String>| {
         keys.sort();
         let shown: Vec<&String> = keys.iter().take(5).copied().collect();
@@ -349,7 +371,7 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
             list(&mut unexpected)
         )));
     }
-    let mut names: Vec<&String> = data.keys().collect();
+    let mut names: Vec<&String> = data.keys().filter(|k| !replaced.contains(k)).collect();
     names.sort();
     for name in names {
         let (var, t) = (&data[name], &tensors[name]);
@@ -369,7 +391,7 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
         var.set(&t.to_dtype(var.dtype()).map_err(|e| err(e.to_string()))?)
             .map_err(|e| err(format!("{name}: {e}")))?;
     }
-    Ok(())
+    Ok(replaced)
 }
 
 /// Restores the optimizer state saved by [`save`].

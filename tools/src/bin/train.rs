@@ -5,6 +5,7 @@
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
 //!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
 //!       [--layout nhwc|nchw] [--deterministic] [--nproc-per-node N] [--dist-timeout S]
+//!       [--init-from WEIGHTS] [--keep-checkpoints N] [--max-nonfinite-updates K]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -113,6 +114,10 @@ struct Args {
     /// with an error naming what is missing.
     #[arg(long, default_value_t = 300)]
     dist_timeout: u64,
+    /// Fine-tuning: start a new run from these weights (a checkpoint of ours, or timm's .pth or
+    /// safetensors); the classifier is re-initialised when the class count differs.
+    #[arg(long, value_name = "WEIGHTS")]
+    init_from: Option<PathBuf>,
     /// Checkpoints to keep: the newest N (0 = all); older ones are deleted as new ones complete.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
@@ -283,6 +288,7 @@ fn options(
     opts.val_samples = args.val_samples;
     opts.dist_timeout = Duration::from_secs(args.dist_timeout);
     opts.keep_checkpoints = args.keep_checkpoints;
+    opts.init_from = args.init_from.clone();
     opts.max_nonfinite_updates = args.max_nonfinite_updates;
     opts.stop = train::stop::StopSource::Process;
     opts.progress = if args.no_bar {

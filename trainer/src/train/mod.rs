@@ -186,6 +186,11 @@ pub struct TrainOptions {
     pub layout: Option<crate::model::ActivationLayout>,
     /// Where the run looks for a stop request ([`stop`]; default: never).
     pub stop: stop::StopSource,
+    /// Fine-tuning: a new run starts from these weights (ours, or timm's `.pth`/safetensors)
+    /// instead of a random init; the classifier is re-initialised when the class count differs
+    /// ([`crate::checkpoint::load_weights_replacing`]). Ignored on `resume` (the checkpoint has
+    /// the weights). Recorded in `run_dir/init-from.json`.
+    pub init_from: Option<PathBuf>,
     /// Checkpoints kept in `checkpoints/`: the newest N (0: all); older ones are deleted after
     /// each new one is complete. `latest` is always among them.
     pub keep_checkpoints: usize,
@@ -217,6 +222,7 @@ impl TrainOptions {
             bucket_bytes: BUCKET_BYTES,
             layout: None,
             stop: stop::StopSource::Never,
+            init_from: None,
             keep_checkpoints: 0,
             max_nonfinite_updates: 0,
         }

@@ -286,6 +286,10 @@ impl<'a> Trainer<'a> {
         // CUDA, f32 through the CPU kernels on the CPU).
         model.set_layout(opts.layout.unwrap_or(ActivationLayout::Nhwc));
         model.set_backward_mode(opts.backward);
+        let init_line = match (&opts.init_from, opts.resume) {
+            (Some(path), false) => Some(init_from(&varmap, path, rank, run_dir, num_classes)?),
+            _ => None,
+        };
         let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
         let optimizer = crate::backend::optimizer(recipe, groups, &opts.device)?;
         let trainable = model.trainable_vars()?;
@@ -360,6 +364,9 @@ impl<'a> Trainer<'a> {
         }
         t.check_same_weights()?;
         t.record_run(&lr_line)?;
+        if let Some(line) = init_line {
+            t.log.line(&line);
+        }
         Ok((t, loader))
     }
 
@@ -986,6 +993,46 @@ fn workers_per_rank(configured: u32, local_world_size: usize) -> usize {
     } else {
         configured as usize
     }
+}
+
+/// Loads the weights of a fine-tuning run's start (see [`TrainOptions::init_from`]): every tensor
+/// but a classifier of another class count, which keeps its fresh init (timm's). Rank 0 records
+/// the file, its SHA-256 and what was replaced in `run_dir/init-from.json`. Returns the log line.
+fn init_from(
+    varmap: &candle_nn::VarMap,
+    path: &Path,
+    rank: usize,
+    run_dir: &Path,
+    num_classes: usize,
+) -> Result<String> {
+    let replaced = checkpoint::load_weights_replacing(varmap, path, &checkpoint::CLASSIFIER)?;
+    if rank == 0 {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let sha: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let record = json!({
+            "init_from": path.display().to_string(), "sha256": sha,
+            "replaced": replaced, "num_classes": num_classes,
+        });
+        let out = run_dir.join("init-from.json");
+        let text = serde_json::to_string_pretty(&record).expect("JSON value serialises");
+        std::fs::write(&out, text).map_err(io_err(&out))?;
+    }
+    Ok(if replaced.is_empty() {
+        format!(
+            "initialised from {} (every tensor, the classifier included)",
+            path.display()
+        )
+    } else {
+        format!(
+            "initialised from {}: the trunk; {} re-initialised for {num_classes} classes (timm's \
+             init)",
+            path.display(),
+            replaced.join(", ")
+        )
+    })
 }
 
 /// Keeps the lines of `path` up to the first that is not a complete JSON object with a `step`
