@@ -5,6 +5,7 @@ pub mod bench;
 pub mod convert;
 pub mod fashion_mnist;
 pub mod fuzz_targets;
+pub mod import;
 pub mod photos;
 pub mod plot;
 pub mod progress;
