@@ -314,6 +314,38 @@ fn encode(kind: FileKind, w: u32, h: u32, rgb: &[u8], quality: u8) -> Result<Vec
     Ok(out)
 }
 
+/// A small sharded set for tests and examples: `classes` x `per_class` training and
+/// `val_per_class` validation images (class folders, seeded) generated into `dir/src` and sharded
+/// into `dir/shards` (images at most 64 px on the longer side). Returns the shards' directory.
+pub fn small_shard_set(
+    dir: &Path,
+    classes: usize,
+    per_class: usize,
+    val_per_class: usize,
+    seed: u64,
+) -> Result<std::path::PathBuf> {
+    let src = dir.join("src");
+    let synth = SynthOptions {
+        classes,
+        per_class,
+        val_per_class,
+        seed,
+        val_layout: ValLayout::Folders,
+        threads: 2,
+        ..Default::default()
+    };
+    generate(&src, &synth)?;
+    let shards = dir.join("shards");
+    let opts = crate::sharding::ShardOptions {
+        quiet: true,
+        threads: 2,
+        max_side: Some(64),
+        ..Default::default()
+    };
+    crate::sharding::run(&src, &shards, &opts)?;
+    Ok(shards)
+}
+
 /// Writes the data set into `out`, which must not already hold `train/` or `val/`.
 pub fn generate(out: &Path, opts: &SynthOptions) -> Result<SynthSummary> {
     let start = Instant::now();

@@ -52,26 +52,7 @@ const TIMING: &[&str] = &[
 ];
 
 fn shards(dir: &Path) -> PathBuf {
-    let src = dir.join("src");
-    let synth = tools::synth::SynthOptions {
-        classes: 3,
-        per_class: 12,
-        val_per_class: 2,
-        seed: 3,
-        val_layout: tools::synth::ValLayout::Folders,
-        threads: 2,
-        ..Default::default()
-    };
-    tools::synth::generate(&src, &synth).unwrap();
-    let shards = dir.join("shards");
-    let opts = tools::sharding::ShardOptions {
-        quiet: true,
-        threads: 2,
-        max_side: Some(64),
-        ..Default::default()
-    };
-    tools::sharding::run(&src, &shards, &opts).unwrap();
-    shards
+    tools::synth::small_shard_set(dir, 3, 12, 2, 3).unwrap()
 }
 
 fn train(data: &Path, out: &Path, resume: bool) -> Command {
@@ -425,18 +406,10 @@ fn a_diverged_run_stops_at_the_last_good_checkpoint() {
 #[test]
 fn a_full_disk_while_sharding_leaves_nothing_that_looks_complete() {
     let dir = tempfile::tempdir().unwrap();
+    // The generated folder of `small_shard_set`, sharded again here under the limit.
+    tools::synth::small_shard_set(dir.path(), 3, 12, 2, 3).unwrap();
     let src = dir.path().join("src");
-    let synth = tools::synth::SynthOptions {
-        classes: 3,
-        per_class: 12,
-        val_per_class: 2,
-        seed: 3,
-        val_layout: tools::synth::ValLayout::Folders,
-        threads: 2,
-        ..Default::default()
-    };
-    tools::synth::generate(&src, &synth).unwrap();
-    let dst = dir.path().join("shards");
+    let dst = dir.path().join("limited");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shard-imagenet"));
     cmd.arg(&src)
         .arg(&dst)

@@ -40,26 +40,7 @@ fn text(b: &[u8]) -> String {
 
 /// 3 classes x 8 training images (2 validation each), sharded into `dir/shards`.
 fn tiny_shards(dir: &Path) -> PathBuf {
-    let src = dir.join("src");
-    let synth = tools::synth::SynthOptions {
-        classes: 3,
-        per_class: 8,
-        val_per_class: 2,
-        seed: 1,
-        val_layout: tools::synth::ValLayout::Folders,
-        threads: 2,
-        ..Default::default()
-    };
-    tools::synth::generate(&src, &synth).unwrap();
-    let shards = dir.join("shards");
-    let opts = tools::sharding::ShardOptions {
-        quiet: true,
-        threads: 2,
-        max_side: Some(64),
-        ..Default::default()
-    };
-    tools::sharding::run(&src, &shards, &opts).unwrap();
-    shards
+    tools::synth::small_shard_set(dir, 3, 8, 2, 1).unwrap()
 }
 
 /// `sweep --recipe a3 --seeds SEEDS --data DATA --out OUT EXTRA... -- TINY`.
