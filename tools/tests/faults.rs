@@ -342,10 +342,22 @@ fn killed_runs_resume_to_the_bits_of_an_uninterrupted_run() {
     // A second signal while the stop's checkpoint is written exits at once (128 + SIGINT);
     // `latest` still names a complete checkpoint.
     let twice = dir.path().join("twice");
+    // Checkpoints at epoch ends only, so the stop writes its own; the first signal comes after
+    // an update past the first checkpoint (not between that checkpoint and the stop check that
+    // follows it, where the stop would write nothing new).
     let mut cmd = train(&data, &twice, false);
+    cmd.args(["--set", "run.checkpoint_every_steps=0"]);
     cmd.env("RSB_FAULT_CHECKPOINT_PAUSE_MS", "300");
     let mut child = cmd.spawn().unwrap();
     wait_for_latest(&twice, &mut child);
+    let lines = metrics_lines(&twice);
+    while metrics_lines(&twice) == lines {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before the first signal"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     signal(&child, libc::SIGINT);
     let t0 = Instant::now();
     while !writing(&twice) {
