@@ -220,7 +220,11 @@ fn decode_zune(
     check_image_size(w as u32, h as u32)?;
     let channels = d.output_colorspace().map_or(3, |c| c.num_components());
     out.resize(w * h * channels, 0);
-    d.decode_into(out)
+    // zune-jpeg 0.5.15 panics on some malformed files (an unwrap in its AVX2 IDCT on a CMYK
+    // file with odd sampling factors: a fuzzing finding, fuzz/regressions/jpeg_zune/); a bad
+    // file must be an error for the sample policy, not a dead worker.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.decode_into(out)))
+        .map_err(|_| "cannot decode JPEG: zune-jpeg failed on a malformed file".to_owned())?
         .map_err(|e| format!("cannot decode JPEG: {e}"))?;
     if channels == 1 {
         // Greyscale: expand in place, back to front.
@@ -529,6 +533,25 @@ mod tests {
             );
         }
         assert!(check_image_size(17_895_697, 10).is_ok());
+    }
+
+    #[test]
+    fn a_zune_panic_on_a_malformed_file_is_an_error() {
+        // Found by fuzzing jpeg_turbo (CMYK goes to zune-jpeg): its AVX2 IDCT unwrapped None.
+        let bad = include_bytes!("../../fuzz/regressions/jpeg_zune/cmyk-zune-idct-panic.jpg");
+        let kinds = [Some(DecoderKind::Zune), "turbo".parse().ok()];
+        for kind in kinds.into_iter().flatten() {
+            let mut out = Vec::new();
+            let r =
+                Decoder::new(kind)
+                    .unwrap()
+                    .decode(bad, None, DecodeOptions::default(), &mut out);
+            // An error on machines whose zune-jpeg takes the AVX2 path, else whatever the
+            // scalar path makes of it; never a panic.
+            if let Err(e) = r {
+                assert!(e.starts_with("cannot decode JPEG"), "{kind:?}: {e}");
+            }
+        }
         assert!(check_image_size(17_895_697, 11).is_err());
     }
 }

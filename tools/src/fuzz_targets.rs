@@ -36,6 +36,8 @@ pub const TARGETS: &[Target] = &[
     ("weights", weights),
     ("checkpoint_sidecar", checkpoint_sidecar),
     ("imagenet_labels", imagenet_labels),
+    ("import_pickle", import_pickle),
+    ("import_mat", import_mat),
 ];
 
 /// The target called `name`.
@@ -66,9 +68,9 @@ fn too_big(size: usize) -> ! {
     use std::io::Write;
     let mut buf = [0u8; 160];
     let mut w = &mut buf[..];
-    let _ = write!(
+    let _ = writeln!(
         w,
-        "fuzz: allocation of {size} bytes exceeds the {MAX_ALLOC_BYTES}-byte limit (unbounded allocation)\n"
+        "fuzz: allocation of {size} bytes exceeds the {MAX_ALLOC_BYTES}-byte limit (unbounded allocation)"
     );
     let n = 160 - w.len();
     let _ = std::io::stderr().write_all(&buf[..n]);
@@ -278,10 +280,17 @@ pub fn jpeg_zune(data: &[u8]) {
 }
 
 /// The sharder's re-encode path for CMYK JPEGs and PNGs (`image`'s decoders), for inputs whose
-/// header the sniffer accepts.
+/// header the sniffer accepts (JPEGs up to 4 Mpixel, as for the loader's decoders; `image`
+/// bounds its own allocations at 512 MB).
 pub fn image_convert(data: &[u8]) {
-    if crate::sniff::sniff(data).is_err() {
-        return;
+    match crate::sniff::sniff(data) {
+        Err(_) => return,
+        Ok(crate::sniff::Kind::Jpeg(j))
+            if j.width as u64 * j.height as u64 > FUZZ_DECODE_PIXELS =>
+        {
+            return
+        }
+        Ok(_) => {}
     }
     if let Ok(p) = crate::convert::decode(data) {
         if p.width as u64 * p.height as u64 <= FUZZ_DECODE_PIXELS {
@@ -401,6 +410,26 @@ pub fn imagenet_labels(data: &[u8]) {
         [("n01440764", 0), ("n01443537", 1)].into_iter().collect();
     let _ = crate::source::read_val_labels(&path, &class_of, 2);
     let _ = crate::source::read_val_labels(&path, &class_of, 0);
+}
+
+/// `import-dataset`'s Python pickle reader (CIFAR's batches), then every value walked.
+pub fn import_pickle(data: &[u8]) {
+    if let Ok(v) = crate::import::pickle::load(data) {
+        let _ = (v.kind(), v.as_text(), v.get("data"), v.get("labels"));
+        for item in v.items().unwrap_or_default().iter().take(64) {
+            let _ = (item.kind(), item.as_text());
+        }
+    }
+}
+
+/// `import-dataset`'s MATLAB v5 reader (Flowers-102, Stanford Cars), then every variable.
+pub fn import_mat(data: &[u8]) {
+    if let Ok(vars) = crate::import::mat::read_mat(data) {
+        for (_, v) in vars.iter().take(64) {
+            let _ = (v.kind(), v.numbers(), v.text(), v.len(), v.is_empty());
+            let _ = v.field(0, "class");
+        }
+    }
 }
 
 #[cfg(test)]

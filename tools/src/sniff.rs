@@ -115,6 +115,10 @@ fn sniff_jpeg(b: &[u8]) -> Result<JpegInfo, String> {
                 if !matches!(components, 1 | 3 | 4) {
                     return Err(format!("unsupported JPEG: {components} colour components"));
                 }
+                // What the loader would refuse is refused here, before it is stored (or, for
+                // CMYK, decoded: a 1 KB header can claim 65535 x 65535).
+                loader::decode::check_image_size(width, height)
+                    .map_err(|e| format!("unsupported JPEG: {e}"))?;
                 frame = Some(JpegInfo {
                     width,
                     height,
@@ -197,6 +201,16 @@ mod tests {
             "not a JPEG or PNG file (starts with bytes 4749463839612e2e)"
         );
         assert_eq!(sniff(b"").unwrap_err(), "empty file");
+        // A header claiming more pixels than the loader decodes is refused (prompted by a
+        // fuzzing hang: 1.3 KB claiming 65535 x 1535 took seconds in `convert::decode`).
+        let mut big = j.clone();
+        let sof = big.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        big[sof + 5..sof + 9].copy_from_slice(&[0x40, 0x00, 0xff, 0xff]);
+        assert_eq!(
+            sniff(&big).unwrap_err(),
+            "unsupported JPEG: JPEG of 65535 x 16384 pixels (1073725440) is larger than the \
+             limit of 178956970 pixels (PIL's decompression-bomb limit; corrupt header?)"
+        );
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\nrest").unwrap(), Kind::Png);
     }
 }

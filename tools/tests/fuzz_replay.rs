@@ -5,7 +5,8 @@
 //!
 //! The seeds are written by `write_seed_corpora` (ignored; run it with
 //! `cargo test -p tools --test fuzz_replay -- --ignored write_seed_corpora`), except the `.pth`
-//! files, which come from torch (the README's "Fuzzing" section has the script).
+//! files, which come from torch (`benches/runs/2026-12-06-fuzz/command.txt` has the script),
+//! and the `import_*` seeds, copies of `tools/tests/fixtures/import` files.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

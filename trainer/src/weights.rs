@@ -90,7 +90,21 @@ pub fn read(path: &Path, device: &Device) -> Result<WeightFile> {
         message,
     };
     if magic.starts_with(b"PK\x03\x04") {
-        return read_pth(path, device);
+        // candle's pickle reader panics on some malformed files (an index out of bounds on a
+        // short tuple, a shift overflow): those become errors here (fuzzing findings,
+        // fuzz/regressions/weights/). `check_pickles` has already refused the inputs that
+        // would make it allocate without bound, which no unwinding could undo.
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_pth(path, device)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("a panic");
+                Err(format_err(format!(
+                    "malformed torch.save archive: the pickle reader failed ({what})"
+                )))
+            });
     }
     if magic.first() == Some(&0x80) || magic.starts_with(&[0x8a, 0x0a]) {
         return Err(format_err(
@@ -146,23 +160,162 @@ fn pth_object(path: &Path) -> Result<(Object, PathBuf)> {
         .collect::<std::result::Result<Vec<String>, _>>()
         .map_err(|e| format_err(format!("reading the zip archive: {e}")))?;
     let pkl = names
-        .into_iter()
-        .find(|n| n.ends_with("/data.pkl") || n == "data.pkl")
+        .iter()
+        .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .cloned()
         .ok_or_else(|| {
             format_err("a zip without data.pkl: expected a torch.save archive".into())
         })?;
     let dir = PathBuf::from(pkl.strip_suffix(".pkl").unwrap_or(&pkl));
-    let entry = zip
-        .by_name(&pkl)
-        .map_err(|e| format_err(format!("{pkl}: {e}")))?;
+    // candle's PthTensors reads the archive again and takes the first name ending in
+    // "data.pkl": check all of them.
+    let mut checked = None;
+    for name in names.iter().filter(|n| n.ends_with("data.pkl")) {
+        let mut bytes = Vec::new();
+        zip.by_name(name)
+            .map_err(|e| format_err(format!("{name}: {e}")))?
+            .take(MAX_PICKLE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format_err(format!("{name}: {e}")))?;
+        if bytes.len() as u64 > MAX_PICKLE_BYTES {
+            return Err(format_err(format!(
+                "{name}: more than {MAX_PICKLE_BYTES} bytes, the limit for a state_dict's pickle"
+            )));
+        }
+        check_pickle(&bytes).map_err(|e| format_err(format!("{name}: {e}")))?;
+        if *name == pkl {
+            checked = Some(bytes);
+        }
+    }
+    let bytes = checked.expect("the chosen data.pkl ends in data.pkl");
     let mut stack = Stack::empty();
     stack
-        .read_loop(&mut std::io::BufReader::new(entry))
+        .read_loop(&mut std::io::Cursor::new(bytes))
         .map_err(|e| format_err(format!("{pkl}: unpickling: {e}")))?;
     let obj = stack
         .finalize()
         .map_err(|e| format_err(format!("{pkl}: unpickling: {e}")))?;
     Ok((obj, dir))
+}
+
+/// The largest `data.pkl` read: 256 MiB (a ResNet-50 state_dict's is 30 KB; its size grows
+/// with the number of tensors, not their sizes).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Walks the opcodes of a pickle that candle's reader understands and refuses the arguments
+/// it would trust: a string length beyond the end of the pickle (candle allocates the claimed
+/// length first, up to 4 GiB: a fuzzing finding) and a LONG1 of more than 8 bytes (an i64
+/// shift overflow). Stops at the first opcode candle does not know, where candle fails too.
+fn check_pickle(b: &[u8]) -> std::result::Result<(), String> {
+    let mut pos = 0usize;
+    let arg = |pos: usize, n: usize| -> std::result::Result<&[u8], String> {
+        b.get(pos..pos + n)
+            .ok_or_else(|| format!("pickle ends inside an opcode's argument at byte {pos}"))
+    };
+    while let Some(&op) = b.get(pos) {
+        pos += 1;
+        let n = match op {
+            b'.' => return Ok(()),
+            0x80 | b'q' | b'K' | b'h' => 1,
+            b'M' => 2,
+            b'r' | b'J' | b'j' => 4,
+            b'G' => 8,
+            b'X' => {
+                let len = u32::from_le_bytes(arg(pos, 4)?.try_into().expect("4 bytes")) as usize;
+                if len > b.len() - pos - 4 {
+                    return Err(format!(
+                        "a string at byte {} claims {len} bytes, {} remain",
+                        pos - 1,
+                        b.len() - pos - 4
+                    ));
+                }
+                4 + len
+            }
+            0x8a => {
+                let len = arg(pos, 1)?[0] as usize;
+                if len > 8 {
+                    return Err(format!(
+                        "an integer of {len} bytes at byte {}, expected at most 8",
+                        pos - 1
+                    ));
+                }
+                1 + len
+            }
+            b'c' => {
+                // Module and class names, each ending at a newline (or the pickle's end).
+                let mut end = pos;
+                for _ in 0..2 {
+                    end = b[end..]
+                        .iter()
+                        .position(|&c| c == b'\n')
+                        .map_or(b.len(), |i| end + i + 1);
+                }
+                end - pos
+            }
+            b')'
+            | b'R'
+            | b'('
+            | b't'
+            | b'Q'
+            | b'N'
+            | 0x85..=0x89
+            | b's'
+            | b'u'
+            | b'}'
+            | b'd'
+            | b'b'
+            | 0x81
+            | b']'
+            | b'a'
+            | b'e' => 0,
+            _ => return Ok(()),
+        };
+        arg(pos, n)?;
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Checks that every tensor's bytes (elements times dtype size, from the pickle) fit in its
+/// storage's zip entry, before candle allocates them (a fuzzing finding: a small file claiming
+/// a 4 GB tensor). Entry sizes are bounded by the file's length times deflate's largest ratio.
+fn check_tensor_sizes(path: &Path, infos: &[candle_core::pickle::TensorInfo]) -> Result<()> {
+    let format_err = |message: String| WeightsError::Format {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| format_err(format!("reading the zip archive: {e}")))?;
+    for info in infos {
+        let tensor_err = |message: String| WeightsError::Tensor {
+            path: path.to_path_buf(),
+            key: info.name.clone(),
+            message,
+        };
+        let elements =
+            (info.layout.shape().dims().iter()).fold(1u128, |n, &d| n.saturating_mul(d as u128));
+        let need = (info.layout.start_offset() as u128 + elements)
+            .saturating_mul(info.dtype.size_in_bytes() as u128);
+        let have = match zip.by_name(&info.path) {
+            Ok(entry) => entry.size().min(file_len.saturating_mul(1032)),
+            Err(e) => return Err(tensor_err(format!("storage {}: {e}", info.path))),
+        };
+        if need > have as u128 {
+            return Err(tensor_err(format!(
+                "shape {:?} ({} bytes from element {}) does not fit its storage {} ({have} bytes)",
+                info.layout.shape().dims(),
+                need,
+                info.layout.start_offset(),
+                info.path
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The dictionary's entries that are tensors (key, info), and those that look like tensors but
@@ -235,6 +388,7 @@ fn read_pth(path: &Path, device: &Device) -> Result<WeightFile> {
             message: format!("cannot be read: {message}"),
         });
     }
+    check_tensor_sizes(path, &infos)?;
     let pth = PthTensors::new(path, key).map_err(|e| format_err(e.to_string()))?;
     let mut tensors = HashMap::with_capacity(infos.len());
     for info in infos {
@@ -280,6 +434,20 @@ mod tests {
         let missing = dir.path().join("none.pth");
         let err = read(&missing, &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("none.pth"), "{err}");
+    }
+
+    #[test]
+    fn pickles_that_candle_would_trust_too_far_are_refused() {
+        // BINUNICODE claiming 2 GB (a fuzzing finding: candle allocated it before reading).
+        let e = check_pickle(b"\x80\x02X\x09\x00\x00\x7fabc.").unwrap_err();
+        assert_eq!(e, "a string at byte 2 claims 2130706441 bytes, 4 remain");
+        let e = check_pickle(b"\x8a\x09123456789.").unwrap_err();
+        assert_eq!(e, "an integer of 9 bytes at byte 0, expected at most 8");
+        let e = check_pickle(b"\x80").unwrap_err();
+        assert_eq!(e, "pickle ends inside an opcode's argument at byte 1");
+        check_pickle(b"\x80\x02}q\x00(X\x01\x00\x00\x00aK\x01ccollections\nOrderedDict\nu.")
+            .unwrap();
+        check_pickle(b"ctorch").unwrap();
     }
 
     #[test]
