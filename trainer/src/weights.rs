@@ -142,18 +142,30 @@ fn strip_module_prefix(tensors: HashMap<String, Tensor>) -> (HashMap<String, Ten
     (stripped, true)
 }
 
+type Zip = zip::ZipArchive<std::io::BufReader<std::fs::File>>;
+
+/// The zip archive of a `torch.save` file, and the file's length.
+fn open_zip(path: &Path) -> Result<(Zip, u64)> {
+    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let zip =
+        zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| WeightsError::Format {
+            path: path.to_path_buf(),
+            message: format!("reading the zip archive: {e}"),
+        })?;
+    Ok((zip, len))
+}
+
 /// The pickled object of a `torch.save` archive (its `*/data.pkl`), and the archive's folder.
 fn pth_object(path: &Path) -> Result<(Object, PathBuf)> {
     let format_err = |message: String| WeightsError::Format {
         path: path.to_path_buf(),
         message,
     };
-    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| format_err(format!("reading the zip archive: {e}")))?;
+    let (mut zip, _) = open_zip(path)?;
     let names = zip
         .file_names()
         .map(|n| n.map(|n| n.into_owned()))
@@ -280,17 +292,7 @@ fn check_pickle(b: &[u8]) -> std::result::Result<(), String> {
 /// storage's zip entry, before candle allocates them (a fuzzing finding: a small file claiming
 /// a 4 GB tensor). Entry sizes are bounded by the file's length times deflate's largest ratio.
 fn check_tensor_sizes(path: &Path, infos: &[candle_core::pickle::TensorInfo]) -> Result<()> {
-    let format_err = |message: String| WeightsError::Format {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = std::fs::File::open(path).map_err(|source| WeightsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
-        .map_err(|e| format_err(format!("reading the zip archive: {e}")))?;
+    let (mut zip, file_len) = open_zip(path)?;
     for info in infos {
         let tensor_err = |message: String| WeightsError::Tensor {
             path: path.to_path_buf(),
