@@ -606,22 +606,28 @@ fn a_cpu_run_across_processes_is_refused() {
 
 const EVALUATE: &str = env!("CARGO_BIN_EXE_evaluate");
 
+/// The generated 3-class set with `val_per_class` validation images a class, sharded into
+/// `dir/shards`, and a freshly initialised resnet18 for it.
+fn evaluate_fixture(dir: &Path, val_per_class: &str) -> (std::path::PathBuf, candle_nn::VarMap) {
+    let src = make(dir, &["--val-per-class", val_per_class]);
+    let shards = dir.join("shards");
+    let out = run_args(&shard_args(&src, &shards, 1), &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let cfg = trainer::model::ResNetConfig::by_name("resnet18").unwrap();
+    let recipe = trainer::recipe::Recipe::a3();
+    let device = candle_core::Device::Cpu;
+    let (varmap, _) = trainer::train::build_model(&recipe, Some(&cfg), 3, &device).unwrap();
+    (shards, varmap)
+}
+
 /// `evaluate` over two sizes and two crop ratios gives, line for line, what four single runs
 /// give (the same top-1, top-5 and loss bits); a checkpoint without a recipe beside it needs
 /// `--model`.
 #[test]
 fn evaluate_sweeps_equal_single_runs() {
-    use candle_core::Device;
-    use trainer::model::ResNetConfig;
     let dir = tempfile::tempdir().unwrap();
-    let src = make(dir.path(), &["--val-per-class", "6"]);
-    let shards = dir.path().join("shards");
-    let out = run_args(&shard_args(&src, &shards, 1), &[]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
     // A freshly initialised resnet18 for 3 classes, saved under timm's names.
-    let cfg = ResNetConfig::by_name("resnet18").unwrap();
-    let recipe = trainer::recipe::Recipe::a3();
-    let (varmap, _) = trainer::train::build_model(&recipe, Some(&cfg), 3, &Device::Cpu).unwrap();
+    let (shards, varmap) = evaluate_fixture(dir.path(), "6");
     let ckpt = dir.path().join("weights.safetensors");
     varmap.save(&ckpt).unwrap();
 
@@ -693,15 +699,8 @@ fn evaluate_sweeps_equal_single_runs() {
 #[test]
 fn evaluate_scores_real_labels_by_file_name() {
     use candle_core::{Device, Tensor};
-    use trainer::model::ResNetConfig;
     let dir = tempfile::tempdir().unwrap();
-    let src = make(dir.path(), &["--val-per-class", "4"]);
-    let shards = dir.path().join("shards");
-    let out = run_args(&shard_args(&src, &shards, 1), &[]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let cfg = ResNetConfig::by_name("resnet18").unwrap();
-    let recipe = trainer::recipe::Recipe::a3();
-    let (varmap, _) = trainer::train::build_model(&recipe, Some(&cfg), 3, &Device::Cpu).unwrap();
+    let (shards, varmap) = evaluate_fixture(dir.path(), "4");
     {
         let data = varmap.data().lock().unwrap();
         let w = &data["fc.weight"];

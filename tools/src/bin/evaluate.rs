@@ -94,7 +94,7 @@ struct Args {
     loader_baseline: bool,
 }
 
-/// Images/s of the loader alone: the evaluation's plan and transform, no model.
+/// Images/s of the loader alone: the evaluation's loader (`train::eval_loader`), no model.
 fn loader_images_per_s(
     split: &std::sync::Arc<shards::Split>,
     transform: &loader::Transform,
@@ -102,15 +102,14 @@ fn loader_images_per_s(
     workers: usize,
     samples: u64,
 ) -> Result<f64> {
-    let total = match samples {
-        0 => split.len(),
-        n => n.min(split.len()),
-    };
-    let mut plan = loader::PlanConfig::new(total, batch);
-    plan.shuffle = false;
-    let mut cfg = loader::LoaderConfig::new(transform.clone(), plan);
-    cfg.num_workers = workers;
-    let mut loader = loader::Loader::<Vec<u8>>::new(split.clone(), cfg)?;
+    let mut loader = train::eval_loader(
+        split.clone(),
+        transform.clone(),
+        batch,
+        workers,
+        samples,
+        (0, 1),
+    )?;
     let t0 = Instant::now();
     let mut images = 0;
     for b in loader.epoch(0)? {
@@ -228,10 +227,7 @@ fn run(args: Args) -> Result<()> {
                 None
             };
             let t0 = Instant::now();
-            let total_images = match args.samples {
-                0 => split.len(),
-                n => n.min(split.len()),
-            };
+            let total_images = train::eval_images(&split, args.samples);
             let mut progress = tools::progress::Progress::counting(
                 &format!("{size} px, crop {crop_pct}"),
                 total_images,

@@ -66,6 +66,35 @@ pub fn evaluate_rank(
     evaluate_impl(model, feed, split, transform, opts, comm)
 }
 
+/// Images an evaluation of `split` covers: the first `num_samples` (0: all).
+pub fn eval_images(split: &Split, num_samples: u64) -> u64 {
+    match num_samples {
+        0 => split.len(),
+        n => n.min(split.len()),
+    }
+}
+
+/// The loader of an evaluation: the first `num_samples` images of `split` (0: all) in index
+/// order, in batches of `batch_size` on `num_workers` threads; with `(rank, world)` ranks, this
+/// rank's whole one-rank batches (`PlanConfig::split_batches`).
+pub fn eval_loader(
+    split: Arc<Split>,
+    transform: Transform,
+    batch_size: usize,
+    num_workers: usize,
+    num_samples: u64,
+    (rank, world): (usize, usize),
+) -> Result<Loader<Vec<u8>>> {
+    let mut plan = PlanConfig::new(eval_images(&split, num_samples), batch_size);
+    plan.shuffle = false;
+    plan.rank = rank as u32;
+    plan.world_size = world as u32;
+    plan.split_batches = true;
+    let mut cfg = LoaderConfig::new(transform, plan);
+    cfg.num_workers = num_workers;
+    Ok(Loader::new(split, cfg)?)
+}
+
 /// Options of [`evaluate_with`] beyond the model, data and transform.
 pub struct EvalOptions<'a> {
     /// Images per batch.
@@ -119,20 +148,16 @@ fn evaluate_impl(
         (opts.batch_size, opts.num_workers, opts.num_samples);
     let (rank, world) = (comm.rank(), comm.world_size());
     let size = transform.size() as usize;
-    let total = if num_samples == 0 {
-        split.len()
-    } else {
-        num_samples.min(split.len())
-    };
+    let total = eval_images(&split, num_samples);
     let num_batches = (total as usize).div_ceil(batch_size.max(1));
-    let mut plan = PlanConfig::new(total, batch_size);
-    plan.shuffle = false;
-    plan.rank = rank as u32;
-    plan.world_size = world as u32;
-    plan.split_batches = true;
-    let mut cfg = LoaderConfig::new(transform, plan);
-    cfg.num_workers = num_workers;
-    let mut loader = Loader::new(split, cfg)?;
+    let mut loader = eval_loader(
+        split,
+        transform,
+        batch_size,
+        num_workers,
+        num_samples,
+        (rank, world),
+    )?;
     let mut per_batch = vec![0f64; num_batches * PER_BATCH];
     // The weights stay as they are for the whole pass: the CPU fast path folds and lays out each
     // conv's filter once, not once per batch.

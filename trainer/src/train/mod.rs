@@ -46,7 +46,7 @@ pub mod real;
 pub mod stop;
 mod trainer;
 
-pub use eval::{evaluate, evaluate_rank, evaluate_with, EvalOptions};
+pub use eval::{eval_images, eval_loader, evaluate, evaluate_rank, evaluate_with, EvalOptions};
 pub use grads::{all_reduce as all_reduce_gradients, BucketReducer, GradAccumulator, BUCKET_BYTES};
 pub use trainer::Trainer;
 
