@@ -639,3 +639,178 @@ fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
     };
     a.dims() == b.dims() && f(a) == f(b)
 }
+
+/// The weights of the latest checkpoint of a run.
+fn latest_weights(run_dir: &Path) -> PathBuf {
+    let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
+    run_dir
+        .join("checkpoints")
+        .join(format!("{}.safetensors", latest.trim()))
+}
+
+/// The recipe's `finetune` section in a run: with the trunk frozen for the whole run only the new
+/// classifier learns (every trunk weight bit-equal to the checkpoint's, while the BatchNorm
+/// running statistics follow the new data, as in PyTorch); a lower trunk rate moves the trunk
+/// less than the classifier's rate does.
+#[test]
+fn a_frozen_trunk_stays_as_loaded_and_a_lower_rate_moves_it_less() {
+    use trainer::model::is_running_stat;
+    let dir = tempfile::tempdir().unwrap();
+    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
+    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1);
+    let pre = dir.path().join("pre");
+    train(&options(recipe.clone(), &three, &pre)).unwrap();
+    let weights = latest_weights(&pre);
+    let saved = load(&weights);
+    let (fresh, _) =
+        trainer::train::build_model(&recipe, Some(&tiny_net()), 4, &Device::Cpu).unwrap();
+    let fresh_fc = fresh.data().lock().unwrap()["fc.weight"]
+        .as_tensor()
+        .clone();
+
+    let fine_tune = |name: &str, set: &[&str]| {
+        let run_dir = dir.path().join(name);
+        let mut o = options(recipe.with_overrides(set).unwrap(), &four, &run_dir);
+        o.init_from = Some(weights.clone());
+        assert!(train(&o).unwrap().steps > 0);
+        load(&latest_weights(&run_dir))
+    };
+    let frozen = fine_tune("frozen", &["finetune.freeze_trunk_epochs=2"]);
+    let mut stats_moved = 0;
+    for (name, t) in &frozen {
+        if name.starts_with("fc.") {
+            assert_eq!(t.dims()[0], 4, "{name}");
+        } else if is_running_stat(name) {
+            stats_moved += usize::from(!bits_equal(t, &saved[name]));
+        } else {
+            assert!(
+                bits_equal(t, &saved[name]),
+                "{name}: a frozen trunk weight changed"
+            );
+        }
+    }
+    assert!(
+        !bits_equal(&frozen["fc.weight"], &fresh_fc),
+        "the classifier must learn"
+    );
+    assert!(
+        stats_moved > 0,
+        "the running statistics follow the new data"
+    );
+
+    // One rate for all, then the trunk at a tenth of it: the trunk moves less.
+    let distance = |w: &HashMap<String, Tensor>| -> f64 {
+        w.iter()
+            .filter(|(n, _)| !n.starts_with("fc.") && !is_running_stat(n))
+            .map(|(n, t)| {
+                let d = (t - &saved[n]).unwrap().sqr().unwrap().sum_all().unwrap();
+                d.to_scalar::<f32>().unwrap() as f64
+            })
+            .sum::<f64>()
+            .sqrt()
+    };
+    let full = distance(&fine_tune("full", &[]));
+    let tenth = distance(&fine_tune("tenth", &["finetune.trunk_lr_scale=0.1"]));
+    assert!(
+        full > 0.0 && tenth > 0.0 && tenth < 0.5 * full,
+        "{tenth} vs {full}"
+    );
+}
+
+/// BatchNorm re-estimation (`finetune.bn_reestimate_batches`): the stem's running mean and
+/// variance become the average over the batches of the per-batch mean and unbiased variance of
+/// the stem convolution's output, computed here independently with candle's NCHW conv; nothing
+/// else changes. A run records the option in its recipe.
+#[test]
+fn batchnorm_statistics_are_re_estimated_on_the_new_data() {
+    use trainer::model::{is_running_stat, ActivationLayout};
+    use trainer::train::finetune::{reestimate_bn, BnEstimate};
+    let dir = tempfile::tempdir().unwrap();
+    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1);
+    let (vm, mut model) =
+        trainer::train::build_model(&recipe, Some(&tiny_net()), 4, &Device::Cpu).unwrap();
+    model.set_layout(ActivationLayout::Nhwc);
+    let before: HashMap<String, Tensor> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    let (split, _) = trainer::train::open_split(&four, "train").unwrap();
+    let transform = trainer::train::eval_transform(32, 0.95, Interpolation::Bicubic).unwrap();
+    let feed = trainer::feed::Feed::new(&Device::Cpu).unwrap();
+    let est = reestimate_bn(
+        &model,
+        &vm,
+        &feed,
+        split.clone(),
+        transform.clone(),
+        (4, 2, 3),
+    )
+    .unwrap();
+    assert_eq!(
+        est,
+        BnEstimate {
+            batches: 3,
+            images: 12,
+            layers: 12
+        }
+    );
+
+    // Independently: the stem conv on the same images, per-batch statistics averaged.
+    let w = before["conv1.weight"].clone();
+    let mut loader = trainer::train::eval_loader(split, transform, 4, 2, 12, (0, 1)).unwrap();
+    let (mut mean, mut var) = (vec![0f64; 64], vec![0f64; 64]);
+    for batch in loader.epoch(0).unwrap() {
+        let batch = batch.unwrap();
+        let xs = feed
+            .images_for(batch.images(), batch.len, 32, ActivationLayout::Nchw)
+            .unwrap();
+        let y = xs.conv2d(&w, 3, 2, 1, 1).unwrap(); // [4, 64, 16, 16]
+        let y = y.transpose(0, 1).unwrap().flatten_from(1).unwrap(); // [64, n]
+        let rows: Vec<Vec<f32>> = y.to_vec2().unwrap();
+        for (c, row) in rows.iter().enumerate() {
+            let n = row.len() as f64;
+            let m = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let v = row.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / (n - 1.0);
+            mean[c] += m / 3.0;
+            var[c] += v / 3.0;
+        }
+    }
+    let data = vm.data().lock().unwrap();
+    let got = |name: &str| -> Vec<f32> { data[name].as_tensor().to_vec1().unwrap() };
+    for (name, want) in [("bn1.running_mean", &mean), ("bn1.running_var", &var)] {
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        for (c, (g, w)) in got(name).iter().zip(want.iter()).enumerate() {
+            // f32 convolutions summed in another order: agreement to 1e-4 of the largest value.
+            assert!(
+                (*g as f64 - w).abs() <= 1e-4 * scale,
+                "{name}[{c}]: {g} vs {w}"
+            );
+        }
+    }
+    for (name, var) in data.iter() {
+        if !is_running_stat(name) {
+            assert!(bits_equal(var.as_tensor(), &before[name]), "{name} changed");
+        } else if name.ends_with("running_var") {
+            assert!(!bits_equal(var.as_tensor(), &before[name]), "{name} kept");
+        }
+    }
+    drop(data);
+
+    // In a run: recorded in its recipe.
+    let run_dir = dir.path().join("run");
+    let o = options(
+        recipe
+            .with_overrides(&["finetune.bn_reestimate_batches=2"])
+            .unwrap(),
+        &four,
+        &run_dir,
+    );
+    assert!(train(&o).unwrap().steps > 0);
+    let toml = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
+    assert!(toml.contains("bn_reestimate_batches = 2"), "{toml}");
+}

@@ -865,3 +865,94 @@ fn mutated_pickles_and_mat_files_never_panic() {
         }
     }
 }
+
+// --- scripts/transfer.sh ------------------------------------------------------------------------
+
+/// `scripts/transfer.sh` end to end on the CIFAR-10 binary fixture with the binaries of this
+/// build (`BIN`): it recognises the data set in the directory above the batches, imports, shards,
+/// fine-tunes from a resnet18 of 3 classes (the classifier replaced for 10) with train arguments
+/// passed through, and plots; a directory with no known data set is an error listing what it
+/// looks for.
+#[test]
+fn transfer_script_runs_the_whole_path() {
+    use candle_core::{DType, Device};
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("download");
+    write_cifar10_bin(&parent);
+    let recipe = trainer::recipe::Recipe::ft();
+    let net = trainer::model::ResNetConfig::by_name("resnet18").unwrap();
+    let (varmap, _) = trainer::train::build_model(&recipe, Some(&net), 3, &Device::Cpu).unwrap();
+    let weights = dir.path().join("pre.safetensors");
+    varmap.save(&weights).unwrap();
+    assert!(varmap.all_vars().iter().all(|v| v.dtype() == DType::F32));
+
+    let bin = Path::new(env!("CARGO_BIN_EXE_train")).parent().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/transfer.sh");
+    let out = dir.path().join("out");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&parent)
+        .args([
+            "--model",
+            "resnet18",
+            "--size",
+            "32",
+            "--set",
+            "data.test_size_px=32",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--micro-batch",
+            "2",
+            "--set",
+            "schedule.warmup_epochs=0",
+            "--workers",
+            "1",
+            "--no-bar",
+        ])
+        .env("WEIGHTS", &weights)
+        .env("OUT", &out)
+        .env("BIN", bin)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let err = text(&status.stderr);
+    assert!(err.contains("transfer.sh: cifar10 in"), "{err}");
+    let run_dir = out.join("run");
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("init-from.json")).unwrap()).unwrap();
+    assert_eq!(record["num_classes"], 10);
+    assert_eq!(
+        record["replaced"],
+        serde_json::json!(["fc.weight", "fc.bias"])
+    );
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"top1\""), "{metrics}");
+    let recipe = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
+    assert!(recipe.contains("name = \"sgd\""), "the ft preset: {recipe}");
+    assert!(run_dir.join("plot.png").is_file());
+    assert_eq!(
+        shard(&out.join("folder"), &dir.path().join("check"))
+            .0
+            .len(),
+        10
+    );
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("a")).unwrap();
+    std::fs::create_dir_all(empty.join("b")).unwrap();
+    let bad = Command::new("bash")
+        .arg(&script)
+        .arg(&empty)
+        .env("WEIGHTS", &weights)
+        .env("BIN", bin)
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = text(&bad.stderr);
+    assert!(
+        err.contains("no known data set") && err.contains("CIFAR-100"),
+        "{err}"
+    );
+}

@@ -1,5 +1,5 @@
-//! Training recipes: one typed [`Recipe`], the RSB presets `a1`/`a2`/`a3`, TOML round trips and
-//! `--set key=value` overrides.
+//! Training recipes: one typed [`Recipe`], the RSB presets `a1`/`a2`/`a3` and the fine-tuning
+//! preset `ft` ([`Recipe::ft`]), TOML round trips and `--set key=value` overrides.
 //!
 //! Precedence (STYLE B3): preset < `--config run.toml` < typed flags < `--set`. A config file may
 //! be partial ([`Recipe::merged_with_toml_str`]); both it and `--set` overrides
@@ -267,6 +267,49 @@ pub struct RunConfig {
     pub threads: u32,
 }
 
+/// Fine-tuning a pretrained network (`train --init-from`): how its trunk (every parameter but the
+/// classifier `fc`) and its BatchNorm statistics are treated. The defaults change nothing, so a
+/// recipe without this section trains as before; it is left out of `recipe.toml` (and so of the
+/// recipe hash) while every value is the default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneConfig {
+    /// The trunk's learning rate is the schedule's times this factor; the classifier takes the
+    /// schedule's own (PyTorch's per-group `lr`: a lower rate for pretrained layers than for the
+    /// new head). 1 = one rate for all; 0 is not allowed (use `freeze_trunk_epochs`).
+    pub trunk_lr_scale: f64,
+    /// The trunk receives no update during the first N epochs (as `requires_grad = False` in
+    /// PyTorch: no gradient step, no weight decay, no optimizer state, left out of LAMB's global
+    /// gradient norm); only the classifier learns. Its BatchNorm running statistics still follow
+    /// the new data, as a PyTorch module in train mode does. 0 = never frozen.
+    pub freeze_trunk_epochs: u32,
+    /// Before the first update of a new run, replace every BatchNorm running mean and variance by
+    /// its average over this many batches of the new training set (forward passes in train mode
+    /// that update nothing else; the average of the per-batch statistics, as PyTorch's
+    /// `torch.optim.swa_utils.update_bn`). The batches are the first ones of the train split in
+    /// file order, with the evaluation transform, so the statistics do not depend on the
+    /// augmentation draws. 0 = keep the checkpoint's statistics as the start. Either way the
+    /// training then moves them with momentum 0.1 as always.
+    pub bn_reestimate_batches: u32,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        Self {
+            trunk_lr_scale: 1.0,
+            freeze_trunk_epochs: 0,
+            bn_reestimate_batches: 0,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// Whether every value is the default (then the section is not written).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// A complete training recipe. See the [module docs](self).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -285,14 +328,17 @@ pub struct Recipe {
     pub loss: LossConfig,
     /// Batches, seed, cadence.
     pub run: RunConfig,
+    /// Fine-tuning (trunk learning rate, frozen trunk, BatchNorm statistics); absent = defaults.
+    #[serde(default, skip_serializing_if = "FinetuneConfig::is_default")]
+    pub finetune: FinetuneConfig,
 }
 
 /// Keys that may be absent from a serialised recipe (optional fields), so `--set` may add them.
 const OPTIONAL_KEYS: &[&str] = &["loss.target_threshold"];
 
 impl Recipe {
-    /// The preset names, as in the paper.
-    pub const PRESETS: &'static [&'static str] = &["a1", "a2", "a3"];
+    /// The preset names: the paper's three, and `ft` for fine-tuning.
+    pub const PRESETS: &'static [&'static str] = &["a1", "a2", "a3", "ft"];
 
     /// RSB A1: 600 epochs, LAMB 5e-3, wd 0.01, BCE, repeated aug ×3 (arXiv 2110.00476 Table 1).
     pub fn a1() -> Self {
@@ -354,6 +400,7 @@ impl Recipe {
                 workers: 0,                // all cores
                 threads: 0,                // library default
             },
+            finetune: FinetuneConfig::default(), // training from scratch
         }
     }
 
@@ -381,12 +428,42 @@ impl Recipe {
         r
     }
 
-    /// The preset called `name` (`a1`, `a2` or `a3`).
+    /// Fine-tuning a pretrained network on a new data set (`train --init-from`), the paper's
+    /// Table 5 use. The RSB paper does not list its transfer hyper-parameters; these are the
+    /// fine-tuning values that its second author gave for DeiT on CIFAR-10 and Stanford Cars
+    /// ("FT" = facebookresearch/deit issue #45, H. Touvron, 2021-01-22: image size 224, batch
+    /// 768, lr 0.01, SGD, weight decay 1e-4, 1000 epochs, no random erasing and no stochastic
+    /// depth, "all other elements are the same as for training on ImageNet"), with DeiT
+    /// `main.py`'s schedule defaults ("DeiT": warmup 5 epochs from 1e-6, min lr 1e-5). "All other
+    /// elements" are read as A2's (the RSB recipe at 224 px): BCE, RandAugment m7, mixup 0.1,
+    /// CutMix 1.0, repeated augmentation ×3. Whether RSB fine-tuned exactly so is unverified.
+    /// CIFAR's 32 px images are upsampled to the 224 px train size by the RandomResizedCrop, as
+    /// in DeiT and the transfer literature. The `finetune` section stays at its defaults (one
+    /// rate, nothing frozen): set it to taste.
+    pub fn ft() -> Self {
+        let mut r = Self::a2();
+        r.optim.name = OptimizerKind::Sgd; // FT "optimizer: SGD"
+        r.optim.momentum = 0.9; // SGD momentum 0.9 (DeiT/timm `--momentum` default)
+        r.optim.lr = 0.01; // FT "lr: 0.01" (at batch 768, after DeiT's linear scaling)
+        r.optim.reference_batch = 768; // FT "Batch size: 768"
+        r.optim.lr_scaling = LrScaling::Linear; // DeiT scales the lr linearly with the batch
+        r.optim.weight_decay = 1e-4; // FT "weight-decay: 1e-4"
+        r.run.global_batch = 768; // FT "Batch size: 768"
+        r.schedule.epochs = 1000; // FT "epochs: 1000" (CIFAR-10 / Cars; shorten for large sets)
+        r.schedule.warmup_epochs = 5; // DeiT `--warmup-epochs` 5
+        r.schedule.warmup_lr = 1e-6; // DeiT `--warmup-lr` 1e-6
+        r.schedule.min_lr = 1e-5; // DeiT `--min-lr` 1e-5
+        r.model.drop_path_rate = 0.0; // FT "We remove ... stochastic depth"
+        r
+    }
+
+    /// The preset called `name` (`a1`, `a2`, `a3` or `ft`).
     pub fn preset(name: &str) -> Result<Self, RecipeError> {
         match name {
             "a1" => Ok(Self::a1()),
             "a2" => Ok(Self::a2()),
             "a3" => Ok(Self::a3()),
+            "ft" => Ok(Self::ft()),
             _ => Err(RecipeError::UnknownPreset {
                 name: name.to_string(),
                 known: Self::PRESETS,
@@ -404,9 +481,18 @@ impl Recipe {
         toml::to_string(self).map_err(|e| RecipeError::Toml(e.to_string()))
     }
 
-    /// The recipe as a TOML tree.
+    /// The recipe as a TOML tree, every section present (a default `finetune` too, so that
+    /// overrides and diffs see its keys).
     pub fn to_toml_value(&self) -> Result<toml::Value, RecipeError> {
-        toml::Value::try_from(self).map_err(|e| RecipeError::Toml(e.to_string()))
+        let mut tree = toml::Value::try_from(self).map_err(|e| RecipeError::Toml(e.to_string()))?;
+        if let Some(table) = tree.as_table_mut() {
+            if !table.contains_key("finetune") {
+                let section = toml::Value::try_from(&self.finetune)
+                    .map_err(|e| RecipeError::Toml(e.to_string()))?;
+                table.insert("finetune".into(), section);
+            }
+        }
+        Ok(tree)
     }
 
     /// Deserialises a recipe from a TOML tree.
@@ -782,6 +868,25 @@ impl Recipe {
             r.log_every_steps > 0,
             "run.log_every_steps",
             "must be > 0".into(),
+        );
+
+        let f = &self.finetune;
+        check(
+            f.trunk_lr_scale > 0.0 && f.trunk_lr_scale.is_finite(),
+            "finetune.trunk_lr_scale",
+            format!(
+                "must be > 0 (freeze the trunk with finetune.freeze_trunk_epochs), found {}",
+                f.trunk_lr_scale
+            ),
+        );
+        check(
+            f.freeze_trunk_epochs <= s.epochs + s.cooldown_epochs,
+            "finetune.freeze_trunk_epochs",
+            format!(
+                "must be at most the run's {} epochs, found {}",
+                s.epochs + s.cooldown_epochs,
+                f.freeze_trunk_epochs
+            ),
         );
 
         if errs.is_empty() {

@@ -58,10 +58,12 @@ fn groups(dev: &Device, wd: f64) -> Vec<ParamGroup> {
     let mut gs = vec![
         ParamGroup {
             weight_decay: wd,
+            lr_scale: 1.0,
             params: vec![],
         },
         ParamGroup {
             weight_decay: 0.0,
+            lr_scale: 1.0,
             params: vec![],
         },
     ];
@@ -395,6 +397,7 @@ fn rejects_bad_parameters() {
     let bf = Var::from_tensor(&Tensor::zeros(4, candle_core::DType::BF16, &dev).unwrap()).unwrap();
     let g = vec![ParamGroup {
         weight_decay: 0.0,
+        lr_scale: 1.0,
         params: vec![NamedVar {
             name: "x".into(),
             var: bf,

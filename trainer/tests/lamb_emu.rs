@@ -26,7 +26,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 use trainer::optim::{Lamb, LambConfig, NamedVar, ParamGroup, TrainOptimizer};
 
-/// Flat order of the harness: group 0 (weight decay), then group 1.
+/// Flat order of the harness: group 0 (weight decay), then group 1 (learning-rate factor 0.25).
 const PARAMS: [(&str, &[usize]); 7] = [
     ("conv.weight", &[32, 16, 3, 3]),
     ("fc.weight", &[100, 400]),
@@ -107,10 +107,12 @@ fn check(dir: &Path, cfg: usize) {
     let mut groups = vec![
         ParamGroup {
             weight_decay: wd,
+            lr_scale: 1.0,
             params: vec![],
         },
         ParamGroup {
             weight_decay: 0.0,
+            lr_scale: 0.25, // as the harness: this group steps at a quarter of the rate
             params: vec![],
         },
     ];

@@ -116,7 +116,7 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
     let cfg = ResNetConfig {
         stem: trainer::model::StemKind::Deep { width: 16 },
         avg_down: true,
-        squeeze_excite: true,
+        attention: trainer::model::Attention::SqueezeExcite,
         ..cfg
     };
     compare("resnet18-d-se", cfg)?;
@@ -125,7 +125,26 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
         num_classes: 3,
         ..ResNetConfig::by_name("resnext50_32x4d").unwrap()
     };
-    compare("resnext-like", rx)
+    compare("resnext-like", rx)?;
+    // The ECA-ResNet-T and SENet-154 pieces: tiered stem, ECA, half-width first convs, 3x3
+    // strided shortcuts; then ECA with pooled shortcuts.
+    let eca = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        num_classes: 3,
+        stem: trainer::model::StemKind::DeepTiered { width: 16 },
+        attention: trainer::model::Attention::Eca,
+        block_reduce_first: 2,
+        down_kernel_size: 3,
+        ..ResNetConfig::by_name("resnext50_32x4d").unwrap()
+    };
+    compare("eca-tiered-reduced", eca.clone())?;
+    compare(
+        "eca-avg-down",
+        ResNetConfig {
+            avg_down: true,
+            ..eca
+        },
+    )
 }
 
 /// The explicit training pass (hand-written trunk backward) equals candle's graph on the same

@@ -60,6 +60,7 @@ fn copy_groups(src: &[ParamGroup]) -> Vec<ParamGroup> {
     src.iter()
         .map(|g| ParamGroup {
             weight_decay: g.weight_decay,
+            lr_scale: g.lr_scale,
             params: g
                 .params
                 .iter()
@@ -442,4 +443,80 @@ fn lamb_does_not_depend_on_the_thread_count() {
     for t in [2, 3] {
         assert!(run(t) == one, "{t} threads differ from 1");
     }
+}
+
+/// Gradients of `sum(w * c)` with `c` drawn from the parameter's name and `k`, so that the same
+/// parameter gets the same gradient whatever the order of the groups.
+fn grads_by_name(groups: &[ParamGroup], k: usize) -> candle_core::backprop::GradStore {
+    let mut loss: Option<Tensor> = None;
+    for p in groups.iter().flat_map(|g| &g.params) {
+        let h = p.name.bytes().fold(k as u64 + 7, |h, b| h * 31 + b as u64);
+        let c = ((h % 1000) as f64 / 500.0 - 1.0) * 0.3;
+        let w = p.var.as_tensor();
+        let term = (w * c).unwrap().sum_all().unwrap();
+        loss = Some(match loss {
+            None => term,
+            Some(l) => (l + term).unwrap(),
+        });
+    }
+    loss.unwrap().backward().unwrap()
+}
+
+fn values_by_name(groups: &[ParamGroup]) -> HashMap<String, Vec<f32>> {
+    groups
+        .iter()
+        .flat_map(|g| &g.params)
+        .map(|p| {
+            let v = p.var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            (p.name.clone(), v)
+        })
+        .collect()
+}
+
+/// Fine-tuning's lower trunk rate: after `scale_trunk_lr(groups, 0.5, fc)` and steps at rate
+/// `2 lr`, the trunk holds what a run at `lr` gives and the head what a run at `2 lr` gives, bit
+/// for bit (halving is exact; gradients, clipping and trust ratios do not depend on the rate).
+fn trunk_rate_is_scaled<O: TrainOptimizer>(make: impl Fn(Vec<ParamGroup>) -> O) {
+    use trainer::optim::scale_trunk_lr;
+    let is_head = |n: &str| n.starts_with("fc.");
+    let lrs = [0.1, 0.05, 0.2];
+    let run = |groups: Vec<ParamGroup>, factor: f64| {
+        let mut opt = make(groups.clone());
+        for (k, lr) in lrs.iter().enumerate() {
+            assert!(
+                opt.step(&grads_by_name(&groups, k), lr * factor)
+                    .unwrap()
+                    .applied
+            );
+        }
+        values_by_name(&groups)
+    };
+    let at_lr = run(groups(3), 1.0);
+    let at_2lr = run(groups(3), 2.0);
+    let split = scale_trunk_lr(groups(3), 0.5, is_head);
+    assert_eq!(
+        split.len(),
+        4,
+        "each weight-decay group splits into trunk and head"
+    );
+    let mixed = run(split, 2.0);
+    assert_eq!(mixed.len(), 4);
+    for (name, v) in &mixed {
+        let want = if is_head(name) { &at_2lr } else { &at_lr };
+        assert_eq!(v, &want[name], "{name}");
+        assert_ne!(
+            at_lr[name], at_2lr[name],
+            "{name}: the two rates must differ"
+        );
+    }
+}
+
+#[test]
+fn lamb_steps_the_trunk_at_its_scaled_rate() {
+    trunk_rate_is_scaled(|g| Lamb::new(g, LambConfig::default()).unwrap());
+}
+
+#[test]
+fn sgd_steps_the_trunk_at_its_scaled_rate() {
+    trunk_rate_is_scaled(|g| Sgd::new(g, SgdConfig::default()).unwrap());
 }

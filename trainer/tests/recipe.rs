@@ -82,7 +82,7 @@ fn unknown_preset_lists_the_known_ones() {
     let e = Recipe::preset("a4").unwrap_err();
     assert_eq!(
         e.to_string(),
-        "unknown preset \"a4\"; known presets: a1, a2, a3"
+        "unknown preset \"a4\"; known presets: a1, a2, a3, ft"
     );
 }
 
@@ -361,4 +361,80 @@ fn unverified_settings_are_logged() {
         .iter()
         .any(|n| n.starts_with("schedule.cooldown_epochs = 0 ")));
     assert_eq!(notes.len(), 5);
+}
+
+/// The `ft` preset: DeiT's fine-tuning values (deit issue #45) over A2, and the `finetune`
+/// section: absent from a recipe's TOML (and hash) while at its defaults, so runs written before
+/// it existed still read and resume; settable by `--set` and a partial config; validated.
+#[test]
+fn the_fine_tuning_preset_and_section() {
+    let ft = Recipe::preset("ft").unwrap();
+    assert_eq!(ft.optim.name, OptimizerKind::Sgd);
+    assert_eq!(
+        (ft.optim.lr, ft.optim.reference_batch, ft.run.global_batch),
+        (0.01, 768, 768)
+    );
+    assert_eq!(ft.optim.lr_scaling, LrScaling::Linear);
+    assert_eq!(ft.optim.weight_decay, 1e-4);
+    assert_eq!(ft.schedule.epochs, 1000);
+    assert_eq!(
+        (
+            ft.schedule.warmup_epochs,
+            ft.schedule.warmup_lr,
+            ft.schedule.min_lr
+        ),
+        (5, 1e-6, 1e-5)
+    );
+    assert_eq!(ft.model.drop_path_rate, 0.0);
+    assert_eq!(ft.data.train_size_px, 224);
+    assert_eq!(ft.loss.kind, LossKind::Bce);
+    assert!(ft.validate().is_ok());
+
+    let a1 = Recipe::a1();
+    assert!(!a1.to_toml_string().unwrap().contains("finetune"));
+    let set = a1
+        .with_overrides(&[
+            "finetune.trunk_lr_scale=0.1",
+            "finetune.freeze_trunk_epochs=2",
+            "finetune.bn_reestimate_batches=8",
+        ])
+        .unwrap();
+    assert_eq!(set.finetune.trunk_lr_scale, 0.1);
+    assert_eq!(set.finetune.freeze_trunk_epochs, 2);
+    assert_eq!(set.finetune.bn_reestimate_batches, 8);
+    let text = set.to_toml_string().unwrap();
+    assert!(text.contains("[finetune]"), "{text}");
+    assert_eq!(Recipe::from_toml_str(&text).unwrap(), set);
+    let merged = a1
+        .merged_with_toml_str("[finetune]\nfreeze_trunk_epochs = 3\n", "ft.toml")
+        .unwrap();
+    assert_eq!(merged.finetune.freeze_trunk_epochs, 3);
+    let e = a1
+        .with_overrides(&["finetune.frozen=1"])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trunk_lr_scale"), "{e}");
+
+    let bad = a1
+        .with_overrides(&[
+            "finetune.trunk_lr_scale=0",
+            "finetune.freeze_trunk_epochs=601",
+        ])
+        .unwrap();
+    let errs: Vec<String> = bad
+        .validate()
+        .unwrap_err()
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("finetune.trunk_lr_scale")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.starts_with("finetune.freeze_trunk_epochs")),
+        "{errs:?}"
+    );
 }

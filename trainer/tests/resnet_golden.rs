@@ -56,6 +56,10 @@ fn golden_value(name: &str, shape: &[usize]) -> Vec<f32> {
             let k = (6.0 / (shape[1] * shape[2] * shape[3]) as f64).sqrt();
             Box::new(move |s| s * k)
         }
+        ("weight", 3) => {
+            let k = (6.0 / (shape[1] * shape[2]) as f64).sqrt();
+            Box::new(move |s| s * k)
+        }
         ("weight", 2) => {
             let k = (shape[1] as f64).sqrt();
             Box::new(move |s| s / k)
@@ -239,9 +243,7 @@ fn parity(name: &str, dtype: DType) -> Result<Parity> {
         .map(|&d| d as usize)
         .collect();
 
-    let cfg = ResNetConfig::by_name(name)
-        .unwrap()
-        .with_num_classes(num_classes);
+    let cfg = golden_config(name).with_num_classes(num_classes);
     let model = golden_model(&cfg, dtype)?;
     // The input and the loss coefficients are the raw `hashed` values.
     let xs = raw("input", &in_shape, dtype)?;
@@ -293,6 +295,18 @@ fn parity(name: &str, dtype: DType) -> Result<Parity> {
         grad_rel,
         stats,
     })
+}
+
+/// The network of a golden entry: a timm name, or `NAME@1111`, NAME with one block per stage
+/// (the script builds timm's ResNet from NAME's arguments with `layers=[1, 1, 1, 1]`).
+fn golden_config(name: &str) -> ResNetConfig {
+    match name.strip_suffix("@1111") {
+        Some(base) => ResNetConfig {
+            layers: [1, 1, 1, 1],
+            ..ResNetConfig::by_name(base).unwrap()
+        },
+        None => ResNetConfig::by_name(name).unwrap(),
+    }
 }
 
 fn flat_t(t: &Tensor) -> Result<Vec<f64>> {
@@ -367,6 +381,25 @@ fn seresnet50_matches_timm() -> Result<()> {
 #[test]
 fn resnext50_32x4d_matches_timm() -> Result<()> {
     check("resnext50_32x4d")
+}
+
+/// Tiered deep stem, pooled shortcuts and ECA (its 1-D conv across channels).
+#[test]
+fn ecaresnet50t_matches_timm() -> Result<()> {
+    check("ecaresnet50t")
+}
+
+/// ECA-ResNet-269-D's blocks (deep stem, ECA) at one block per stage.
+#[test]
+fn ecaresnet269d_blocks_match_timm() -> Result<()> {
+    check("ecaresnet269d@1111")
+}
+
+/// SENet-154's blocks at one block per stage: 64 groups, the first conv at half width
+/// (`block_reduce_first = 2`), 3x3 strided shortcuts, squeeze-excite, a 64-wide deep stem.
+#[test]
+fn senet154_blocks_match_timm() -> Result<()> {
+    check("senet154@1111")
 }
 
 /// `golden/weights_*.gz`: timm's ResNet (BasicBlock, one block per stage, 10 classes) saved by

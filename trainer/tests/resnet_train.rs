@@ -78,7 +78,9 @@ fn timm_init_statistics() -> Result<()> {
                         );
                     }
                 }
-                ParamKind::ConvBias { .. } => unreachable!("no SE in this config"),
+                ParamKind::ConvBias { .. } | ParamKind::Conv1dWeight { .. } => {
+                    unreachable!("no channel attention in this config")
+                }
             }
         }
     }
@@ -96,7 +98,7 @@ fn timm_init_statistics() -> Result<()> {
 #[test]
 fn se_conv_biases_follow_pytorch_default() -> Result<()> {
     let cfg = ResNetConfig {
-        squeeze_excite: true,
+        attention: trainer::model::Attention::SqueezeExcite,
         ..tiny(BlockKind::Bottleneck, 10)
     };
     let model = cfg.build_seeded(&VarMap::new(), 3, DType::F32, &Device::Cpu)?;
@@ -160,7 +162,7 @@ fn timm_style_checkpoint_loads_by_name() -> Result<()> {
     // A checkpoint as timm exports it: every state_dict key, num_batches_tracked included.
     let dev = Device::Cpu;
     let cfg = ResNetConfig {
-        squeeze_excite: true,
+        attention: trainer::model::Attention::SqueezeExcite,
         ..tiny(BlockKind::Bottleneck, 3)
     };
     let source = cfg.build_seeded(&VarMap::new(), 21, DType::F32, &dev)?;

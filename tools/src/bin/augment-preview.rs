@@ -29,7 +29,7 @@ struct Args {
     /// Shard set directory (with manifest.json): preview training samples.
     #[arg(long, conflicts_with = "image")]
     data: Option<PathBuf>,
-    /// Recipe: a1, a2, a3 or a TOML file.
+    /// Recipe: a1, a2, a3, ft or a TOML file.
     #[arg(long, default_value = "a2")]
     recipe: String,
     /// Recipe overrides, e.g. --set data.train_size_px=160.

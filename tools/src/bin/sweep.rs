@@ -26,7 +26,7 @@ use tools::sweep::{parse_seeds, run_seed, run_status, RunStatus, SweepPlan};
     about = "Train one recipe over many seeds, one run directory (DIR/seed-000N) per seed"
 )]
 struct Args {
-    /// Preset (a1, a2, a3) or a complete recipe file, as `train --recipe`.
+    /// Preset (a1, a2, a3, ft) or a complete recipe file, as `train --recipe`.
     #[arg(long)]
     recipe: String,
     /// Seeds: a half-open range (0..100 = 0 to 99), a list (3,5,9), or both (0..10,20).

@@ -1,11 +1,12 @@
 //! `train`: runs an RSB recipe on a shard set, or evaluates a checkpoint.
 //!
 //! ```text
-//! train --recipe a1|a2|a3|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
+//! train --recipe a1|a2|a3|ft|FILE.toml --data SHARDS --out RUN_DIR [--config PARTIAL.toml]
 //!       [--model NAME] [--device cpu|cuda:N] [--epochs E] [--batch-size B] [--micro-batch M]
 //!       [--size PX] [--set key=value ...] [--resume] [--workers N] [--backward auto|graph|explicit]
 //!       [--layout nhwc|nchw] [--deterministic] [--nproc-per-node N] [--dist-timeout S]
-//!       [--init-from WEIGHTS] [--keep-checkpoints N] [--max-nonfinite-updates K]
+//!       [--init-from WEIGHTS] [--trunk-lr-scale F] [--freeze-trunk-epochs N]
+//!       [--bn-reestimate-batches N] [--keep-checkpoints N] [--max-nonfinite-updates K]
 //! train --eval-only --checkpoint PATH --data SHARDS --size PX --crop-pct C [--model NAME]
 //! ```
 //!
@@ -33,7 +34,8 @@ use trainer::train::{self, Progress, TrainOptions};
     about = "Train an RSB recipe on a shard set, or evaluate a checkpoint"
 )]
 struct Args {
-    /// Preset (a1, a2, a3) or a complete recipe file (such as a run's recipe.toml).
+    /// Preset (a1, a2, a3; ft for fine-tuning) or a complete recipe file (such as a run's
+    /// recipe.toml).
     #[arg(long, default_value = "a1")]
     recipe: String,
     /// A partial recipe (TOML) merged over --recipe.
@@ -118,6 +120,18 @@ struct Args {
     /// safetensors); the classifier is re-initialised when the class count differs.
     #[arg(long, value_name = "WEIGHTS")]
     init_from: Option<PathBuf>,
+    /// Fine-tuning: the trunk's learning rate as a fraction of the classifier's
+    /// (finetune.trunk_lr_scale; 1 = one rate).
+    #[arg(long, value_name = "F")]
+    trunk_lr_scale: Option<f64>,
+    /// Fine-tuning: only the classifier learns for the first N epochs
+    /// (finetune.freeze_trunk_epochs).
+    #[arg(long, value_name = "N")]
+    freeze_trunk_epochs: Option<u32>,
+    /// Fine-tuning: re-estimate the BatchNorm statistics on N batches of the new training set
+    /// before the first update (finetune.bn_reestimate_batches; 0 = keep the checkpoint's).
+    #[arg(long, value_name = "N")]
+    bn_reestimate_batches: Option<u32>,
     /// Checkpoints to keep: the newest N (0 = all); older ones are deleted as new ones complete.
     #[arg(long, default_value_t = 3)]
     keep_checkpoints: usize,
@@ -175,6 +189,15 @@ fn load_recipe(args: &Args) -> Result<(Recipe, Option<Recipe>)> {
     }
     if let Some(w) = args.workers {
         recipe.run.workers = w;
+    }
+    if let Some(f) = args.trunk_lr_scale {
+        recipe.finetune.trunk_lr_scale = f;
+    }
+    if let Some(n) = args.freeze_trunk_epochs {
+        recipe.finetune.freeze_trunk_epochs = n;
+    }
+    if let Some(n) = args.bn_reestimate_batches {
+        recipe.finetune.bn_reestimate_batches = n;
     }
     let recipe = recipe.with_overrides(&args.set)?;
     if let Err(errs) = recipe.validate() {

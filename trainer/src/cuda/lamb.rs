@@ -220,14 +220,15 @@ extern "C" __global__ void lamb_moments(
 }
 
 // One block per chunk: trust ratio of the chunk's tensor (its chunks' partials summed in f64 in
-// a fixed order; every block of the tensor gets the same value), then w -= (u * trust) * lr with u recomputed from the new moments.
+// a fixed order; every block of the tensor gets the same value), then w -= (u * trust) * lr_t with u recomputed from the new moments
+// and lr_t = lr * lr_scales[t] (the tensor's group factor) rounded to f32.
 // tensor_chunks: 2 u32 per tensor (first chunk, number of chunks).
 extern "C" __global__ void lamb_apply(
     const unsigned int* chunks, const unsigned int* tensor_chunks, const u64* params,
     const u64* grads, const u64* offsets, const float* wds, const int* adapt,
     const float* exp_avg, const float* exp_avg_sq, const double* scalars, const float* w_sumsq,
-    const float* u_sumsq, float inv_bc1, float inv_bc2_sqrt, float eps, float lr,
-    int trust_clip) {
+    const float* u_sumsq, float inv_bc1, float inv_bc2_sqrt, float eps, double lr,
+    const double* lr_scales, int trust_clip) {
     __shared__ double sh[THREADS];
     if (scalars[3] != 0.0) return;
     unsigned int c = blockIdx.x;
@@ -238,6 +239,8 @@ extern "C" __global__ void lamb_apply(
     const float* v = exp_avg_sq + offsets[t];
     float wd = wds[t];
     int ad = adapt[t];
+    // The group's rate, rounded to f32 as the CPU optimizer does: (float)(lr * lr_scale).
+    float lr_t = (float)__dmul_rn(lr, lr_scales[t]);
     float trust = 1.0f;
     if (ad) {
         unsigned int first = tensor_chunks[2 * t], count = tensor_chunks[2 * t + 1];
@@ -259,7 +262,7 @@ extern "C" __global__ void lamb_apply(
         float wi = w[i];
         float u = lamb_direction(m[i], v[i], wi, inv_bc1, inv_bc2_sqrt, eps, wd);
         if (ad) u = __fmul_rn(u, trust);
-        w[i] = __fsub_rn(wi, __fmul_rn(u, lr));
+        w[i] = __fsub_rn(wi, __fmul_rn(u, lr_t));
     }
 }
 "#,
@@ -352,6 +355,7 @@ pub struct CudaLamb {
     tensor_chunks: CudaSlice<u32>,
     offsets: CudaSlice<u64>,
     wds: CudaSlice<f32>,
+    lr_scales: CudaSlice<f64>,
     adapt: CudaSlice<i32>,
     /// Host side of the pointer table: `n` parameter addresses, then `n` gradient addresses.
     ptrs_host: PinnedHostSlice<u64>,
@@ -434,6 +438,7 @@ impl CudaLamb {
             .iter()
             .map(|s| groups[s.group].weight_decay as f32)
             .collect();
+        let lr_scales: Vec<f64> = slots.iter().map(|s| groups[s.group].lr_scale).collect();
         let adapt: Vec<i32> = slots
             .iter()
             .map(|s| (groups[s.group].weight_decay != 0.0 || config.always_adapt) as i32)
@@ -448,6 +453,7 @@ impl CudaLamb {
             tensor_chunks: drv(stream.clone_htod(&tensor_chunks))?,
             offsets: drv(stream.clone_htod(&offsets))?,
             wds: drv(stream.clone_htod(&wds))?,
+            lr_scales: drv(stream.clone_htod(&lr_scales))?,
             adapt: drv(stream.clone_htod(&adapt))?,
             // SAFETY: every element is written before each copy to the device.
             ptrs_host: drv(unsafe { ctx.alloc_pinned::<u64>(2 * n) })?,
@@ -660,7 +666,6 @@ impl TrainOptimizer for CudaLamb {
         let (beta1, beta2, beta3) = (beta1 as f32, beta2 as f32, beta3 as f32);
         let one_minus_beta2 = (1.0 - c.betas.1) as f32;
         let eps = c.eps as f32;
-        let lr = lr as f32;
         let has_max = c.max_grad_norm.is_some() as i32;
         let max_norm = c.max_grad_norm.unwrap_or(0.0);
         let trust_clip = c.trust_clip as i32;
@@ -728,6 +733,7 @@ impl TrainOptimizer for CudaLamb {
                 .arg(&inv_bc2_sqrt)
                 .arg(&eps)
                 .arg(&lr)
+                .arg(&self.lr_scales)
                 .arg(&trust_clip);
             // SAFETY: matches `lamb_apply`; the parameter addresses are those of our Vars.
             unsafe { b.launch(per_chunk) }.map_err(|e| msg(format!("lamb_apply: {e:?}")))?;

@@ -24,7 +24,8 @@ pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
 pub use resnet::{
-    ActivationLayout, BackwardMode, BlockKind, GradHook, ResNet, ResNetConfig, StemKind, TrainPass,
+    ActivationLayout, Attention, BackwardMode, BlockKind, GradHook, ResNet, ResNetConfig, StemKind,
+    TrainPass,
 };
 
 /// Errors of model selection.

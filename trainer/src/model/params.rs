@@ -25,6 +25,12 @@ pub enum ParamKind {
     BnRunningMean,
     /// BatchNorm running variance (a buffer, not trained): 1.
     BnRunningVar,
+    /// A `Conv1d` kernel (ECA's `[1, 1, k]`), which timm's ResNet init leaves at PyTorch's
+    /// default `kaiming_uniform_(a=sqrt(5))`: `U(±1/sqrt(fan_in))`.
+    Conv1dWeight {
+        /// `I/groups * k` of the kernel.
+        fan_in: usize,
+    },
     /// Linear weight `[out, in]`: PyTorch default `U(±1/sqrt(in))`.
     LinearWeight,
     /// Linear bias `[out]`: PyTorch default `U(±1/sqrt(in))`.
@@ -96,9 +102,9 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
             let std = (2.0 / fan_out as f64).sqrt();
             (0..len).map(|_| (rng.normal() * std) as f32).collect()
         }
-        ParamKind::ConvBias { fan_in } | ParamKind::LinearBias { fan_in } => {
-            uniform(rng, 1.0 / (fan_in as f64).sqrt())
-        }
+        ParamKind::ConvBias { fan_in }
+        | ParamKind::LinearBias { fan_in }
+        | ParamKind::Conv1dWeight { fan_in } => uniform(rng, 1.0 / (fan_in as f64).sqrt()),
         ParamKind::LinearWeight => uniform(rng, 1.0 / (shape[1] as f64).sqrt()),
         ParamKind::BnWeight { zero_init: true } | ParamKind::BnBias | ParamKind::BnRunningMean => {
             vec![0.0; len]

@@ -50,6 +50,37 @@ pub enum StemKind {
         /// Channels of the first two convs (timm `stem_width`).
         width: usize,
     },
+    /// timm's `deep_tiered` stem (the "T" models): as [`StemKind::Deep`] with the first conv at
+    /// `3 * (width / 4)` channels: `24, 32, 64` for width 32.
+    DeepTiered {
+        /// timm `stem_width`.
+        width: usize,
+    },
+}
+
+impl StemKind {
+    /// Output channels of the stem's three convs, or of its one conv.
+    fn widths(self) -> Vec<usize> {
+        match self {
+            StemKind::Conv7x7 => vec![64],
+            StemKind::Deep { width } => vec![width, width, 2 * width],
+            StemKind::DeepTiered { width } => vec![3 * (width / 4), width, 2 * width],
+        }
+    }
+}
+
+/// The channel attention after the last BN of a residual branch (timm `attn_layer`, module `se`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// None.
+    #[default]
+    None,
+    /// Squeeze-and-excitation (timm `SEModule`: `se.fc1`, `se.fc2`, 1x1 convs with bias).
+    SqueezeExcite,
+    /// Efficient channel attention (timm `EcaModule`: `se.conv`, a bias-free 1-D conv across
+    /// channels whose odd kernel size grows with log2 of the channel count).
+    Eca,
 }
 
 /// Everything that determines a ResNet's structure and its stochastic depth.
@@ -72,8 +103,14 @@ pub struct ResNetConfig {
     pub stem: StemKind,
     /// ResNet-D shortcut: 2x2 average pool, then a stride-1 1x1 conv (`downsample.1`, `.2`).
     pub avg_down: bool,
-    /// Squeeze-and-excitation after the last BN of each block (`se.fc1`, `se.fc2`).
-    pub squeeze_excite: bool,
+    /// Channel attention after the last BN of each block (`se.*`).
+    pub attention: Attention,
+    /// The first conv of each block has `width / block_reduce_first` output channels (timm
+    /// `block_reduce_first`; 2 in SENet-154, 1 otherwise).
+    pub block_reduce_first: usize,
+    /// Kernel of the strided projection shortcut without average pooling (timm
+    /// `down_kernel_size`; 3 in SENet-154, 1 otherwise). A stride-1 shortcut is always 1x1.
+    pub down_kernel_size: usize,
     /// Stochastic depth of the last block; earlier blocks get a linear ramp from 0.
     pub drop_path_rate: f64,
     /// Zero-initialise the last BN gamma of every residual branch.
@@ -91,6 +128,9 @@ impl ResNetConfig {
         "resnet50d",
         "seresnet50",
         "resnext50_32x4d",
+        "ecaresnet50t",
+        "ecaresnet269d",
+        "senet154",
     ];
 
     fn plain(block: BlockKind, layers: [usize; 4]) -> Self {
@@ -103,7 +143,9 @@ impl ResNetConfig {
             base_width: 64,
             stem: StemKind::Conv7x7,
             avg_down: false,
-            squeeze_excite: false,
+            attention: Attention::None,
+            block_reduce_first: 1,
+            down_kernel_size: 1,
             drop_path_rate: 0.0,
             zero_init_last: true,
         }
@@ -124,13 +166,38 @@ impl ResNetConfig {
                 ..Self::plain(Bottleneck, [3, 4, 6, 3])
             },
             "seresnet50" => Self {
-                squeeze_excite: true,
+                attention: Attention::SqueezeExcite,
                 ..Self::plain(Bottleneck, [3, 4, 6, 3])
             },
             "resnext50_32x4d" => Self {
                 cardinality: 32,
                 base_width: 4,
                 ..Self::plain(Bottleneck, [3, 4, 6, 3])
+            },
+            // timm 0.5.4 resnet.py `ecaresnet50t`: stem_width 32, deep_tiered, avg_down, eca.
+            "ecaresnet50t" => Self {
+                stem: StemKind::DeepTiered { width: 32 },
+                avg_down: true,
+                attention: Attention::Eca,
+                ..Self::plain(Bottleneck, [3, 4, 6, 3])
+            },
+            // `ecaresnet269d`: layers 3, 30, 48, 8, stem_width 32, deep, avg_down, eca.
+            "ecaresnet269d" => Self {
+                stem: StemKind::Deep { width: 32 },
+                avg_down: true,
+                attention: Attention::Eca,
+                ..Self::plain(Bottleneck, [3, 30, 48, 8])
+            },
+            // `senet154`: layers 3, 8, 36, 3, cardinality 64, base_width 4, deep stem (stem_width
+            // 64), down_kernel_size 3, block_reduce_first 2, se.
+            "senet154" => Self {
+                cardinality: 64,
+                base_width: 4,
+                stem: StemKind::Deep { width: 64 },
+                down_kernel_size: 3,
+                block_reduce_first: 2,
+                attention: Attention::SqueezeExcite,
+                ..Self::plain(Bottleneck, [3, 8, 36, 3])
             },
             _ => {
                 return Err(ModelError::UnknownModel {
@@ -173,8 +240,21 @@ impl ResNetConfig {
         if self.block == BlockKind::Basic && (self.cardinality != 1 || self.base_width != 64) {
             bail!("resnet: BasicBlock only supports cardinality 1 and base_width 64, got {self:?}")
         }
-        if self.num_classes == 0 || self.in_chans == 0 || self.cardinality == 0 {
-            bail!("resnet: num_classes, in_chans and cardinality must be positive, got {self:?}")
+        if self.num_classes == 0
+            || self.in_chans == 0
+            || self.cardinality == 0
+            || self.block_reduce_first == 0
+        {
+            bail!(
+                "resnet: num_classes, in_chans, cardinality and block_reduce_first must be \
+                 positive, got {self:?}"
+            )
+        }
+        if !matches!(self.down_kernel_size, 1 | 3) {
+            bail!(
+                "resnet: down_kernel_size must be 1 or 3, got {}",
+                self.down_kernel_size
+            )
         }
         if !(0.0..1.0).contains(&self.drop_path_rate) {
             bail!(
@@ -312,6 +392,16 @@ impl Builder {
         })
     }
 
+    /// A bias-free `Conv1d(1, 1, kernel)` weight `[1, 1, kernel]` (ECA).
+    fn conv1d(&mut self, vb: &VarBuilder, kernel: usize) -> Result<Tensor> {
+        self.get(
+            vb,
+            &[1, 1, kernel],
+            "weight",
+            ParamKind::Conv1dWeight { fan_in: kernel },
+        )
+    }
+
     fn bn(&mut self, vb: &VarBuilder, c: usize, zero_init: bool) -> Result<BatchNorm2d> {
         let w = self.get(vb, &[c], "weight", ParamKind::BnWeight { zero_init })?;
         let b = self.get(vb, &[c], "bias", ParamKind::BnBias)?;
@@ -420,6 +510,72 @@ impl SqueezeExcite {
     }
 }
 
+/// timm `EcaModule`: global mean, a 1-D conv across the channels (zero padded, no bias),
+/// sigmoid gate.
+#[derive(Clone, Debug)]
+struct Eca {
+    /// `[1, 1, k]`.
+    weight: Tensor,
+}
+
+impl Eca {
+    /// timm: `t = int(abs(log2(channels) + 1) / 2)`, the next odd number from `t`, at least 3.
+    fn kernel_size(channels: usize) -> usize {
+        let t = (((channels as f64).ln() / 2f64.ln() + 1.0).abs() / 2.0) as usize;
+        let k = if t % 2 == 1 { t } else { t + 1 };
+        k.max(3)
+    }
+
+    fn new(b: &mut Builder, vb: &VarBuilder, channels: usize) -> Result<Self> {
+        let weight = b.conv1d(&vb.pp("conv"), Self::kernel_size(channels))?;
+        Ok(Self { weight })
+    }
+
+    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let (n, c) = if ctx.nhwc {
+            (xs.dim(0)?, xs.dim(3)?)
+        } else {
+            (xs.dim(0)?, xs.dim(1)?)
+        };
+        // The mean and the gate in f32 for half-precision activations, else in their dtype.
+        let dt = match xs.dtype() {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let s = if ctx.nhwc {
+            xs.to_dtype(dt)?.mean((1, 2))?
+        } else {
+            xs.to_dtype(dt)?.mean((2, 3))?
+        };
+        let k = self.weight.dim(2)?;
+        let w = self.weight.to_dtype(dt)?;
+        let y = s.reshape((n, 1, c))?.conv1d(&w, (k - 1) / 2, 1, 1, 1)?;
+        let gate = candle_nn::ops::sigmoid(&y)?.to_dtype(xs.dtype())?;
+        let gate = if ctx.nhwc {
+            gate.reshape((n, 1, 1, c))?
+        } else {
+            gate.reshape((n, c, 1, 1))?
+        };
+        xs.broadcast_mul(&gate)
+    }
+}
+
+/// A block's channel attention.
+#[derive(Clone, Debug)]
+enum BlockAttn {
+    SqueezeExcite(SqueezeExcite),
+    Eca(Eca),
+}
+
+impl BlockAttn {
+    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        match self {
+            BlockAttn::SqueezeExcite(se) => se.forward(xs, ctx),
+            BlockAttn::Eca(eca) => eca.forward(xs, ctx),
+        }
+    }
+}
+
 /// The projection shortcut of a stage's first block.
 #[derive(Clone, Debug)]
 struct Downsample {
@@ -445,7 +601,7 @@ impl Downsample {
 #[derive(Clone, Debug)]
 struct Block {
     branch: Vec<(Conv, BatchNorm2d)>,
-    se: Option<SqueezeExcite>,
+    se: Option<BlockAttn>,
     downsample: Option<Downsample>,
     drop_prob: f64,
     index: usize,
@@ -510,6 +666,7 @@ impl Block {
 #[derive(Clone, Debug)]
 enum Stem {
     Conv7x7(Conv),
+    /// The deep and tiered stems: two conv-BN-ReLU, then a conv.
     Deep([(Conv, BatchNorm2d); 2], Conv),
 }
 
@@ -536,14 +693,15 @@ impl ResNet {
                 let conv = b.conv(&vb.pp("conv1"), cfg.in_chans, 64, 7, 2, 1, false)?;
                 (Stem::Conv7x7(conv), 64)
             }
-            StemKind::Deep { width } => {
+            StemKind::Deep { .. } | StemKind::DeepTiered { .. } => {
+                let w = cfg.stem.widths();
                 let vs = vb.pp("conv1");
-                let c0 = b.conv(&vs.pp("0"), cfg.in_chans, width, 3, 2, 1, false)?;
-                let n1 = b.bn(&vs.pp("1"), width, false)?;
-                let c3 = b.conv(&vs.pp("3"), width, width, 3, 1, 1, false)?;
-                let n4 = b.bn(&vs.pp("4"), width, false)?;
-                let c6 = b.conv(&vs.pp("6"), width, 2 * width, 3, 1, 1, false)?;
-                (Stem::Deep([(c0, n1), (c3, n4)], c6), 2 * width)
+                let c0 = b.conv(&vs.pp("0"), cfg.in_chans, w[0], 3, 2, 1, false)?;
+                let n1 = b.bn(&vs.pp("1"), w[0], false)?;
+                let c3 = b.conv(&vs.pp("3"), w[0], w[1], 3, 1, 1, false)?;
+                let n4 = b.bn(&vs.pp("4"), w[1], false)?;
+                let c6 = b.conv(&vs.pp("6"), w[1], w[2], 3, 1, 1, false)?;
+                (Stem::Deep([(c0, n1), (c3, n4)], c6), w[2])
             }
         };
         let bn1 = b.bn(&vb.pp("bn1"), inplanes, false)?;
@@ -563,25 +721,27 @@ impl ResNet {
                 let mut branch = Vec::with_capacity(3);
                 match cfg.block {
                     BlockKind::Basic => {
+                        let first = planes / cfg.block_reduce_first;
                         branch.push((
-                            b.conv(&vs.pp("conv1"), c_in, planes, 3, stride, 1, false)?,
-                            b.bn(&vs.pp("bn1"), planes, false)?,
+                            b.conv(&vs.pp("conv1"), c_in, first, 3, stride, 1, false)?,
+                            b.bn(&vs.pp("bn1"), first, false)?,
                         ));
                         branch.push((
-                            b.conv(&vs.pp("conv2"), planes, planes, 3, 1, 1, false)?,
+                            b.conv(&vs.pp("conv2"), first, planes, 3, 1, 1, false)?,
                             b.bn(&vs.pp("bn2"), planes, zi)?,
                         ));
                     }
                     BlockKind::Bottleneck => {
                         let width = planes * cfg.base_width / 64 * cfg.cardinality;
+                        let first = width / cfg.block_reduce_first;
                         branch.push((
-                            b.conv(&vs.pp("conv1"), c_in, width, 1, 1, 1, false)?,
-                            b.bn(&vs.pp("bn1"), width, false)?,
+                            b.conv(&vs.pp("conv1"), c_in, first, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn1"), first, false)?,
                         ));
                         branch.push((
                             b.conv(
                                 &vs.pp("conv2"),
-                                width,
+                                first,
                                 width,
                                 3,
                                 stride,
@@ -596,10 +756,14 @@ impl ResNet {
                         ));
                     }
                 }
-                let se = if cfg.squeeze_excite {
-                    Some(SqueezeExcite::new(&mut b, &vs.pp("se"), c_out)?)
-                } else {
-                    None
+                let se = match cfg.attention {
+                    Attention::None => None,
+                    Attention::SqueezeExcite => Some(BlockAttn::SqueezeExcite(SqueezeExcite::new(
+                        &mut b,
+                        &vs.pp("se"),
+                        c_out,
+                    )?)),
+                    Attention::Eca => Some(BlockAttn::Eca(Eca::new(&mut b, &vs.pp("se"), c_out)?)),
                 };
                 let downsample = if i == 0 && (stride != 1 || c_in != c_out) {
                     let vd = vs.pp("downsample");
@@ -610,9 +774,11 @@ impl ResNet {
                             bn: b.bn(&vd.pp("2"), c_out, false)?,
                         }
                     } else {
+                        // timm `downsample_conv`: the kernel is 1 when the stride is 1.
+                        let k = if stride == 1 { 1 } else { cfg.down_kernel_size };
                         Downsample {
                             avg_pool: false,
-                            conv: b.conv(&vd.pp("0"), c_in, c_out, 1, stride, 1, false)?,
+                            conv: b.conv(&vd.pp("0"), c_in, c_out, k, stride, 1, false)?,
                             bn: b.bn(&vd.pp("1"), c_out, false)?,
                         }
                     })
@@ -832,5 +998,33 @@ mod tests {
             .map(|&c| SqueezeExcite::reduced_channels(c))
             .collect();
         assert_eq!(got, [8, 16, 32, 64, 128]);
+    }
+
+    /// timm's `EcaModule` kernel sizes (`int(abs(log2(c) + 1) / 2)`, made odd, at least 3):
+    /// 3 up to 64 channels, 5 from 128 to 1024, 7 at 2048; and PyTorch's default `Conv1d` init
+    /// bound `1/sqrt(k)` for the kernel, which timm's ResNet init leaves alone.
+    #[test]
+    fn eca_kernel_sizes_and_init_match_timm() -> Result<()> {
+        let got: Vec<usize> = [16, 64, 128, 256, 512, 1024, 2048]
+            .iter()
+            .map(|&c| Eca::kernel_size(c))
+            .collect();
+        assert_eq!(got, [3, 3, 5, 5, 5, 5, 7]);
+        let cfg = ResNetConfig::by_name("ecaresnet50t").unwrap();
+        let model = cfg.build_seeded(&VarMap::new(), 3, DType::F32, &Device::Cpu)?;
+        let eca: Vec<_> = model
+            .params()
+            .iter()
+            .filter(|p| p.name.ends_with("se.conv.weight"))
+            .collect();
+        assert_eq!(eca.len(), 16);
+        for p in eca {
+            let k = p.tensor.dim(2)?;
+            let v = p.tensor.flatten_all()?.to_vec1::<f32>()?;
+            let bound = 1.0 / (k as f32).sqrt();
+            assert!(v.iter().all(|x| x.abs() <= bound), "{}: {v:?}", p.name);
+            assert!(v.iter().any(|&x| x != 0.0), "{}", p.name);
+        }
+        Ok(())
     }
 }

@@ -116,7 +116,7 @@ impl Moments {
 /// 5. If `wd ≠ 0` (or `always_adapt`): `u *= ||w|| / ||u||` when both norms are positive, else 1
 ///    (clipped at 1 with `trust_clip`). Parameters without weight decay (1-D, biases) thus take a
 ///    plain Adam-style step.
-/// 6. `w -= lr·u`.
+/// 6. `w -= lr·u`, with `lr` the schedule's times the group's `lr_scale`.
 ///
 /// See the [module docs](super) for skipped steps, precision and state.
 #[derive(Debug)]
@@ -215,6 +215,11 @@ impl Lamb {
         };
         for (group, states) in self.groups.iter().zip(self.state.iter_mut()) {
             let wd = group.weight_decay;
+            let lr = lr * group.lr_scale;
+            let host = lamb_host::Coeffs {
+                lr: lr as f32,
+                ..host
+            };
             for (p, state) in group.params.iter().zip(states.iter_mut()) {
                 let Some(g) = grads.get(p.var.as_tensor()) else {
                     continue;

@@ -72,7 +72,9 @@ mod param_groups;
 mod sgd;
 
 pub use lamb::{Lamb, LambConfig};
-pub use param_groups::{is_buffer_name, param_groups, skips_weight_decay, NamedVar, ParamGroup};
+pub use param_groups::{
+    is_buffer_name, param_groups, scale_trunk_lr, skips_weight_decay, NamedVar, ParamGroup,
+};
 pub use sgd::{Sgd, SgdConfig};
 
 use std::collections::HashMap;

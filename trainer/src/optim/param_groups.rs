@@ -11,11 +11,14 @@ pub struct NamedVar {
     pub var: Var,
 }
 
-/// Parameters that share a weight decay.
+/// Parameters that share a weight decay and a learning-rate factor.
 #[derive(Clone, Debug)]
 pub struct ParamGroup {
     /// L2 weight decay of this group; 0 also switches LAMB's trust ratio off for it.
     pub weight_decay: f64,
+    /// This group's learning rate is the schedule's times this factor (1 but for a fine-tuned
+    /// trunk, see [`scale_trunk_lr`]); as PyTorch's per-group `lr`.
+    pub lr_scale: f64,
     /// The parameters, in a fixed order.
     pub params: Vec<NamedVar>,
 }
@@ -65,13 +68,44 @@ where
     vec![
         ParamGroup {
             weight_decay: 0.0,
+            lr_scale: 1.0,
             params: no_decay,
         },
         ParamGroup {
             weight_decay,
+            lr_scale: 1.0,
             params: decay,
         },
     ]
+}
+
+/// Fine-tuning's lower trunk learning rate: every group is split in two, the parameters whose
+/// names `is_head` accepts (the new classifier) keeping the group's factor, the others (the
+/// pretrained trunk) getting it times `trunk_scale`. A factor of 1 returns the groups unchanged,
+/// so a run without the option steps exactly as before. Empty groups are dropped.
+pub fn scale_trunk_lr(
+    groups: Vec<ParamGroup>,
+    trunk_scale: f64,
+    is_head: impl Fn(&str) -> bool,
+) -> Vec<ParamGroup> {
+    if trunk_scale == 1.0 {
+        return groups;
+    }
+    let mut out = Vec::with_capacity(2 * groups.len());
+    for g in groups {
+        let (head, trunk): (Vec<NamedVar>, Vec<NamedVar>) =
+            g.params.into_iter().partition(|p| is_head(&p.name));
+        for (params, lr_scale) in [(trunk, g.lr_scale * trunk_scale), (head, g.lr_scale)] {
+            if !params.is_empty() {
+                out.push(ParamGroup {
+                    weight_decay: g.weight_decay,
+                    lr_scale,
+                    params,
+                });
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -100,5 +134,22 @@ mod tests {
         assert_eq!(names(&groups[0]), ["bn1.bias", "bn1.weight", "fc.bias"]);
         assert_eq!(groups[1].weight_decay, 0.02);
         assert_eq!(names(&groups[1]), ["conv1.weight", "fc.weight"]);
+
+        let same = scale_trunk_lr(groups.clone(), 1.0, |n| n.starts_with("fc."));
+        assert_eq!(same.len(), 2);
+        let split = scale_trunk_lr(groups, 0.1, |n| n.starts_with("fc."));
+        let summary: Vec<_> = split
+            .iter()
+            .map(|g| (g.weight_decay, g.lr_scale, names(g)))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0.0, 0.1, vec!["bn1.bias".to_string(), "bn1.weight".into()]),
+                (0.0, 1.0, vec!["fc.bias".to_string()]),
+                (0.02, 0.1, vec!["conv1.weight".to_string()]),
+                (0.02, 1.0, vec!["fc.weight".to_string()]),
+            ]
+        );
     }
 }

@@ -110,7 +110,7 @@ impl Sgd {
                     };
                     *buffer = Some(b);
                 }
-                p.var.set(&(w - (d * lr)?)?)?;
+                p.var.set(&(w - (d * (lr * group.lr_scale))?)?)?;
             }
         }
         Ok(StepReport {

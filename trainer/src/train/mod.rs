@@ -41,6 +41,7 @@ use crate::model::{BackwardMode, ResNet, ResNetConfig};
 use crate::recipe::{Interpolation, Recipe};
 
 mod eval;
+pub mod finetune;
 mod grads;
 pub mod real;
 pub mod stop;

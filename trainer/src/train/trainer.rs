@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use shards::Split;
 
 use super::eval::evaluate_rank;
+use super::finetune;
 use super::grads::{BucketReducer, GradAccumulator};
 use super::{
     build_model, eval_transform, io_err, mix_config, open_split, rand_augment, recipe_hash,
@@ -29,7 +30,7 @@ use crate::feed::Feed;
 use crate::loss::{Targets, TrainLoss};
 use crate::metrics::MetricsWriter;
 use crate::model::{ActivationLayout, ResNet};
-use crate::optim::{param_groups, TrainOptimizer};
+use crate::optim::{param_groups, scale_trunk_lr, TrainOptimizer};
 use crate::schedule::CosineWithWarmup;
 use crate::transfer::{DynStorage, Upload, EXTRA_BUFFERS};
 
@@ -266,7 +267,8 @@ impl<'a> Trainer<'a> {
             lcfg.num_buffers() + EXTRA_BUFFERS,
             lcfg.buffer_bytes(),
         )?;
-        let loader = Loader::with_buffers(train_split, lcfg, buffers, rand_augment(recipe)?)?;
+        let loader =
+            Loader::with_buffers(train_split.clone(), lcfg, buffers, rand_augment(recipe)?)?;
         let num_batches = loader.plan(0)?.num_batches();
         let updates_per_epoch = (num_batches / accum) as u64;
         if updates_per_epoch == 0 {
@@ -290,7 +292,12 @@ impl<'a> Trainer<'a> {
             (Some(path), false) => Some(init_from(&varmap, path, rank, run_dir, num_classes)?),
             _ => None,
         };
-        let groups = param_groups(model.trainable_vars()?, recipe.optim.weight_decay);
+        let ft = &recipe.finetune;
+        let groups = scale_trunk_lr(
+            param_groups(model.trainable_vars()?, recipe.optim.weight_decay),
+            ft.trunk_lr_scale,
+            finetune::is_head,
+        );
         let optimizer = crate::backend::optimizer(recipe, groups, &opts.device)?;
         let trainable = model.trainable_vars()?;
         let (base_lr, lr_line) = recipe.resolved_lr(recipe.run.global_batch);
@@ -366,6 +373,34 @@ impl<'a> Trainer<'a> {
         t.record_run(&lr_line)?;
         if let Some(line) = init_line {
             t.log.line(&line);
+        }
+        if ft.trunk_lr_scale != 1.0 {
+            t.log.line(&format!(
+                "fine-tuning: the trunk learns at {} x the classifier's rate",
+                ft.trunk_lr_scale
+            ));
+        }
+        if ft.freeze_trunk_epochs > 0 {
+            t.log.line(&format!(
+                "fine-tuning: the trunk is frozen for the first {} epoch(s); only the classifier \
+                 learns",
+                ft.freeze_trunk_epochs
+            ));
+        }
+        if ft.bn_reestimate_batches > 0 && !opts.resume {
+            let est = finetune::reestimate_bn(
+                &t.model,
+                &t.varmap,
+                &t.feed,
+                train_split,
+                t.val_transform.clone(),
+                (micro, workers, ft.bn_reestimate_batches as usize),
+            )?;
+            t.log.line(&format!(
+                "fine-tuning: BatchNorm statistics of {} layers re-estimated over {} batches \
+                 ({} training images, evaluation transform)",
+                est.layers, est.batches, est.images
+            ));
         }
         Ok((t, loader))
     }
@@ -830,11 +865,14 @@ impl<'a> Trainer<'a> {
             losses.push(loss.detach().to_dtype(DType::F64)?, |x: Tensor, y| x + y)?;
             self.window.images += n as u64;
         }
-        let store = match (store, grads) {
+        let mut store = match (store, grads) {
             (Some(s), _) => s,
             (None, Some(acc)) => acc.into_store()?,
             (None, None) => unreachable!("the accumulator is taken only with a store"),
         };
+        if cursor.epoch < self.opts.recipe.finetune.freeze_trunk_epochs as u64 {
+            finetune::drop_trunk_grads(&mut store, &self.trainable);
+        }
         // Queued, not waited for: on a GPU the report is read only for a metrics line.
         self.optimizer.queue_step(&store, lr)?;
         self.step += 1;

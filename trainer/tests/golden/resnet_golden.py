@@ -1,7 +1,8 @@
 """Golden data for trainer/tests/resnet_golden.rs, from timm 0.5.4 (torch 2.5.1 CPU, float32).
 
-Run from the repository root with the golden venv:
-    /work/.venv-golden/bin/python trainer/tests/golden/resnet_golden.py
+Run from the repository root with torch 2.5.1 and timm 0.5.4 (scripts/bench-cpu-vs-torch.sh
+installs them into .venv-torch):
+    .venv-torch/bin/python trainer/tests/golden/resnet_golden.py
 It writes, next to this script:
   resnet_keys.json       state_dict keys and shapes of every model name the trainer knows
   resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05, and a
@@ -26,8 +27,28 @@ import torch
 
 OUT = os.path.dirname(os.path.abspath(__file__))
 NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d", "seresnet50",
-         "resnext50_32x4d"]
-FORWARD_NAMES = ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnext50_32x4d"]
+         "resnext50_32x4d", "ecaresnet50t", "ecaresnet269d", "senet154"]
+# "NAME@1111": timm's NAME with one block per stage (ResNet built from the same arguments as
+# timm's `NAME` function in resnet.py, but layers=[1, 1, 1, 1]), for the deep networks whose
+# full forward would make the test slow; their full key lists are in resnet_keys.json.
+FORWARD_NAMES = ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnext50_32x4d",
+                 "ecaresnet50t", "ecaresnet269d@1111", "senet154@1111"]
+# The arguments of timm 0.5.4's resnet.py model functions, for the "@1111" variants.
+SHALLOW_ARGS = {
+    "ecaresnet269d": dict(stem_width=32, stem_type="deep", avg_down=True,
+                          block_args=dict(attn_layer="eca")),
+    "senet154": dict(cardinality=64, base_width=4, stem_type="deep", down_kernel_size=3,
+                     block_reduce_first=2, block_args=dict(attn_layer="se")),
+}
+
+
+def create(name, **kwargs):
+    """timm.create_model(name), or for "NAME@1111" the shallow variant of NAME."""
+    if name.endswith("@1111"):
+        from timm.models.resnet import Bottleneck, ResNet
+        base = name[:-len("@1111")]
+        return ResNet(block=Bottleneck, layers=[1, 1, 1, 1], **SHALLOW_ARGS[base], **kwargs)
+    return timm.create_model(name, **kwargs)
 NUM_CLASSES = 10
 INPUT_SHAPE = (2, 3, 64, 64)
 M64 = (1 << 64) - 1
@@ -64,6 +85,8 @@ def golden_value(name, shape):
     elif last == "weight" and len(shape) == 4:  # conv: He-uniform on fan_in
         fan_in = shape[1] * shape[2] * shape[3]
         v = s * math.sqrt(6.0 / fan_in)
+    elif last == "weight" and len(shape) == 3:  # ECA's conv1d: He-uniform on fan_in
+        v = s * math.sqrt(6.0 / (shape[1] * shape[2]))
     elif last == "weight" and len(shape) == 2:  # fc
         v = s / math.sqrt(shape[1])
     elif last == "weight":  # BN gamma
@@ -167,7 +190,7 @@ def drop_path_probs():
 def forward(name, dtype):
     """Values are rounded to float32 first, then computed in `dtype` (float32 or float64)."""
     torch.manual_seed(0)
-    m = timm.create_model(name, num_classes=NUM_CLASSES)
+    m = create(name, num_classes=NUM_CLASSES)
     fill(m)
     m = m.to(dtype)
     x = torch.from_numpy(hashed("input", int(np.prod(INPUT_SHAPE))).reshape(INPUT_SHAPE).astype(np.float32))

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
     const int seed_index[n] = {0, 3, 5, 6, 1, 2, 4};  // index in cuda_lamb.rs's PARAMS
     float wds[n];
     int adapt[n];
+    double lr_scales[n];
     std::vector<u64> offsets(n);
     std::vector<std::vector<float>> params(n);
     size_t total = 0;
@@ -49,6 +50,7 @@ int main(int argc, char** argv) {
         total += numel[i];
         wds[i] = i < 4 ? (float)wd0 : 0.0f;
         adapt[i] = (i < 4 && wd0 != 0.0) || always_adapt;
+        lr_scales[i] = i < 4 ? 1.0 : 0.25;  // the second group steps at a quarter of the rate
         rng_state = 1000 + seed_index[i];
         params[i].resize(numel[i]);
         for (auto& x : params[i]) x = uniform();
@@ -111,7 +113,8 @@ int main(int argc, char** argv) {
         if (bias_correction) { bc1 = 1.0 - std::pow(beta1, t); bc2 = 1.0 - std::pow(beta2, t); }
         float inv_bc1 = (float)(1.0 / bc1), inv_bc2_sqrt = (float)(1.0 / std::sqrt(bc2));
         float b1 = (float)beta1, b2 = (float)beta2, b3 = (float)beta3;
-        float one_minus_b2 = (float)(1.0 - beta2), eps = (float)eps_d, lr = (float)lrs[k];
+        float one_minus_b2 = (float)(1.0 - beta2), eps = (float)eps_d;
+        double lr = lrs[k];
 
         launch("lamb_grad_sumsq", num_chunks, 256, [&] { lamb_grad_sumsq(chunks.data(), grad_ptrs.data(), grad_partial.data()); });
         launch("lamb_global_norm", 1, 256, [&] { lamb_global_norm(grad_partial.data(), num_chunks, has_max, 1.0, scalars); });
@@ -123,7 +126,8 @@ int main(int argc, char** argv) {
         launch("lamb_apply", num_chunks, 256, [&] {
             lamb_apply(chunks.data(), tensor_chunks.data(), param_ptrs.data(), grad_ptrs.data(),
                        offsets.data(), wds, adapt, m.data(), v.data(), scalars, w_sumsq.data(),
-                       u_sumsq.data(), inv_bc1, inv_bc2_sqrt, eps, lr, trust_clip);
+                       u_sumsq.data(), inv_bc1, inv_bc2_sqrt, eps, lr, lr_scales,
+                       trust_clip);
         });
         if (scalars[3] == 0.0) step++;
         auto out = flat_params();

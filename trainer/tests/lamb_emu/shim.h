@@ -12,6 +12,7 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 // A launch of `grid` blocks of `threads` threads running `kernel` (every LAMB kernel
 // synchronises, so the threads always run as fibers).

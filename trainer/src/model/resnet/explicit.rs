@@ -241,7 +241,7 @@ impl ResNet {
             return Some("it needs the channels-last layout");
         }
         if self.blocks.iter().any(|b| b.se.is_some()) {
-            return Some("squeeze-excite blocks are not supported");
+            return Some("channel attention (squeeze-excite, ECA) is not supported");
         }
         let pooled = |b: &Block| b.downsample.as_ref().is_some_and(|d| d.avg_pool);
         if self.blocks.iter().any(pooled) {
