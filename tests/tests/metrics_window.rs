@@ -57,10 +57,10 @@ fn recipe(log_every: u64) -> Recipe {
 
 fn options(recipe: &Recipe, data: &Path, run_dir: &Path) -> TrainOptions {
     let mut o = TrainOptions::new(recipe.clone(), data, run_dir);
-    o.model = Some(ResNetConfig {
+    o.model = Some(trainer::model::NetConfig::ResNet(ResNetConfig {
         layers: [1, 1, 1, 1],
         ..ResNetConfig::by_name("resnet18").unwrap()
-    });
+    }));
     o.progress = Progress::Quiet;
     o
 }

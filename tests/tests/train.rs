@@ -76,7 +76,7 @@ fn short_a3(epochs: u32, micro: u32, accum: u32) -> Recipe {
 
 fn options(recipe: Recipe, data: &Path, run_dir: &Path) -> TrainOptions {
     let mut o = TrainOptions::new(recipe, data, run_dir);
-    o.model = Some(tiny_net());
+    o.model = Some(tiny_net().into());
     o.progress = Progress::Quiet;
     o
 }
@@ -813,4 +813,40 @@ fn batchnorm_statistics_are_re_estimated_on_the_new_data() {
     assert!(train(&o).unwrap().steps > 0);
     let toml = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap();
     assert!(toml.contains("bn_reestimate_batches = 2"), "{toml}");
+}
+
+/// Another family through the same trainer: a RegNetY trains (and evaluates) from `model.name`,
+/// and a fine-tuning run from its checkpoint replaces its classifier (`head.fc`) for a new class
+/// count, the trunk loaded.
+#[test]
+fn a_regnet_trains_and_fine_tunes_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
+    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1)
+        .with_overrides(&["model.name=\"regnety_002\""])
+        .unwrap();
+    let pre = dir.path().join("pre");
+    let mut o = TrainOptions::new(recipe.clone(), &three, &pre);
+    o.progress = Progress::Quiet;
+    let s = train(&o).unwrap();
+    assert!(s.steps > 0);
+    let weights = latest_weights(&pre);
+    let saved = load(&weights);
+    assert!(saved.contains_key("s4.b1.se.fc1.weight") && saved.contains_key("head.fc.weight"));
+    assert_eq!(saved["head.fc.weight"].dims()[0], 3);
+
+    let ft = dir.path().join("ft");
+    let mut o = TrainOptions::new(recipe, &four, &ft);
+    o.progress = Progress::Quiet;
+    o.init_from = Some(weights);
+    assert!(train(&o).unwrap().steps > 0);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("init-from.json")).unwrap()).unwrap();
+    assert_eq!(
+        rec["replaced"],
+        serde_json::json!(["head.fc.weight", "head.fc.bias"])
+    );
+    let lines = metric_lines(&ft);
+    assert!(lines.iter().any(|l| l.get("top1").is_some()));
 }

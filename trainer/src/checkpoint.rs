@@ -310,8 +310,9 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
     load_weights_replacing(varmap, path, &[]).map(|_| ())
 }
 
-/// The classifier of the ResNets (timm's names): what fine-tuning replaces.
-pub const CLASSIFIER: [&str; 2] = ["fc.weight", "fc.bias"];
+/// The classifiers of the supported families (timm's names: `fc` in the ResNets, `head.fc` in
+/// the RegNets): what fine-tuning replaces. A network has one of the pairs.
+pub const CLASSIFIER: [&str; 4] = ["fc.weight", "fc.bias", "head.fc.weight", "head.fc.bias"];
 
 /// [`load_weights`] for fine-tuning: the tensors named in `replaceable` (the classifier) are
 /// left as initialised when the file's shapes differ from the network's (another class count),

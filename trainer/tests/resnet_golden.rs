@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde_json::Value;
 use trainer::model::drop_path::drop_path_scales;
-use trainer::model::{is_running_stat, ResNet, ResNetConfig};
+use trainer::model::{is_running_stat, NetConfig, ResNet, ResNetConfig, MODEL_NAMES};
 
 fn json(text: &str) -> Value {
     serde_json::from_str(text).expect("golden JSON parses")
@@ -97,7 +97,7 @@ fn names_and_shapes_equal_timm_state_dict() -> Result<()> {
     let models = golden["models"].as_object().unwrap();
     assert_eq!(
         models.keys().collect::<std::collections::BTreeSet<_>>(),
-        ResNetConfig::NAMES
+        MODEL_NAMES
             .iter()
             .map(|s| s.to_string())
             .collect::<Vec<_>>()
@@ -119,7 +119,7 @@ fn names_and_shapes_equal_timm_state_dict() -> Result<()> {
             })
             .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
             .collect();
-        let cfg = ResNetConfig::by_name(name).unwrap();
+        let cfg = NetConfig::by_name(name).unwrap();
         // Zero tensors are calloc'd, so even ResNet-152 builds in milliseconds.
         let model = cfg.build(VarBuilder::zeros(DType::F32, &Device::Cpu))?;
         let got: Vec<(String, Vec<usize>)> = model
@@ -163,7 +163,7 @@ fn drop_path_schedule_equals_timm() {
 }
 
 /// `cfg` with every tensor set to the script's `golden_value`, rounded to f32, in `dtype`.
-fn golden_model(cfg: &ResNetConfig, dtype: DType) -> Result<ResNet> {
+fn golden_model(cfg: &NetConfig, dtype: DType) -> Result<ResNet> {
     let varmap = VarMap::new();
     let model = cfg.build(VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu))?;
     for p in model.params() {
@@ -218,7 +218,7 @@ fn seeded_drop_path_forward_equals_timm_with_the_same_masks() -> Result<()> {
         assert_eq!(got, want, "block {k}");
     }
 
-    let model = golden_model(&cfg, DType::F64)?;
+    let model = golden_model(&cfg.into(), DType::F64)?;
     let xs = raw("input", &in_shape, DType::F64)?;
     let logits = flat_t(&model.forward_train(&xs, seed)?)?;
     let diff = max_abs_diff(&logits, &flat(&g["train_logits_f64"]));
@@ -299,13 +299,14 @@ fn parity(name: &str, dtype: DType) -> Result<Parity> {
 
 /// The network of a golden entry: a timm name, or `NAME@1111`, NAME with one block per stage
 /// (the script builds timm's ResNet from NAME's arguments with `layers=[1, 1, 1, 1]`).
-fn golden_config(name: &str) -> ResNetConfig {
+fn golden_config(name: &str) -> NetConfig {
     match name.strip_suffix("@1111") {
         Some(base) => ResNetConfig {
             layers: [1, 1, 1, 1],
             ..ResNetConfig::by_name(base).unwrap()
-        },
-        None => ResNetConfig::by_name(name).unwrap(),
+        }
+        .into(),
+        None => NetConfig::by_name(name).unwrap(),
     }
 }
 
@@ -393,6 +394,20 @@ fn ecaresnet50t_matches_timm() -> Result<()> {
 #[test]
 fn ecaresnet269d_blocks_match_timm() -> Result<()> {
     check("ecaresnet269d@1111")
+}
+
+/// RegNetY-200MF: the RegNet stem (3x3/2, no max-pool), grouped bottlenecks of group width 8,
+/// squeeze-excitation after the 3x3 at a quarter of the block's input width, 1x1 strided
+/// shortcuts, `head.fc` with timm's init.
+#[test]
+fn regnety_002_matches_timm() -> Result<()> {
+    check("regnety_002")
+}
+
+/// RegNetY-4GF (Table 3).
+#[test]
+fn regnety_040_matches_timm() -> Result<()> {
+    check("regnety_040")
 }
 
 /// SENet-154's blocks at one block per stage: 64 groups, the first conv at half width

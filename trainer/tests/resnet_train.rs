@@ -81,6 +81,9 @@ fn timm_init_statistics() -> Result<()> {
                 ParamKind::ConvBias { .. } | ParamKind::Conv1dWeight { .. } => {
                     unreachable!("no channel attention in this config")
                 }
+                ParamKind::LinearWeightNormal | ParamKind::ZeroBias => {
+                    unreachable!("RegNet's head, not in a ResNet")
+                }
             }
         }
     }

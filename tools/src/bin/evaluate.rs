@@ -26,7 +26,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use serde_json::json;
-use trainer::model::{ActivationLayout, ResNetConfig};
+use trainer::model::{ActivationLayout, NetConfig};
 use trainer::recipe::{Interpolation, Recipe};
 use trainer::train;
 
@@ -180,7 +180,7 @@ fn run(args: Args) -> Result<()> {
 
     let dev = tools::bench::parse_device(&args.device)?;
     let (split, classes) = train::open_split(&args.data, &args.split)?;
-    let cfg = ResNetConfig::by_name(&model_name)?;
+    let cfg = NetConfig::by_name(&model_name)?;
     let base = recipe.map(|(_, r)| r).unwrap_or_else(Recipe::a1);
     let real = match &args.real_labels {
         Some(path) => {

@@ -46,7 +46,7 @@ use clap::Parser;
 use serde_json::json;
 use trainer::feed::Feed;
 use trainer::loss::Targets;
-use trainer::model::{ActivationLayout, BackwardMode, ResNetConfig};
+use trainer::model::{ActivationLayout, BackwardMode, NetConfig};
 use trainer::optim::param_groups;
 use trainer::recipe::Recipe;
 
@@ -191,7 +191,7 @@ fn bench(
         bail!("--batch-size must be at least 2 and --steps at least 1")
     }
     let recipe = Recipe::a1();
-    let cfg = ResNetConfig::by_name(&args.model)?
+    let cfg = NetConfig::by_name(&args.model)?
         .with_num_classes(args.num_classes)
         .with_drop_path_rate(recipe.model.drop_path_rate);
     let varmap = VarMap::new();

@@ -1,4 +1,5 @@
-//! Models: the timm ResNet family with PyTorch BatchNorm, stochastic depth and timm init.
+//! Models: timm's ResNet family (`resnet.py`) and RegNetY (`regnet.py`), with PyTorch BatchNorm,
+//! stochastic depth and timm init; [`NetConfig::by_name`] takes any of [`MODEL_NAMES`].
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -24,9 +25,119 @@ pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
 pub use resnet::{
-    ActivationLayout, Attention, BackwardMode, BlockKind, GradHook, ResNet, ResNetConfig, StemKind,
-    TrainPass,
+    ActivationLayout, Attention, BackwardMode, BlockKind, GradHook, RegNetConfig, RegNetStage,
+    ResNet, ResNetConfig, StemKind, TrainPass,
 };
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+
+/// Every model name [`NetConfig::by_name`] accepts: [`ResNetConfig::NAMES`], then
+/// [`RegNetConfig::NAMES`].
+pub const MODEL_NAMES: &[&str] = &[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50d",
+    "seresnet50",
+    "resnext50_32x4d",
+    "ecaresnet50t",
+    "ecaresnet269d",
+    "senet154",
+    "regnety_002",
+    "regnety_040",
+    "regnety_080",
+    "regnety_160",
+    "regnety_320",
+];
+
+/// A network of any supported family, by timm name: each family has its own configuration
+/// (timm's arguments), and all build the same residual network type, [`ResNet`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetConfig {
+    /// timm `resnet.py` (ResNet, ResNet-D, SE-ResNet, ResNeXt, ECA-ResNet, SENet).
+    ResNet(ResNetConfig),
+    /// timm `regnet.py` (RegNetY).
+    RegNet(RegNetConfig),
+}
+
+impl From<ResNetConfig> for NetConfig {
+    fn from(c: ResNetConfig) -> Self {
+        NetConfig::ResNet(c)
+    }
+}
+
+impl From<RegNetConfig> for NetConfig {
+    fn from(c: RegNetConfig) -> Self {
+        NetConfig::RegNet(c)
+    }
+}
+
+impl NetConfig {
+    /// timm's architecture `name` with 1000 classes and no stochastic depth; an unknown name is
+    /// an error listing [`MODEL_NAMES`].
+    pub fn by_name(name: &str) -> Result<Self, ModelError> {
+        if let Ok(c) = ResNetConfig::by_name(name) {
+            return Ok(c.into());
+        }
+        if let Ok(c) = RegNetConfig::by_name(name) {
+            return Ok(c.into());
+        }
+        Err(ModelError::UnknownModel {
+            name: name.to_string(),
+            known: MODEL_NAMES,
+        })
+    }
+
+    /// The same network with `num_classes` outputs.
+    pub fn with_num_classes(self, num_classes: usize) -> Self {
+        match self {
+            NetConfig::ResNet(c) => c.with_num_classes(num_classes).into(),
+            NetConfig::RegNet(c) => c.with_num_classes(num_classes).into(),
+        }
+    }
+
+    /// The same network with stochastic depth `rate` at the last block.
+    pub fn with_drop_path_rate(self, rate: f64) -> Self {
+        match self {
+            NetConfig::ResNet(c) => c.with_drop_path_rate(rate).into(),
+            NetConfig::RegNet(c) => c.with_drop_path_rate(rate).into(),
+        }
+    }
+
+    /// Classifier outputs.
+    pub fn num_classes(&self) -> usize {
+        match self {
+            NetConfig::ResNet(c) => c.num_classes,
+            NetConfig::RegNet(c) => c.num_classes,
+        }
+    }
+
+    /// Builds the network from `vb` (tensors named as timm's `state_dict`).
+    pub fn build(&self, vb: VarBuilder) -> candle_core::Result<ResNet> {
+        match self {
+            NetConfig::ResNet(c) => c.build(vb),
+            NetConfig::RegNet(c) => c.build(vb),
+        }
+    }
+
+    /// A freshly initialised network (timm's init, a function of `seed`) in `varmap`.
+    pub fn build_seeded(
+        &self,
+        varmap: &VarMap,
+        seed: u64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<ResNet> {
+        match self {
+            NetConfig::ResNet(c) => c.build_seeded(varmap, seed, dtype, device),
+            NetConfig::RegNet(c) => c.build_seeded(varmap, seed, dtype, device),
+        }
+    }
+}
 
 /// Errors of model selection.
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,10 @@ pub enum ParamKind {
     },
     /// Linear weight `[out, in]`: PyTorch default `U(±1/sqrt(in))`.
     LinearWeight,
+    /// Linear weight `[out, in]` of timm RegNet's head: `N(0, 0.01²)`.
+    LinearWeightNormal,
+    /// A bias timm zero-initialises (RegNet's head).
+    ZeroBias,
     /// Linear bias `[out]`: PyTorch default `U(±1/sqrt(in))`.
     LinearBias {
         /// Input features of the layer.
@@ -87,7 +91,8 @@ pub fn name_hash(name: &str) -> u64 {
     })
 }
 
-/// The values timm's `ResNet.init_weights` (v0.5.4) gives a tensor of `kind` and `shape`,
+/// The values timm's `ResNet.init_weights` and `RegNet.__init__` (v0.5.4) give a tensor of
+/// `kind` and `shape`,
 /// drawn from `rng` (row-major order).
 pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng) -> Vec<f32> {
     let len: usize = shape.iter().product();
@@ -106,6 +111,8 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
         | ParamKind::LinearBias { fan_in }
         | ParamKind::Conv1dWeight { fan_in } => uniform(rng, 1.0 / (fan_in as f64).sqrt()),
         ParamKind::LinearWeight => uniform(rng, 1.0 / (shape[1] as f64).sqrt()),
+        ParamKind::LinearWeightNormal => (0..len).map(|_| (rng.normal() * 0.01) as f32).collect(),
+        ParamKind::ZeroBias => vec![0.0; len],
         ParamKind::BnWeight { zero_init: true } | ParamKind::BnBias | ParamKind::BnRunningMean => {
             vec![0.0; len]
         }

@@ -12,11 +12,13 @@ use serde::{Deserialize, Serialize};
 use super::batch_norm::BatchNorm2d;
 use super::drop_path::{drop_path, drop_path_rates};
 use super::params::{init_timm, Param, ParamKind};
-use super::ModelError;
+use super::{ModelError, NetConfig};
 use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 
 mod explicit;
+mod regnet;
 pub use explicit::{BackwardMode, GradHook, TrainPass};
+pub use regnet::{RegNetConfig, RegNetStage};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -487,7 +489,11 @@ impl SqueezeExcite {
     }
 
     fn new(b: &mut Builder, vb: &VarBuilder, channels: usize) -> Result<Self> {
-        let rd = Self::reduced_channels(channels);
+        Self::with_reduced(b, vb, channels, Self::reduced_channels(channels))
+    }
+
+    /// An SE module whose squeeze has `rd` channels (RegNet: a quarter of the block's input).
+    fn with_reduced(b: &mut Builder, vb: &VarBuilder, channels: usize, rd: usize) -> Result<Self> {
         Ok(Self {
             fc1: b.conv(&vb.pp("fc1"), channels, rd, 1, 1, 1, true)?,
             fc2: b.conv(&vb.pp("fc2"), rd, channels, 1, 1, 1, true)?,
@@ -602,6 +608,9 @@ impl Downsample {
 struct Block {
     branch: Vec<(Conv, BatchNorm2d)>,
     se: Option<BlockAttn>,
+    /// The attention follows `branch[attn_after]` (the last pair in a ResNet, the grouped 3x3
+    /// in a RegNet).
+    attn_after: usize,
     downsample: Option<Downsample>,
     drop_prob: f64,
     index: usize,
@@ -640,9 +649,9 @@ impl Block {
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
             let relu = i + 1 < self.branch.len();
             ys = bn_act(bn, &conv.forward_ctx(&ys, ctx)?, ctx, relu)?;
-        }
-        if let Some(se) = &self.se {
-            ys = se.forward(&ys, ctx)?;
+            if let (Some(se), true) = (&self.se, i == self.attn_after) {
+                ys = se.forward(&ys, ctx)?;
+            }
         }
         if ctx.train && self.drop_prob > 0.0 {
             let Some(seed) = ctx.drop_path_seed else {
@@ -665,7 +674,8 @@ impl Block {
 /// The input stem: conv(s) and BNs up to `bn1`; ReLU and the 3x3/2 max-pool follow.
 #[derive(Clone, Debug)]
 enum Stem {
-    Conv7x7(Conv),
+    /// One conv (ResNet's 7x7/2, RegNet's 3x3/2).
+    Single(Conv),
     /// The deep and tiered stems: two conv-BN-ReLU, then a conv.
     Deep([(Conv, BatchNorm2d); 2], Conv),
 }
@@ -673,9 +683,11 @@ enum Stem {
 /// A timm ResNet. Build it with [`ResNetConfig::build`] or [`ResNetConfig::build_seeded`].
 #[derive(Debug)]
 pub struct ResNet {
-    config: ResNetConfig,
+    config: NetConfig,
     stem: Stem,
     bn1: BatchNorm2d,
+    /// The 3x3/2 max-pool after the stem (ResNet; not RegNet).
+    max_pool: bool,
     blocks: Vec<Block>,
     fc: candle_nn::Linear,
     params: Vec<Param>,
@@ -691,7 +703,7 @@ impl ResNet {
         let (stem, inplanes) = match cfg.stem {
             StemKind::Conv7x7 => {
                 let conv = b.conv(&vb.pp("conv1"), cfg.in_chans, 64, 7, 2, 1, false)?;
-                (Stem::Conv7x7(conv), 64)
+                (Stem::Single(conv), 64)
             }
             StemKind::Deep { .. } | StemKind::DeepTiered { .. } => {
                 let w = cfg.stem.widths();
@@ -786,9 +798,11 @@ impl ResNet {
                     None
                 };
                 let index = blocks.len();
+                let attn_after = branch.len() - 1;
                 blocks.push(Block {
                     branch,
                     se,
+                    attn_after,
                     downsample,
                     drop_prob: drop_probs[index],
                     index,
@@ -812,9 +826,10 @@ impl ResNet {
             ParamKind::LinearBias { fan_in: nf },
         )?;
         Ok(Self {
-            config: cfg.clone(),
+            config: NetConfig::ResNet(cfg.clone()),
             stem,
             bn1,
+            max_pool: true,
             blocks,
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
@@ -838,7 +853,7 @@ impl ResNet {
     }
 
     /// The configuration this network was built from.
-    pub fn config(&self) -> &ResNetConfig {
+    pub fn config(&self) -> &NetConfig {
         &self.config
     }
 
@@ -923,7 +938,7 @@ impl ResNet {
 
     fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let mut ys = match &self.stem {
-            Stem::Conv7x7(conv) => conv_bn(conv, &self.bn1, xs, ctx, true)?,
+            Stem::Single(conv) => conv_bn(conv, &self.bn1, xs, ctx, true)?,
             Stem::Deep(pairs, last) => {
                 let mut ys = xs.clone();
                 for (conv, bn) in pairs {
@@ -932,11 +947,13 @@ impl ResNet {
                 conv_bn(last, &self.bn1, &ys, ctx, true)?
             }
         };
-        ys = if ctx.nhwc {
-            nhwc::max_pool(&ys, 3, 2, 1)?
-        } else {
-            max_pool2d(&ys, 3, 2, 1)?
-        };
+        if self.max_pool {
+            ys = if ctx.nhwc {
+                nhwc::max_pool(&ys, 3, 2, 1)?
+            } else {
+                max_pool2d(&ys, 3, 2, 1)?
+            };
+        }
         for block in &self.blocks {
             ys = block.forward(&ys, ctx)?;
         }

@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use shards::Split;
 
 use crate::dist::{Collective, SingleRank, ThreadGroup};
-use crate::model::{BackwardMode, ResNet, ResNetConfig};
+use crate::model::{BackwardMode, NetConfig, ResNet};
 use crate::recipe::{Interpolation, Recipe};
 
 mod eval;
@@ -159,7 +159,7 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Network to use instead of `recipe.model.name` (tests use smaller ones). Its class count
     /// and drop-path rate are still set from the recipe and the data.
-    pub model: Option<ResNetConfig>,
+    pub model: Option<NetConfig>,
     /// Stop after this many optimizer updates in all (an interruption, for tests); the last
     /// periodic checkpoint is what a resume starts from.
     pub max_steps: Option<u64>,
@@ -369,13 +369,13 @@ pub fn open_split(dir: &Path, name: &str) -> Result<(Arc<Split>, usize)> {
 /// from the run seed, with its tensors in a new `VarMap`.
 pub fn build_model(
     recipe: &Recipe,
-    model: Option<&ResNetConfig>,
+    model: Option<&(impl Clone + Into<NetConfig>)>,
     num_classes: usize,
     device: &Device,
 ) -> Result<(VarMap, ResNet)> {
     let cfg = match model {
-        Some(c) => c.clone(),
-        None => ResNetConfig::by_name(&recipe.model.name)?,
+        Some(c) => c.clone().into(),
+        None => NetConfig::by_name(&recipe.model.name)?,
     }
     .with_num_classes(num_classes)
     .with_drop_path_rate(recipe.model.drop_path_rate);

@@ -240,6 +240,9 @@ impl ResNet {
         if self.layout != ActivationLayout::Nhwc {
             return Some("it needs the channels-last layout");
         }
+        if !self.max_pool {
+            return Some("a stem without max-pool (RegNet) is not supported");
+        }
         if self.blocks.iter().any(|b| b.se.is_some()) {
             return Some("channel attention (squeeze-excite, ECA) is not supported");
         }
@@ -302,7 +305,7 @@ impl ResNet {
         let mut stem = Vec::new();
         let mut ys = xs.clone();
         match &self.stem {
-            Stem::Conv7x7(conv) => {
+            Stem::Single(conv) => {
                 let (y, t) = conv_bn(conv, &self.bn1, &ys, true)?;
                 stem.push(t);
                 ys = y;
@@ -359,7 +362,7 @@ impl ResNet {
         d = nhwc::max_pool_backward(&pool, &d)?;
         drop(pool);
         let layers: Vec<(&Conv, &BatchNorm2d)> = match &self.stem {
-            Stem::Conv7x7(conv) => vec![(conv, &self.bn1)],
+            Stem::Single(conv) => vec![(conv, &self.bn1)],
             Stem::Deep(pairs, last) => pairs
                 .iter()
                 .map(|(c, b)| (c, b))
