@@ -648,7 +648,8 @@ impl Block {
         let mut ys = xs.clone();
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
             let relu = i + 1 < self.branch.len();
-            ys = bn_act(bn, &conv.forward_ctx(&ys, ctx)?, ctx, relu)?;
+            // conv_bn: in a channels-last evaluation the BatchNorm is folded into the conv.
+            ys = conv_bn(conv, bn, &ys, ctx, relu)?;
             if let (Some(se), true) = (&self.se, i == self.attn_after) {
                 ys = se.forward(&ys, ctx)?;
             }
