@@ -557,15 +557,7 @@ fn a_stop_request_stops_every_rank_after_the_same_update() {
 fn a_fine_tuning_run_starts_from_the_given_weights() {
     use trainer::checkpoint::{load_weights_replacing, CLASSIFIER};
     let dir = tempfile::tempdir().unwrap();
-    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
-    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
-    let recipe = short_a3(2, 4, 1);
-    let pre = dir.path().join("pre");
-    train(&options(recipe.clone(), &three, &pre)).unwrap();
-    let latest = std::fs::read_to_string(pre.join("checkpoints/latest")).unwrap();
-    let weights = pre
-        .join("checkpoints")
-        .join(format!("{}.safetensors", latest.trim()));
+    let (four, recipe, weights) = pretrained_on_three(dir.path());
     let saved = load(&weights);
 
     // 4 classes: the trunk is the checkpoint's, the classifier a fresh init.
@@ -640,6 +632,17 @@ fn bits_equal(a: &Tensor, b: &Tensor) -> bool {
     a.dims() == b.dims() && f(a) == f(b)
 }
 
+/// The fine-tuning tests' start: a 3-class set and a 4-class set under `dir`, a short A3 run on
+/// the 3 classes; returns the 4-class shards, the recipe and the run's latest weights.
+fn pretrained_on_three(dir: &Path) -> (PathBuf, Recipe, PathBuf) {
+    let three = shard_set(&dir.join("three"), 3, 8, 2);
+    let four = shard_set(&dir.join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1);
+    let pre = dir.join("pre");
+    train(&options(recipe.clone(), &three, &pre)).unwrap();
+    (four, recipe, latest_weights(&pre))
+}
+
 /// The weights of the latest checkpoint of a run.
 fn latest_weights(run_dir: &Path) -> PathBuf {
     let latest = std::fs::read_to_string(run_dir.join("checkpoints/latest")).unwrap();
@@ -656,12 +659,7 @@ fn latest_weights(run_dir: &Path) -> PathBuf {
 fn a_frozen_trunk_stays_as_loaded_and_a_lower_rate_moves_it_less() {
     use trainer::model::is_running_stat;
     let dir = tempfile::tempdir().unwrap();
-    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
-    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
-    let recipe = short_a3(2, 4, 1);
-    let pre = dir.path().join("pre");
-    train(&options(recipe.clone(), &three, &pre)).unwrap();
-    let weights = latest_weights(&pre);
+    let (four, recipe, weights) = pretrained_on_three(dir.path());
     let saved = load(&weights);
     let (fresh, _) =
         trainer::train::build_model(&recipe, Some(&tiny_net()), 4, &Device::Cpu).unwrap();

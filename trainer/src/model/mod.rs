@@ -1,5 +1,5 @@
 //! Models: timm's ResNet family (`resnet.py`) and RegNetY (`regnet.py`), with PyTorch BatchNorm,
-//! stochastic depth and timm init; [`NetConfig::by_name`] takes any of [`MODEL_NAMES`].
+//! stochastic depth and timm init; [`NetConfig::by_name`] takes any of [`model_names`].
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -34,24 +34,13 @@ use candle_nn::{VarBuilder, VarMap};
 
 /// Every model name [`NetConfig::by_name`] accepts: [`ResNetConfig::NAMES`], then
 /// [`RegNetConfig::NAMES`].
-pub const MODEL_NAMES: &[&str] = &[
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnet50d",
-    "seresnet50",
-    "resnext50_32x4d",
-    "ecaresnet50t",
-    "ecaresnet269d",
-    "senet154",
-    "regnety_002",
-    "regnety_040",
-    "regnety_080",
-    "regnety_160",
-    "regnety_320",
-];
+pub fn model_names() -> Vec<&'static str> {
+    ResNetConfig::NAMES
+        .iter()
+        .chain(RegNetConfig::NAMES)
+        .copied()
+        .collect()
+}
 
 /// A network of any supported family, by timm name: each family has its own configuration
 /// (timm's arguments), and all build the same residual network type, [`ResNet`].
@@ -78,7 +67,7 @@ impl From<RegNetConfig> for NetConfig {
 
 impl NetConfig {
     /// timm's architecture `name` with 1000 classes and no stochastic depth; an unknown name is
-    /// an error listing [`MODEL_NAMES`].
+    /// an error listing [`model_names`].
     pub fn by_name(name: &str) -> Result<Self, ModelError> {
         if let Ok(c) = ResNetConfig::by_name(name) {
             return Ok(c.into());
@@ -88,7 +77,7 @@ impl NetConfig {
         }
         Err(ModelError::UnknownModel {
             name: name.to_string(),
-            known: MODEL_NAMES,
+            known: model_names(),
         })
     }
 
@@ -124,7 +113,8 @@ impl NetConfig {
         }
     }
 
-    /// A freshly initialised network (timm's init, a function of `seed`) in `varmap`.
+    /// A freshly initialised network (timm's init, a function of `seed`) whose tensors live
+    /// in `varmap` under their timm names, in `dtype` on `device`.
     pub fn build_seeded(
         &self,
         varmap: &VarMap,
@@ -132,10 +122,9 @@ impl NetConfig {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<ResNet> {
-        match self {
-            NetConfig::ResNet(c) => c.build_seeded(varmap, seed, dtype, device),
-            NetConfig::RegNet(c) => c.build_seeded(varmap, seed, dtype, device),
-        }
+        let model = self.build(VarBuilder::from_varmap(varmap, dtype, device))?;
+        model.init_timm(seed)?;
+        Ok(model)
     }
 }
 
@@ -148,6 +137,6 @@ pub enum ModelError {
         /// The name asked for.
         name: String,
         /// Every name that is accepted.
-        known: &'static [&'static str],
+        known: Vec<&'static str>,
     },
 }

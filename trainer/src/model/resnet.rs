@@ -204,7 +204,7 @@ impl ResNetConfig {
             _ => {
                 return Err(ModelError::UnknownModel {
                     name: name.to_string(),
-                    known: Self::NAMES,
+                    known: Self::NAMES.to_vec(),
                 })
             }
         })
@@ -276,8 +276,8 @@ impl ResNetConfig {
         ResNet::new(self, vb)
     }
 
-    /// A freshly initialised network (timm init, a function of `seed`) whose tensors live in
-    /// `varmap` under their timm names, in `dtype` on `device`.
+    /// A freshly initialised network (timm init, a function of `seed`) in `varmap`: see
+    /// [`NetConfig::build_seeded`].
     pub fn build_seeded(
         &self,
         varmap: &VarMap,
@@ -285,9 +285,7 @@ impl ResNetConfig {
         dtype: DType,
         device: &Device,
     ) -> Result<ResNet> {
-        let model = self.build(VarBuilder::from_varmap(varmap, dtype, device))?;
-        model.init_timm(seed)?;
-        Ok(model)
+        NetConfig::ResNet(self.clone()).build_seeded(varmap, seed, dtype, device)
     }
 }
 

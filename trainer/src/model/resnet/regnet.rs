@@ -107,7 +107,7 @@ impl RegNetConfig {
             _ => {
                 return Err(ModelError::UnknownModel {
                     name: name.to_string(),
-                    known: Self::NAMES,
+                    known: Self::NAMES.to_vec(),
                 })
             }
         })
@@ -170,7 +170,8 @@ impl RegNetConfig {
         ResNet::new_regnet(self, vb)
     }
 
-    /// A freshly initialised network (timm's init, a function of `seed`) in `varmap`.
+    /// A freshly initialised network (timm's init, a function of `seed`) in `varmap`: see
+    /// [`NetConfig::build_seeded`].
     pub fn build_seeded(
         &self,
         varmap: &VarMap,
@@ -178,9 +179,7 @@ impl RegNetConfig {
         dtype: DType,
         device: &Device,
     ) -> Result<ResNet> {
-        let model = self.build(VarBuilder::from_varmap(varmap, dtype, device))?;
-        model.init_timm(seed)?;
-        Ok(model)
+        NetConfig::RegNet(self.clone()).build_seeded(varmap, seed, dtype, device)
     }
 }
 
