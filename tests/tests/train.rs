@@ -813,38 +813,47 @@ fn batchnorm_statistics_are_re_estimated_on_the_new_data() {
     assert!(toml.contains("bn_reestimate_batches = 2"), "{toml}");
 }
 
-/// Another family through the same trainer: a RegNetY trains (and evaluates) from `model.name`,
-/// and a fine-tuning run from its checkpoint replaces its classifier (`head.fc`) for a new class
-/// count, the trunk loaded.
+/// The other families through the same trainer: a RegNetY and an EfficientNet train (and
+/// evaluate) from `model.name`, and a fine-tuning run from the checkpoint replaces the classifier
+/// (`head.fc`, `classifier`) for a new class count, the trunk loaded.
 #[test]
-fn a_regnet_trains_and_fine_tunes_by_name() {
+fn a_regnet_and_an_efficientnet_train_and_fine_tune_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let three = shard_set(&dir.path().join("three"), 3, 8, 2);
     let four = shard_set(&dir.path().join("four"), 4, 6, 2);
-    let recipe = short_a3(2, 4, 1)
-        .with_overrides(&["model.name=\"regnety_002\""])
-        .unwrap();
-    let pre = dir.path().join("pre");
-    let mut o = TrainOptions::new(recipe.clone(), &three, &pre);
-    o.progress = Progress::Quiet;
-    let s = train(&o).unwrap();
-    assert!(s.steps > 0);
-    let weights = latest_weights(&pre);
-    let saved = load(&weights);
-    assert!(saved.contains_key("s4.b1.se.fc1.weight") && saved.contains_key("head.fc.weight"));
-    assert_eq!(saved["head.fc.weight"].dims()[0], 3);
+    for (model, trunk_key, head) in [
+        ("regnety_002", "s4.b1.se.fc1.weight", "head.fc"),
+        (
+            "efficientnet_b0",
+            "blocks.6.0.se.conv_reduce.weight",
+            "classifier",
+        ),
+    ] {
+        let recipe = short_a3(2, 4, 1)
+            .with_overrides(&[format!("model.name=\"{model}\"")])
+            .unwrap();
+        let pre = dir.path().join(model).join("pre");
+        let mut o = TrainOptions::new(recipe.clone(), &three, &pre);
+        o.progress = Progress::Quiet;
+        assert!(train(&o).unwrap().steps > 0, "{model}");
+        let weights = latest_weights(&pre);
+        let saved = load(&weights);
+        assert!(saved.contains_key(trunk_key), "{model}");
+        assert_eq!(saved[&format!("{head}.weight")].dims()[0], 3, "{model}");
 
-    let ft = dir.path().join("ft");
-    let mut o = TrainOptions::new(recipe, &four, &ft);
-    o.progress = Progress::Quiet;
-    o.init_from = Some(weights);
-    assert!(train(&o).unwrap().steps > 0);
-    let rec: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(ft.join("init-from.json")).unwrap()).unwrap();
-    assert_eq!(
-        rec["replaced"],
-        serde_json::json!(["head.fc.weight", "head.fc.bias"])
-    );
-    let lines = metric_lines(&ft);
-    assert!(lines.iter().any(|l| l.get("top1").is_some()));
+        let ft = dir.path().join(model).join("ft");
+        let mut o = TrainOptions::new(recipe, &four, &ft);
+        o.progress = Progress::Quiet;
+        o.init_from = Some(weights);
+        assert!(train(&o).unwrap().steps > 0, "{model}");
+        let rec: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ft.join("init-from.json")).unwrap()).unwrap();
+        assert_eq!(
+            rec["replaced"],
+            serde_json::json!([format!("{head}.weight"), format!("{head}.bias")]),
+            "{model}"
+        );
+        let lines = metric_lines(&ft);
+        assert!(lines.iter().any(|l| l.get("top1").is_some()), "{model}");
+    }
 }

@@ -311,8 +311,16 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
 }
 
 /// The classifiers of the supported families (timm's names: `fc` in the ResNets, `head.fc` in
-/// the RegNets): what fine-tuning replaces. A network has one of the pairs.
-pub const CLASSIFIER: [&str; 4] = ["fc.weight", "fc.bias", "head.fc.weight", "head.fc.bias"];
+/// the RegNets, `classifier` in the EfficientNets): what fine-tuning replaces. A network has one
+/// of the pairs.
+pub const CLASSIFIER: [&str; 6] = [
+    "fc.weight",
+    "fc.bias",
+    "head.fc.weight",
+    "head.fc.bias",
+    "classifier.weight",
+    "classifier.bias",
+];
 
 /// [`load_weights`] for fine-tuning: the tensors named in `replaceable` (the classifier) are
 /// left as initialised when the file's shapes differ from the network's (another class count),

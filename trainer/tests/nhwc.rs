@@ -23,20 +23,41 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f64> {
 }
 
 /// Asserts every trainable variable has a gradient in both stores, of one shape, within `tol`
-/// relative; returns the worst relative difference.
+/// relative; returns the worst relative difference. A gradient whose norm is below `floor_rel`
+/// times the largest gradient norm of `a` is compared against that floor instead (for gradients
+/// that are zero in exact arithmetic, see `compare_at`); 0 compares every one with itself.
 fn same_gradients(
     name: &str,
     (a, ga): (&ResNet, &GradStore),
     (b, gb): (&ResNet, &GradStore),
     tol: f64,
+    floor_rel: f64,
 ) -> Result<f64> {
+    let norm = |t: &Tensor| -> Result<f64> {
+        t.to_dtype(DType::F64)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f64>()
+            .map(f64::sqrt)
+    };
+    let mut largest = 0f64;
+    for (_, v) in a.trainable_vars()? {
+        if let Some(g) = ga.get(v.as_tensor()) {
+            largest = largest.max(norm(g)?);
+        }
+    }
     let mut worst = 0f64;
     for ((na, va), (_, vb)) in a.trainable_vars()?.iter().zip(b.trainable_vars()?.iter()) {
         let (Some(da), Some(db)) = (ga.get(va.as_tensor()), gb.get(vb.as_tensor())) else {
             panic!("{name}: {na} has no gradient in one of the two")
         };
         assert_eq!(da.dims(), db.dims(), "{name}: {na} gradient shape");
-        let r = rel(db, da)?;
+        let (n, floor) = (norm(da)?, floor_rel * largest);
+        let r = if n < floor {
+            norm(&(db - da)?)? / floor
+        } else {
+            rel(db, da)?
+        };
         worst = worst.max(r);
         assert!(r < tol, "{name}: gradient of {na} differs, rel {r:e}");
     }
@@ -44,8 +65,35 @@ fn same_gradients(
 }
 
 fn same_running_stats(name: &str, a: &ResNet, b: &ResNet, tol: f64) {
+    same_running_stats_floor(name, a, b, tol, 0.0)
+}
+
+/// [`same_running_stats`], a statistic whose norm is below `floor_rel` times the largest one's
+/// compared against that floor (statistics that are zero in exact arithmetic).
+fn same_running_stats_floor(name: &str, a: &ResNet, b: &ResNet, tol: f64, floor_rel: f64) {
+    let norm = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .sqrt()
+    };
+    let largest = a
+        .running_stats()
+        .iter()
+        .map(|(_, t)| norm(t))
+        .fold(0.0, f64::max);
     for ((na, ta), (_, tb)) in a.running_stats().iter().zip(b.running_stats().iter()) {
-        let r = rel(tb, ta).unwrap();
+        let floor = floor_rel * largest;
+        let r = if norm(ta) < floor {
+            norm(&(tb - ta).unwrap()) / floor
+        } else {
+            rel(tb, ta).unwrap()
+        };
         assert!(r < tol, "{name}: running statistic {na} differs, rel {r:e}");
     }
 }
@@ -60,15 +108,18 @@ fn normal(shape: &[usize], seed: u64) -> Result<Tensor> {
 }
 
 fn compare(name: &str, cfg: impl Into<trainer::model::NetConfig>) -> Result<()> {
-    compare_at(name, cfg, 32, 1e-5)
+    compare_at(name, cfg, 32, 1e-5, 0.0)
 }
 
-/// [`compare`] on `size` x `size` images, running statistics within `stats_tol` (relative).
+/// [`compare`] on `size` x `size` images, running statistics within `stats_tol` (relative),
+/// gradients and running statistics below `grad_floor_rel` of the largest against that floor
+/// (see `same_gradients`).
 fn compare_at(
     name: &str,
     cfg: impl Into<trainer::model::NetConfig>,
     size: usize,
     stats_tol: f64,
+    grad_floor_rel: f64,
 ) -> Result<()> {
     let cfg: trainer::model::NetConfig = cfg.into();
     let dev = Device::Cpu;
@@ -98,9 +149,9 @@ fn compare_at(
     // The gradients reach the stem through every BatchNorm of the network, at batches as small
     // as 3 values per channel (layer4 at 1x1): the per-op differences of the CPU kernels
     // (about 1e-7, `tests/cpu_ops.rs`) grow to about 1.2e-4 at the first layers.
-    let worst = same_gradients(name, (&a, &ga), (&b, &gb), 5e-4)?;
+    let worst = same_gradients(name, (&a, &ga), (&b, &gb), 5e-4, grad_floor_rel)?;
     println!("{name}: worst gradient rel {worst:e}");
-    same_running_stats(name, &a, &b, stats_tol);
+    same_running_stats_floor(name, &a, &b, stats_tol, grad_floor_rel);
     let r = rel(&b.forward_eval(&x_nhwc)?, &a.forward_eval(&x)?)?;
     assert!(r < 1e-4, "{name}: eval logits differ, rel {r:e}");
     Ok(())
@@ -165,7 +216,17 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
     // per channel (1x1 maps of 3 images), where train-mode BatchNorm amplifies rounding
     // without bound (observed: 0.26 relative on the logits with every branch switched on).
     // 13 blocks deep instead of 4: running statistics to 1e-4 (observed 1.1e-5).
-    compare_at("regnety_002", regnet, 64, 1e-4)
+    compare_at("regnety_002", regnet, 64, 1e-4, 0.0)?;
+    // EfficientNet-B0: SiLU, depthwise 3x3 and 5x5 convs, adds without activation, conv_head.
+    // The bias of each block's last BN has a zero gradient in exact arithmetic (later train-mode
+    // BatchNorms remove a per-channel shift; `resnet_golden.rs`, `check_with`): both sides
+    // return rounding noise there (observed up to 4.2e-8 of the largest gradient norm in float32
+    // after summing thousands of cancelling terms), compared against 1e-3 of the largest norm;
+    // likewise the running mean of the BN after a 1x1 conv of such a zero-mean activation.
+    let effnet = trainer::model::EfficientNetConfig::by_name("efficientnet_b0")
+        .unwrap()
+        .with_num_classes(4);
+    compare_at("efficientnet_b0", effnet, 64, 1e-4, 1e-3)
 }
 
 /// The explicit training pass (hand-written trunk backward) equals candle's graph on the same
@@ -202,7 +263,7 @@ fn explicit_matches_graph(name: &str, cfg: ResNetConfig) -> Result<()> {
         let loss_a = (la - &target)?.sqr()?.mean_all()?;
         let loss_b = (lb - &target)?.sqr()?.mean_all()?;
         let (ga, gb) = (pa.backward(&loss_a)?, pb.backward(&loss_b)?);
-        let worst = same_gradients(name, (&a, &ga), (&b, &gb), 1e-5)?;
+        let worst = same_gradients(name, (&a, &ga), (&b, &gb), 1e-5, 0.0)?;
         println!("{name} step {step}: worst gradient rel {worst:e}");
         same_running_stats(name, &a, &b, 1e-6);
     }

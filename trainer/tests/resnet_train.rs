@@ -81,8 +81,11 @@ fn timm_init_statistics() -> Result<()> {
                 ParamKind::ConvBias { .. } | ParamKind::Conv1dWeight { .. } => {
                     unreachable!("no channel attention in this config")
                 }
-                ParamKind::LinearWeightNormal | ParamKind::ZeroBias => {
-                    unreachable!("RegNet's head, not in a ResNet")
+                ParamKind::LinearWeightNormal
+                | ParamKind::ZeroBias
+                | ParamKind::ConvWeightGrouped { .. }
+                | ParamKind::LinearWeightFanOut => {
+                    unreachable!("RegNet's and EfficientNet's init, not a ResNet's")
                 }
             }
         }

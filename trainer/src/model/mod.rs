@@ -1,4 +1,5 @@
-//! Models: timm's ResNet family (`resnet.py`) and RegNetY (`regnet.py`), with PyTorch BatchNorm,
+//! Models: timm's ResNet family (`resnet.py`), RegNetY (`regnet.py`) and EfficientNet-B0..B4
+//! (`efficientnet.py`), with PyTorch BatchNorm,
 //! stochastic depth and timm init; [`NetConfig::by_name`] takes any of [`model_names`].
 //!
 //! ```no_run
@@ -25,19 +26,20 @@ pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
 pub use resnet::{
-    ActivationLayout, Attention, BackwardMode, BlockKind, GradHook, RegNetConfig, RegNetStage,
-    ResNet, ResNetConfig, StemKind, TrainPass,
+    ActivationLayout, Attention, BackwardMode, BlockKind, EfficientNetConfig, EfficientNetStage,
+    GradHook, RegNetConfig, RegNetStage, ResNet, ResNetConfig, StemKind, TrainPass,
 };
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 
-/// Every model name [`NetConfig::by_name`] accepts: [`ResNetConfig::NAMES`], then
-/// [`RegNetConfig::NAMES`].
+/// Every model name [`NetConfig::by_name`] accepts: [`ResNetConfig::NAMES`],
+/// [`RegNetConfig::NAMES`], then [`EfficientNetConfig::NAMES`].
 pub fn model_names() -> Vec<&'static str> {
     ResNetConfig::NAMES
         .iter()
         .chain(RegNetConfig::NAMES)
+        .chain(EfficientNetConfig::NAMES)
         .copied()
         .collect()
 }
@@ -51,6 +53,14 @@ pub enum NetConfig {
     ResNet(ResNetConfig),
     /// timm `regnet.py` (RegNetY).
     RegNet(RegNetConfig),
+    /// timm `efficientnet.py` (EfficientNet-B0..B4).
+    EfficientNet(EfficientNetConfig),
+}
+
+impl From<EfficientNetConfig> for NetConfig {
+    fn from(c: EfficientNetConfig) -> Self {
+        NetConfig::EfficientNet(c)
+    }
 }
 
 impl From<ResNetConfig> for NetConfig {
@@ -75,6 +85,9 @@ impl NetConfig {
         if let Ok(c) = RegNetConfig::by_name(name) {
             return Ok(c.into());
         }
+        if let Ok(c) = EfficientNetConfig::by_name(name) {
+            return Ok(c.into());
+        }
         Err(ModelError::UnknownModel {
             name: name.to_string(),
             known: model_names(),
@@ -86,6 +99,7 @@ impl NetConfig {
         match self {
             NetConfig::ResNet(c) => c.with_num_classes(num_classes).into(),
             NetConfig::RegNet(c) => c.with_num_classes(num_classes).into(),
+            NetConfig::EfficientNet(c) => c.with_num_classes(num_classes).into(),
         }
     }
 
@@ -94,6 +108,7 @@ impl NetConfig {
         match self {
             NetConfig::ResNet(c) => c.with_drop_path_rate(rate).into(),
             NetConfig::RegNet(c) => c.with_drop_path_rate(rate).into(),
+            NetConfig::EfficientNet(c) => c.with_drop_path_rate(rate).into(),
         }
     }
 
@@ -102,6 +117,7 @@ impl NetConfig {
         match self {
             NetConfig::ResNet(c) => c.num_classes,
             NetConfig::RegNet(c) => c.num_classes,
+            NetConfig::EfficientNet(c) => c.num_classes,
         }
     }
 
@@ -110,6 +126,7 @@ impl NetConfig {
         match self {
             NetConfig::ResNet(c) => c.build(vb),
             NetConfig::RegNet(c) => c.build(vb),
+            NetConfig::EfficientNet(c) => c.build(vb),
         }
     }
 

@@ -9,6 +9,14 @@ use candle_core::{bail, Result, Tensor, Var};
 pub enum ParamKind {
     /// Convolution kernel `[O, I/groups, kh, kw]`: `kaiming_normal_(mode='fan_out', relu)`.
     ConvWeight,
+    /// Convolution kernel with EfficientNet's init (`_init_weight_goog`, `fix_group_fanout`):
+    /// `N(0, 2 / fan_out)` with `fan_out = O * kh * kw / groups`.
+    ConvWeightGrouped {
+        /// The conv's groups.
+        groups: usize,
+    },
+    /// Linear weight `[out, in]` with EfficientNet's init: `U(±1/sqrt(out))`.
+    LinearWeightFanOut,
     /// Convolution bias `[O]` (the SE convs): PyTorch default `U(±1/sqrt(fan_in))`.
     ConvBias {
         /// `I/groups * kh * kw` of the kernel.
@@ -111,6 +119,12 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
         | ParamKind::LinearBias { fan_in }
         | ParamKind::Conv1dWeight { fan_in } => uniform(rng, 1.0 / (fan_in as f64).sqrt()),
         ParamKind::LinearWeight => uniform(rng, 1.0 / (shape[1] as f64).sqrt()),
+        ParamKind::LinearWeightFanOut => uniform(rng, 1.0 / (shape[0] as f64).sqrt()),
+        ParamKind::ConvWeightGrouped { groups } => {
+            let fan_out = shape[0] * shape[2..].iter().product::<usize>() / groups;
+            let std = (2.0 / fan_out as f64).sqrt();
+            (0..len).map(|_| (rng.normal() * std) as f32).collect()
+        }
         ParamKind::LinearWeightNormal => (0..len).map(|_| (rng.normal() * 0.01) as f32).collect(),
         ParamKind::ZeroBias => vec![0.0; len],
         ParamKind::BnWeight { zero_init: true } | ParamKind::BnBias | ParamKind::BnRunningMean => {

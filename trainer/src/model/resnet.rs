@@ -15,8 +15,10 @@ use super::params::{init_timm, Param, ParamKind};
 use super::{ModelError, NetConfig};
 use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 
+mod efficientnet;
 mod explicit;
 mod regnet;
+pub use efficientnet::{EfficientNetConfig, EfficientNetStage};
 pub use explicit::{BackwardMode, GradHook, TrainPass};
 pub use regnet::{RegNetConfig, RegNetStage};
 
@@ -320,11 +322,16 @@ struct Ctx {
     train: bool,
     drop_path_seed: Option<u64>,
     nhwc: bool,
+    /// The network's activation is SiLU (EfficientNet), not ReLU.
+    silu: bool,
 }
 
 /// Collects the named tensors of a network while it is built.
 struct Builder {
     params: Vec<Param>,
+    /// EfficientNet's init (`_init_weight_goog`): conv weights on `fan_out / groups`, conv
+    /// biases 0. Otherwise timm's ResNet init.
+    goog_init: bool,
 }
 
 impl Builder {
@@ -371,15 +378,20 @@ impl Builder {
                 vb.prefix()
             )
         }
+        let (weight_kind, bias_kind) = if self.goog_init {
+            (ParamKind::ConvWeightGrouped { groups }, ParamKind::ZeroBias)
+        } else {
+            let fan_in = c_in / groups * kernel * kernel;
+            (ParamKind::ConvWeight, ParamKind::ConvBias { fan_in })
+        };
         let weight = self.get(
             vb,
             &[c_out, c_in / groups, kernel, kernel],
             "weight",
-            ParamKind::ConvWeight,
+            weight_kind,
         )?;
         let bias = if bias {
-            let fan_in = c_in / groups * kernel * kernel;
-            Some(self.get(vb, &[c_out], "bias", ParamKind::ConvBias { fan_in })?)
+            Some(self.get(vb, &[c_out], "bias", bias_kind)?)
         } else {
             None
         };
@@ -448,28 +460,40 @@ impl Conv {
     }
 }
 
-/// BatchNorm then optional ReLU in the layout of `ctx`.
-fn bn_act(bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor> {
-    if ctx.nhwc {
-        return nhwc::batch_norm(xs, bn, ctx.train, relu);
+/// BatchNorm then, with `act`, the network's activation (ReLU, or SiLU when `ctx.silu`) in the
+/// layout of `ctx`.
+fn bn_act(bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, act: bool) -> Result<Tensor> {
+    if ctx.nhwc && !ctx.silu {
+        return nhwc::batch_norm(xs, bn, ctx.train, act);
     }
-    let ys = bn.forward_t(xs, ctx.train)?;
-    if relu {
-        ys.relu()
+    let ys = if ctx.nhwc {
+        nhwc::batch_norm(xs, bn, ctx.train, false)?
     } else {
-        Ok(ys)
+        bn.forward_t(xs, ctx.train)?
+    };
+    activate(&ys, ctx, act)
+}
+
+/// The network's activation when `act`, else `xs` itself.
+fn activate(xs: &Tensor, ctx: Ctx, act: bool) -> Result<Tensor> {
+    match (act, ctx.silu) {
+        (false, _) => Ok(xs.clone()),
+        (true, false) => xs.relu(),
+        (true, true) => xs.silu(),
     }
 }
 
 /// `conv`, then `bn` (+ ReLU). The channels-last evaluation forward runs them as one
 /// convolution with the BatchNorm folded in ([`nhwc::conv_bn_eval`]); elsewhere the layers run
 /// one by one.
-fn conv_bn(conv: &Conv, bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, relu: bool) -> Result<Tensor> {
+fn conv_bn(conv: &Conv, bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, act: bool) -> Result<Tensor> {
     if ctx.nhwc && !ctx.train && conv.bias.is_none() {
         let (stride, pad, groups) = (conv.stride, conv.padding, conv.groups);
-        return nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, None);
+        let relu = act && !ctx.silu;
+        let ys = nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, None)?;
+        return activate(&ys, ctx, act && ctx.silu);
     }
-    bn_act(bn, &conv.forward_ctx(xs, ctx)?, ctx, relu)
+    bn_act(bn, &conv.forward_ctx(xs, ctx)?, ctx, act)
 }
 
 /// timm `SEModule`: global mean, 1x1 conv down, ReLU, 1x1 conv up, sigmoid gate.
@@ -509,7 +533,7 @@ impl SqueezeExcite {
         };
         let s = self
             .fc2
-            .forward_ctx(&self.fc1.forward_ctx(&s, ctx)?.relu()?, ctx)?;
+            .forward_ctx(&activate(&self.fc1.forward_ctx(&s, ctx)?, ctx, true)?, ctx)?;
         xs.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)
     }
 }
@@ -607,8 +631,13 @@ struct Block {
     branch: Vec<(Conv, BatchNorm2d)>,
     se: Option<BlockAttn>,
     /// The attention follows `branch[attn_after]` (the last pair in a ResNet, the grouped 3x3
-    /// in a RegNet).
+    /// in a RegNet, the depthwise conv in an EfficientNet).
     attn_after: usize,
+    /// The block adds its input (or the projection `downsample`) to the branch; EfficientNet's
+    /// blocks that change shape do not.
+    residual: bool,
+    /// The activation after the add (ResNet, RegNet); none in EfficientNet.
+    act_after_add: bool,
     downsample: Option<Downsample>,
     drop_prob: f64,
     index: usize,
@@ -618,6 +647,9 @@ impl Block {
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
         let fused_eval = ctx.nhwc
             && !ctx.train
+            && !ctx.silu
+            && self.residual
+            && self.act_after_add
             && self.se.is_none()
             && self.branch.iter().all(|(c, _)| c.bias.is_none());
         if let (true, Some(((last, last_bn), rest))) = (fused_eval, self.branch.split_last()) {
@@ -652,6 +684,9 @@ impl Block {
                 ys = se.forward(&ys, ctx)?;
             }
         }
+        if !self.residual {
+            return Ok(ys);
+        }
         if ctx.train && self.drop_prob > 0.0 {
             let Some(seed) = ctx.drop_path_seed else {
                 bail!("resnet: a training forward with drop_path_rate > 0 needs a drop-path seed")
@@ -662,10 +697,9 @@ impl Block {
             Some(d) => d.forward(xs, ctx)?,
             None => xs.clone(),
         };
-        if ctx.nhwc {
-            nhwc::add_relu(&ys, &shortcut)
-        } else {
-            (ys + shortcut)?.relu()
+        match (self.act_after_add, ctx.nhwc) {
+            (true, true) if !ctx.silu => nhwc::add_relu(&ys, &shortcut),
+            (act, _) => activate(&(ys + shortcut)?, ctx, act),
         }
     }
 }
@@ -685,8 +719,12 @@ pub struct ResNet {
     config: NetConfig,
     stem: Stem,
     bn1: BatchNorm2d,
-    /// The 3x3/2 max-pool after the stem (ResNet; not RegNet).
+    /// The 3x3/2 max-pool after the stem (ResNet; not RegNet, EfficientNet).
     max_pool: bool,
+    /// SiLU activations (EfficientNet) instead of ReLU.
+    silu: bool,
+    /// A 1x1 conv-BN-activation after the blocks (EfficientNet's `conv_head`, `bn2`).
+    head: Option<(Conv, BatchNorm2d)>,
     blocks: Vec<Block>,
     fc: candle_nn::Linear,
     params: Vec<Param>,
@@ -698,7 +736,10 @@ pub struct ResNet {
 impl ResNet {
     fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
-        let mut b = Builder { params: Vec::new() };
+        let mut b = Builder {
+            params: Vec::new(),
+            goog_init: false,
+        };
         let (stem, inplanes) = match cfg.stem {
             StemKind::Conv7x7 => {
                 let conv = b.conv(&vb.pp("conv1"), cfg.in_chans, 64, 7, 2, 1, false)?;
@@ -802,6 +843,8 @@ impl ResNet {
                     branch,
                     se,
                     attn_after,
+                    residual: true,
+                    act_after_add: true,
                     downsample,
                     drop_prob: drop_probs[index],
                     index,
@@ -829,6 +872,8 @@ impl ResNet {
             stem,
             bn1,
             max_pool: true,
+            silu: false,
+            head: None,
             blocks,
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
@@ -915,6 +960,7 @@ impl ResNet {
                 train: true,
                 drop_path_seed: Some(drop_path_seed),
                 nhwc: self.layout == ActivationLayout::Nhwc,
+                silu: self.silu,
             },
         )
     }
@@ -931,6 +977,7 @@ impl ResNet {
                 train: false,
                 drop_path_seed: None,
                 nhwc: self.layout == ActivationLayout::Nhwc,
+                silu: self.silu,
             },
         )
     }
@@ -955,6 +1002,9 @@ impl ResNet {
         }
         for block in &self.blocks {
             ys = block.forward(&ys, ctx)?;
+        }
+        if let Some((conv, bn)) = &self.head {
+            ys = conv_bn(conv, bn, &ys, ctx, true)?;
         }
         let pooled = if ctx.nhwc {
             // f32 features: the classifier and the loss run in f32.
@@ -989,6 +1039,7 @@ impl ModuleT for ResNet {
                 train: true,
                 drop_path_seed: seed,
                 nhwc: self.layout == ActivationLayout::Nhwc,
+                silu: self.silu,
             },
         )
     }

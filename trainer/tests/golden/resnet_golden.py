@@ -5,7 +5,7 @@ installs them into .venv-torch):
     .venv-torch/bin/python trainer/tests/golden/resnet_golden.py
 It writes, next to this script:
   resnet_keys.json       state_dict keys and shapes of every model name the trainer knows
-                         (resnet.py's and regnet.py's)
+                         (resnet.py's, regnet.py's and efficientnet.py's)
   resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05, and a
                          float64 train forward of seresnet50 at drop_path_rate=0.5 whose DropPath
                          modules apply the trainer's masks (loader::rng, ported below)
@@ -29,13 +29,15 @@ import torch
 OUT = os.path.dirname(os.path.abspath(__file__))
 NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50d", "seresnet50",
          "resnext50_32x4d", "ecaresnet50t", "ecaresnet269d", "senet154",
-         "regnety_002", "regnety_040", "regnety_080", "regnety_160", "regnety_320"]
+         "regnety_002", "regnety_040", "regnety_080", "regnety_160", "regnety_320",
+         "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
+         "efficientnet_b4"]
 # "NAME@1111": timm's NAME with one block per stage (ResNet built from the same arguments as
 # timm's `NAME` function in resnet.py, but layers=[1, 1, 1, 1]), for the deep networks whose
 # full forward would make the test slow; their full key lists are in resnet_keys.json.
 FORWARD_NAMES = ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnext50_32x4d",
                  "ecaresnet50t", "ecaresnet269d@1111", "senet154@1111", "regnety_002",
-                 "regnety_040"]
+                 "regnety_040", "efficientnet_b0", "efficientnet_b2"]
 # The arguments of timm 0.5.4's resnet.py model functions, for the "@1111" variants.
 SHALLOW_ARGS = {
     "ecaresnet269d": dict(stem_width=32, stem_type="deep", avg_down=True,
@@ -210,7 +212,8 @@ def forward(name, dtype):
     stats = {k: v.double().tolist()[:8] for k, v in m.state_dict().items()
              if k.endswith("running_mean") or k.endswith("running_var")}
     # Keep the file small: the stem BN and the last BN of the network.
-    last_bn = [k for k in stats if k.startswith("layer4") or k.startswith("s4.")][-2:]
+    last_bn = [k for k in stats
+               if k.startswith("layer4") or k.startswith("s4.") or k.startswith("bn2.")][-2:]
     first_bn = [k for k in stats if k.startswith("bn1.") or k.startswith("stem.bn.")]
     return {
         "eval_logits": eval_logits.double().tolist(),

@@ -240,6 +240,9 @@ impl ResNet {
         if self.layout != ActivationLayout::Nhwc {
             return Some("it needs the channels-last layout");
         }
+        if self.silu || self.head.is_some() || self.blocks.iter().any(|b| !b.residual) {
+            return Some("EfficientNet's blocks are not supported");
+        }
         if !self.max_pool {
             return Some("a stem without max-pool (RegNet) is not supported");
         }

@@ -198,7 +198,10 @@ impl ResNet {
             )
         }
         let stages = cfg.stages()?;
-        let mut b = Builder { params: Vec::new() };
+        let mut b = Builder {
+            params: Vec::new(),
+            goog_init: false,
+        };
         let vs = vb.pp("stem");
         let stem = b.conv(&vs.pp("conv"), cfg.in_chans, cfg.stem_width, 3, 2, 1, false)?;
         let bn1 = b.bn(&vs.pp("bn"), cfg.stem_width, false)?;
@@ -247,6 +250,8 @@ impl ResNet {
                     branch: vec![conv1, conv2, conv3],
                     se,
                     attn_after: 1,
+                    residual: true,
+                    act_after_add: true,
                     downsample,
                     drop_prob: drop_probs[index],
                     index,
@@ -267,6 +272,8 @@ impl ResNet {
             stem: Stem::Single(stem),
             bn1,
             max_pool: false,
+            silu: false,
+            head: None,
             blocks,
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
