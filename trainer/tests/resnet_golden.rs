@@ -344,9 +344,26 @@ fn check(name: &str) -> Result<()> {
 /// rounding noise of up to about 1.2e-7 of the largest norm (59 for B0). Float64 keeps the plain
 /// check.
 fn check_with(name: &str, f32_floor_rel: f64) -> Result<()> {
+    check_with_bounds(name, f32_floor_rel, 1e-3, 1e-4)
+}
+
+/// [`check_with`] with other float32 bounds on logits and running statistics, for a network
+/// whose float32 rounding exceeds the default ones in torch itself (see the test that uses it).
+fn check_with_bounds(
+    name: &str,
+    f32_floor_rel: f64,
+    f32_logits_tol: f64,
+    f32_stats_tol: f64,
+) -> Result<()> {
     for (dtype, logits_tol, stats_tol, grad_tol, floor_rel) in [
         (DType::F64, 1e-9, 1e-9, 1e-7, 0.0),
-        (DType::F32, 1e-3, 1e-4, 5e-2, f32_floor_rel),
+        (
+            DType::F32,
+            f32_logits_tol,
+            f32_stats_tol,
+            5e-2,
+            f32_floor_rel,
+        ),
     ] {
         let p = parity(name, dtype, floor_rel)?;
         println!(
@@ -439,6 +456,16 @@ fn efficientnet_b0_matches_timm() -> Result<()> {
 #[test]
 fn efficientnet_b2_matches_timm() -> Result<()> {
     check_with("efficientnet_b2", 1e-5)
+}
+
+/// EfficientNetV2-rw-S: edge residuals (Fused-MBConv, a full 3x3 expansion conv) in the first
+/// three stages, inverted residuals after. Float64 as every network; float32 within 3e-3 on
+/// logits and 1e-3 on running statistics: 40 train-mode BatchNorms deep, torch's own float32
+/// differs from its float64 by 1.3e-3 on the eval logits (of magnitude ~40) and 1.9e-4 on the
+/// statistics, beyond the default bounds (observed here: 9.7e-4 and 6.4e-4).
+#[test]
+fn efficientnetv2_rw_s_matches_timm() -> Result<()> {
+    check_with_bounds("efficientnetv2_rw_s", 1e-5, 3e-3, 1e-3)
 }
 
 /// SENet-154's blocks at one block per stage: 64 groups, the first conv at half width

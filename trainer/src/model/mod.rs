@@ -26,8 +26,9 @@ pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
 pub use resnet::{
-    ActivationLayout, Attention, BackwardMode, BlockKind, EfficientNetConfig, EfficientNetStage,
-    GradHook, RegNetConfig, RegNetStage, ResNet, ResNetConfig, StemKind, TrainPass,
+    ActivationLayout, Attention, BackwardMode, BlockKind, EfficientNetArch, EfficientNetBlock,
+    EfficientNetConfig, EfficientNetStage, GradHook, RegNetConfig, RegNetStage, ResNet,
+    ResNetConfig, StemKind, TrainPass,
 };
 
 use candle_core::{DType, Device};

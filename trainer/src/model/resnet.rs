@@ -18,7 +18,9 @@ use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 mod efficientnet;
 mod explicit;
 mod regnet;
-pub use efficientnet::{EfficientNetConfig, EfficientNetStage};
+pub use efficientnet::{
+    EfficientNetArch, EfficientNetBlock, EfficientNetConfig, EfficientNetStage,
+};
 pub use explicit::{BackwardMode, GradHook, TrainPass};
 pub use regnet::{RegNetConfig, RegNetStage};
 

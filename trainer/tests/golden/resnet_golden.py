@@ -31,13 +31,13 @@ NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50
          "resnext50_32x4d", "ecaresnet50t", "ecaresnet269d", "senet154",
          "regnety_002", "regnety_040", "regnety_080", "regnety_160", "regnety_320",
          "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-         "efficientnet_b4"]
+         "efficientnet_b4", "efficientnetv2_rw_s", "efficientnetv2_rw_m"]
 # "NAME@1111": timm's NAME with one block per stage (ResNet built from the same arguments as
 # timm's `NAME` function in resnet.py, but layers=[1, 1, 1, 1]), for the deep networks whose
 # full forward would make the test slow; their full key lists are in resnet_keys.json.
 FORWARD_NAMES = ["resnet18", "resnet50", "resnet50d", "seresnet50", "resnext50_32x4d",
                  "ecaresnet50t", "ecaresnet269d@1111", "senet154@1111", "regnety_002",
-                 "regnety_040", "efficientnet_b0", "efficientnet_b2"]
+                 "regnety_040", "efficientnet_b0", "efficientnet_b2", "efficientnetv2_rw_s"]
 # The arguments of timm 0.5.4's resnet.py model functions, for the "@1111" variants.
 SHALLOW_ARGS = {
     "ecaresnet269d": dict(stem_width=32, stem_type="deep", avg_down=True,

@@ -1,7 +1,9 @@
-//! EfficientNet-B0..B4 of timm v0.5.4 (`efficientnet.py` `_gen_efficientnet`, built by
-//! `efficientnet_builder.py`), from the same blocks as the ResNets: a conv-BN pair per conv, SiLU
-//! between them, squeeze-excitation after the depthwise conv, a residual add (no activation)
-//! where the block keeps its shape.
+//! EfficientNet-B0..B4 and EfficientNetV2-rw-S/M of timm v0.5.4 (`efficientnet.py`
+//! `_gen_efficientnet`, `_gen_efficientnetv2_s(rw=True)`, built by `efficientnet_builder.py`),
+//! from the same blocks as the ResNets: a conv-BN pair per conv, SiLU between them,
+//! squeeze-excitation after the depthwise conv, a residual add (no activation) where the block
+//! keeps its shape. V2's early stages are edge residuals (Fused-MBConv: a full 3x3 expansion conv
+//! `conv_exp`, `bn1`, then `conv_pwl`, `bn2`).
 //!
 //! Tensor names are timm's: `conv_stem`, `bn1`, `blocks.S.I.conv_dw`, `.bn1`, `.se.conv_reduce`,
 //! `.se.conv_expand`, `.conv_pw`, `.bn2` (depthwise-separable blocks) or `.conv_pw`, `.bn1`,
@@ -16,14 +18,26 @@ use super::{BackwardMode, Block, BlockAttn, Builder, NetConfig, ResNet, SqueezeE
 use crate::model::params::ParamKind;
 use crate::model::{ActivationLayout, ModelError};
 
-/// An EfficientNet: the B0 architecture scaled by a channel and a depth multiplier.
+/// The base architecture an [`EfficientNetConfig`] scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EfficientNetArch {
+    /// EfficientNet-B0's seven stages (stem 32, head 1280).
+    B0,
+    /// EfficientNetV2-S as timm's `rw` variant (stem 24, head 1792, last stage 272 channels).
+    V2RwS,
+}
+
+/// An EfficientNet: a base architecture scaled by a channel and per-stage depth multipliers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EfficientNetConfig {
-    /// Channel multiplier (B0 1.0 .. B4 1.4).
+    /// The base architecture.
+    pub arch: EfficientNetArch,
+    /// Channel multiplier (B0 1.0 .. B4 1.4; V2-rw-M 1.2).
     pub channel_multiplier: f64,
-    /// Depth multiplier (B0 1.0 .. B4 1.8).
-    pub depth_multiplier: f64,
+    /// Depth multiplier of each stage (B0 1.0 .. B4 1.8 for all; V2-rw-M 1.2 then 1.6).
+    pub depth_multipliers: Vec<f64>,
     /// Classifier outputs.
     pub num_classes: usize,
     /// Input channels.
@@ -32,11 +46,22 @@ pub struct EfficientNetConfig {
     pub drop_path_rate: f64,
 }
 
+/// A block type of timm's block strings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EfficientNetBlock {
+    /// `ds`: depthwise conv, SE, pointwise conv.
+    DepthwiseSeparable,
+    /// `ir`: pointwise expansion, depthwise conv, SE, pointwise projection (MBConv).
+    InvertedResidual,
+    /// `er`: a full kxk expansion conv, SE, pointwise projection (Fused-MBConv).
+    EdgeResidual,
+}
+
 /// One stage of the architecture (timm's block strings `ds_r1_k3_s1_e1_c16_se0.25`, ...).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct EfficientNetStage {
-    /// Depthwise-separable (`ds`) rather than inverted residual (`ir`).
-    pub depthwise_separable: bool,
+    /// The block type.
+    pub block: EfficientNetBlock,
     /// Blocks before depth scaling.
     pub repeats: usize,
     /// Depthwise kernel.
@@ -47,31 +72,61 @@ pub struct EfficientNetStage {
     pub expansion: usize,
     /// Output channels before channel scaling.
     pub channels: usize,
+    /// Squeeze-excitation ratio (0 = none).
+    pub se: f64,
 }
 
-/// EfficientNet-B0's `arch_def`, with SE ratio 0.25 throughout.
-const B0: [EfficientNetStage; 7] = {
-    const fn st(ds: bool, r: usize, k: usize, s: usize, e: usize, c: usize) -> EfficientNetStage {
-        EfficientNetStage {
-            depthwise_separable: ds,
-            repeats: r,
-            kernel: k,
-            stride: s,
-            expansion: e,
-            channels: c,
+const fn st(
+    block: EfficientNetBlock,
+    r: usize,
+    k: usize,
+    s: usize,
+    e: usize,
+    c: usize,
+    se: f64,
+) -> EfficientNetStage {
+    EfficientNetStage {
+        block,
+        repeats: r,
+        kernel: k,
+        stride: s,
+        expansion: e,
+        channels: c,
+        se,
+    }
+}
+use EfficientNetBlock::{DepthwiseSeparable as Ds, EdgeResidual as Er, InvertedResidual as Ir};
+
+/// EfficientNet-B0's `arch_def` (`_gen_efficientnet`).
+const B0: [EfficientNetStage; 7] = [
+    st(Ds, 1, 3, 1, 1, 16, 0.25),
+    st(Ir, 2, 3, 2, 6, 24, 0.25),
+    st(Ir, 2, 5, 2, 6, 40, 0.25),
+    st(Ir, 3, 3, 2, 6, 80, 0.25),
+    st(Ir, 3, 5, 1, 6, 112, 0.25),
+    st(Ir, 4, 5, 2, 6, 192, 0.25),
+    st(Ir, 1, 3, 1, 6, 320, 0.25),
+];
+
+/// EfficientNetV2-S's `arch_def` with timm's `rw` changes (`_gen_efficientnetv2_s(rw=True)`).
+const V2_RW_S: [EfficientNetStage; 6] = [
+    st(Er, 2, 3, 1, 1, 24, 0.0),
+    st(Er, 4, 3, 2, 4, 48, 0.0),
+    st(Er, 4, 3, 2, 4, 64, 0.0),
+    st(Ir, 6, 3, 2, 4, 128, 0.25),
+    st(Ir, 9, 3, 1, 6, 160, 0.25),
+    st(Ir, 15, 3, 2, 6, 272, 0.25),
+];
+
+impl EfficientNetArch {
+    /// The stages, stem width and head width before scaling.
+    fn layout(self) -> (&'static [EfficientNetStage], usize, usize) {
+        match self {
+            EfficientNetArch::B0 => (&B0, 32, 1280),
+            EfficientNetArch::V2RwS => (&V2_RW_S, 24, 1792),
         }
     }
-    [
-        st(true, 1, 3, 1, 1, 16),
-        st(false, 2, 3, 2, 6, 24),
-        st(false, 2, 5, 2, 6, 40),
-        st(false, 3, 3, 2, 6, 80),
-        st(false, 3, 5, 1, 6, 112),
-        st(false, 4, 5, 2, 6, 192),
-        st(false, 1, 3, 1, 6, 320),
-    ]
-};
-const SE_RATIO: f64 = 0.25;
+}
 
 /// timm `make_divisible(v, 8)`: the nearest multiple of 8 (at least 8), one step up when that
 /// loses more than 10 %.
@@ -85,23 +140,31 @@ fn make_divisible(v: f64) -> usize {
 }
 
 impl EfficientNetConfig {
-    /// The names [`EfficientNetConfig::by_name`] accepts (Table 3's B0 to B4).
+    /// The names [`EfficientNetConfig::by_name`] accepts (Table 3's B0 to B4 and V2-rw-S/M).
     pub const NAMES: &'static [&'static str] = &[
         "efficientnet_b0",
         "efficientnet_b1",
         "efficientnet_b2",
         "efficientnet_b3",
         "efficientnet_b4",
+        "efficientnetv2_rw_s",
+        "efficientnetv2_rw_m",
     ];
 
-    /// timm v0.5.4's `efficientnet_bN`: 1000 classes, no stochastic depth.
+    /// timm v0.5.4's `efficientnet_bN` and `efficientnetv2_rw_{s,m}`: 1000 classes, no
+    /// stochastic depth.
     pub fn by_name(name: &str) -> std::result::Result<Self, ModelError> {
-        let (channel_multiplier, depth_multiplier) = match name {
-            "efficientnet_b0" => (1.0, 1.0),
-            "efficientnet_b1" => (1.0, 1.1),
-            "efficientnet_b2" => (1.1, 1.2),
-            "efficientnet_b3" => (1.2, 1.4),
-            "efficientnet_b4" => (1.4, 1.8),
+        use EfficientNetArch::{V2RwS, B0 as V1};
+        let all = |m: f64, n: usize| vec![m; n];
+        let (arch, channel_multiplier, depth_multipliers) = match name {
+            "efficientnet_b0" => (V1, 1.0, all(1.0, 7)),
+            "efficientnet_b1" => (V1, 1.0, all(1.1, 7)),
+            "efficientnet_b2" => (V1, 1.1, all(1.2, 7)),
+            "efficientnet_b3" => (V1, 1.2, all(1.4, 7)),
+            "efficientnet_b4" => (V1, 1.4, all(1.8, 7)),
+            "efficientnetv2_rw_s" => (V2RwS, 1.0, all(1.0, 6)),
+            // timm: depth_multiplier=(1.2,) * 4 + (1.6,) * 2.
+            "efficientnetv2_rw_m" => (V2RwS, 1.2, vec![1.2, 1.2, 1.2, 1.2, 1.6, 1.6]),
             _ => {
                 return Err(ModelError::UnknownModel {
                     name: name.to_string(),
@@ -110,8 +173,9 @@ impl EfficientNetConfig {
             }
         };
         Ok(Self {
+            arch,
             channel_multiplier,
-            depth_multiplier,
+            depth_multipliers,
             num_classes: 1000,
             in_chans: 3,
             drop_path_rate: 0.0,
@@ -167,61 +231,90 @@ impl ResNet {
             params: Vec::new(),
             goog_init: true,
         };
-        let stem_chs = cfg.channels(32);
+        let (stages, stem_width, head_width) = cfg.arch.layout();
+        if cfg.depth_multipliers.len() != stages.len() {
+            bail!(
+                "efficientnet: {} depth multipliers for {} stages",
+                cfg.depth_multipliers.len(),
+                stages.len()
+            )
+        }
+        let stem_chs = cfg.channels(stem_width);
         let stem = b.conv(&vb.pp("conv_stem"), cfg.in_chans, stem_chs, 3, 2, 1, false)?;
         let bn1 = b.bn(&vb.pp("bn1"), stem_chs, false)?;
         // timm `_scale_stage_depth` with one block string per stage: ceil(repeats * multiplier).
-        let depths: Vec<usize> = B0
+        let depths: Vec<usize> = stages
             .iter()
-            .map(|s| (s.repeats as f64 * cfg.depth_multiplier).ceil() as usize)
+            .zip(&cfg.depth_multipliers)
+            .map(|(s, m)| (s.repeats as f64 * m).ceil() as usize)
             .collect();
         let total: usize = depths.iter().sum();
         let mut blocks = Vec::with_capacity(total);
         let mut c_in = stem_chs;
-        for (si, (stage, &depth)) in B0.iter().zip(&depths).enumerate() {
+        for (si, (stage, &depth)) in stages.iter().zip(&depths).enumerate() {
             let c_out = cfg.channels(stage.channels);
             for i in 0..depth {
                 let vs = vb.pp("blocks").pp(si).pp(i);
                 let stride = if i == 0 { stage.stride } else { 1 };
                 let k = stage.kernel;
                 let index = blocks.len();
-                let (branch, se, attn_after) = if stage.depthwise_separable {
-                    let dw = (
-                        b.conv(&vs.pp("conv_dw"), c_in, c_in, k, stride, c_in, false)?,
-                        b.bn(&vs.pp("bn1"), c_in, false)?,
-                    );
-                    // SE on the block input, rd = round(in * 0.25).
-                    let rd = (c_in as f64 * SE_RATIO).round_ties_even() as usize;
-                    let se = se_module(&mut b, &vs.pp("se"), c_in, rd)?;
-                    let pw = (
-                        b.conv(&vs.pp("conv_pw"), c_in, c_out, 1, 1, 1, false)?,
-                        b.bn(&vs.pp("bn2"), c_out, false)?,
-                    );
-                    (vec![dw, pw], se, 0)
-                } else {
-                    let mid = make_divisible(c_in as f64 * stage.expansion as f64);
-                    let pw = (
-                        b.conv(&vs.pp("conv_pw"), c_in, mid, 1, 1, 1, false)?,
-                        b.bn(&vs.pp("bn1"), mid, false)?,
-                    );
-                    let dw = (
-                        b.conv(&vs.pp("conv_dw"), mid, mid, k, stride, mid, false)?,
-                        b.bn(&vs.pp("bn2"), mid, false)?,
-                    );
-                    // timm's builder divides the SE ratio by the expansion (SE channels from
-                    // the block input): rd = round(mid * 0.25 / e).
-                    let ratio = SE_RATIO / stage.expansion as f64;
-                    let rd = (mid as f64 * ratio).round_ties_even() as usize;
-                    let se = se_module(&mut b, &vs.pp("se"), mid, rd)?;
-                    let pwl = (
-                        b.conv(&vs.pp("conv_pwl"), mid, c_out, 1, 1, 1, false)?,
-                        b.bn(&vs.pp("bn3"), c_out, false)?,
-                    );
-                    (vec![pw, dw, pwl], se, 1)
+                // timm's builder divides the SE ratio by the expansion (SE channels from the
+                // block input): rd = round(channels * se / e) on the SE's input channels.
+                let se_of = |b: &mut Builder, channels: usize| -> Result<Option<BlockAttn>> {
+                    if stage.se == 0.0 {
+                        return Ok(None);
+                    }
+                    let ratio = stage.se / stage.expansion as f64;
+                    let rd = (channels as f64 * ratio).round_ties_even() as usize;
+                    se_module(b, &vs.pp("se"), channels, rd).map(Some)
+                };
+                let (branch, se, attn_after) = match stage.block {
+                    Ds => {
+                        let dw = (
+                            b.conv(&vs.pp("conv_dw"), c_in, c_in, k, stride, c_in, false)?,
+                            b.bn(&vs.pp("bn1"), c_in, false)?,
+                        );
+                        let se = se_of(&mut b, c_in)?;
+                        let pw = (
+                            b.conv(&vs.pp("conv_pw"), c_in, c_out, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn2"), c_out, false)?,
+                        );
+                        (vec![dw, pw], se, 0)
+                    }
+                    Ir => {
+                        let mid = make_divisible(c_in as f64 * stage.expansion as f64);
+                        let pw = (
+                            b.conv(&vs.pp("conv_pw"), c_in, mid, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn1"), mid, false)?,
+                        );
+                        let dw = (
+                            b.conv(&vs.pp("conv_dw"), mid, mid, k, stride, mid, false)?,
+                            b.bn(&vs.pp("bn2"), mid, false)?,
+                        );
+                        let se = se_of(&mut b, mid)?;
+                        let pwl = (
+                            b.conv(&vs.pp("conv_pwl"), mid, c_out, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn3"), c_out, false)?,
+                        );
+                        (vec![pw, dw, pwl], se, 1)
+                    }
+                    Er => {
+                        let mid = make_divisible(c_in as f64 * stage.expansion as f64);
+                        let exp = (
+                            b.conv(&vs.pp("conv_exp"), c_in, mid, k, stride, 1, false)?,
+                            b.bn(&vs.pp("bn1"), mid, false)?,
+                        );
+                        let se = se_of(&mut b, mid)?;
+                        let pwl = (
+                            b.conv(&vs.pp("conv_pwl"), mid, c_out, 1, 1, 1, false)?,
+                            b.bn(&vs.pp("bn2"), c_out, false)?,
+                        );
+                        (vec![exp, pwl], se, 0)
+                    }
                 };
                 blocks.push(Block {
                     branch,
-                    se: Some(se),
+                    se,
                     attn_after,
                     residual: stride == 1 && c_in == c_out,
                     act_after_add: false,
@@ -232,7 +325,7 @@ impl ResNet {
                 c_in = c_out;
             }
         }
-        let num_features = cfg.channels(1280);
+        let num_features = cfg.channels(head_width);
         let head = (
             b.conv(&vb.pp("conv_head"), c_in, num_features, 1, 1, 1, false)?,
             b.bn(&vb.pp("bn2"), num_features, false)?,
