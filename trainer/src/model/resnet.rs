@@ -293,6 +293,24 @@ impl ResNetConfig {
     }
 }
 
+/// The checks every family makes on the class count, input channels and stochastic depth.
+fn check_head_and_depth(
+    family: &str,
+    num_classes: usize,
+    in_chans: usize,
+    drop_path_rate: f64,
+) -> Result<()> {
+    if num_classes == 0 || in_chans == 0 {
+        bail!(
+            "{family}: num_classes and in_chans must be positive, got {num_classes} and {in_chans}"
+        )
+    }
+    if !(0.0..1.0).contains(&drop_path_rate) {
+        bail!("{family}: drop_path_rate must be in [0, 1), got {drop_path_rate}")
+    }
+    Ok(())
+}
+
 /// Memory layout of the activations (and of the network input).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

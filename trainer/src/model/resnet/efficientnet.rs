@@ -10,8 +10,8 @@
 //! `.conv_dw`, `.bn2`, `.se.*`, `.conv_pwl`, `.bn3` (inverted residuals), `conv_head`, `bn2`,
 //! `classifier`.
 
-use candle_core::{bail, DType, Device, Result};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{bail, Result};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::{BackwardMode, Block, BlockAttn, Builder, NetConfig, ResNet, SqueezeExcite, Stem};
@@ -203,30 +203,16 @@ impl EfficientNetConfig {
     pub fn build(&self, vb: VarBuilder) -> Result<ResNet> {
         ResNet::new_efficientnet(self, vb)
     }
-
-    /// A freshly initialised network in `varmap`: see [`NetConfig::build_seeded`].
-    pub fn build_seeded(
-        &self,
-        varmap: &VarMap,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<ResNet> {
-        NetConfig::EfficientNet(self.clone()).build_seeded(varmap, seed, dtype, device)
-    }
 }
 
 impl ResNet {
     fn new_efficientnet(cfg: &EfficientNetConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_classes == 0 || cfg.in_chans == 0 {
-            bail!("efficientnet: num_classes and in_chans must be positive, got {cfg:?}")
-        }
-        if !(0.0..1.0).contains(&cfg.drop_path_rate) {
-            bail!(
-                "efficientnet: drop_path_rate must be in [0, 1), got {}",
-                cfg.drop_path_rate
-            )
-        }
+        super::check_head_and_depth(
+            "efficientnet",
+            cfg.num_classes,
+            cfg.in_chans,
+            cfg.drop_path_rate,
+        )?;
         let mut b = Builder {
             params: Vec::new(),
             goog_init: true,
@@ -367,6 +353,8 @@ fn se_module(b: &mut Builder, vb: &VarBuilder, channels: usize, rd: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
 
     #[test]
     fn make_divisible_matches_timm() {
@@ -386,7 +374,8 @@ mod tests {
         let cfg = EfficientNetConfig::by_name("efficientnet_b0")
             .unwrap()
             .with_num_classes(10);
-        let model = cfg.build_seeded(&VarMap::new(), 5, DType::F32, &Device::Cpu)?;
+        let model =
+            NetConfig::from(cfg).build_seeded(&VarMap::new(), 5, DType::F32, &Device::Cpu)?;
         let get = |name: &str| {
             let p = model.params().iter().find(|p| p.name == name).unwrap();
             p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()

@@ -7,8 +7,8 @@
 //! Tensor names are timm's: `stem.conv`, `stem.bn`, `s1.b1.conv1.conv`, `s1.b1.conv1.bn`, ...,
 //! `s1.b1.se.fc1`, `s1.b1.downsample.conv`, `head.fc`.
 
-use candle_core::{bail, DType, Device, Result};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{bail, Result};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -169,18 +169,6 @@ impl RegNetConfig {
     pub fn build(&self, vb: VarBuilder) -> Result<ResNet> {
         ResNet::new_regnet(self, vb)
     }
-
-    /// A freshly initialised network (timm's init, a function of `seed`) in `varmap`: see
-    /// [`NetConfig::build_seeded`].
-    pub fn build_seeded(
-        &self,
-        varmap: &VarMap,
-        seed: u64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<ResNet> {
-        NetConfig::RegNet(self.clone()).build_seeded(varmap, seed, dtype, device)
-    }
 }
 
 impl ResNet {
@@ -188,15 +176,7 @@ impl ResNet {
     /// max-pool, bottleneck blocks `conv1` (1x1), `conv2` (3x3, strided, grouped), SE after
     /// `conv2`, `conv3` (1x1, no ReLU), a 1x1 strided projection shortcut, and `head.fc`.
     fn new_regnet(cfg: &RegNetConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.num_classes == 0 || cfg.in_chans == 0 {
-            bail!("regnet: num_classes and in_chans must be positive, got {cfg:?}")
-        }
-        if !(0.0..1.0).contains(&cfg.drop_path_rate) {
-            bail!(
-                "regnet: drop_path_rate must be in [0, 1), got {}",
-                cfg.drop_path_rate
-            )
-        }
+        super::check_head_and_depth("regnet", cfg.num_classes, cfg.in_chans, cfg.drop_path_rate)?;
         let stages = cfg.stages()?;
         let mut b = Builder {
             params: Vec::new(),
@@ -287,6 +267,8 @@ impl ResNet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
 
     /// timm 0.5.4's stage widths, depths and group widths (printed by
     /// `[(s['out_chs'], s['depth'], s['group_width']) for s in
@@ -341,7 +323,7 @@ mod tests {
     /// block 0, the others 1; and the classifier keys fine-tuning replaces.
     #[test]
     fn init_follows_timm() -> Result<()> {
-        let cfg = RegNetConfig::by_name("regnety_002").unwrap();
+        let cfg = NetConfig::from(RegNetConfig::by_name("regnety_002").unwrap());
         let model = cfg.build_seeded(&VarMap::new(), 5, DType::F32, &Device::Cpu)?;
         let get = |name: &str| {
             let p = model.params().iter().find(|p| p.name == name).unwrap();
