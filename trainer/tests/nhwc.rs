@@ -209,7 +209,7 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
         },
     )?;
     // RegNetY: 3x3/2 stem without max-pool, SE after the grouped 3x3.
-    let regnet = trainer::model::RegNetConfig::by_name("regnety_002")
+    let regnet = trainer::model::NetConfig::by_name("regnety_002")
         .unwrap()
         .with_num_classes(4);
     // At 64 px: its last stage has 7 blocks, and at 32 px they would normalise over 3 values
@@ -223,7 +223,7 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
     // return rounding noise there (observed up to 4.2e-8 of the largest gradient norm in float32
     // after summing thousands of cancelling terms), compared against 1e-3 of the largest norm;
     // likewise the running mean of the BN after a 1x1 conv of such a zero-mean activation.
-    let effnet = trainer::model::EfficientNetConfig::by_name("efficientnet_b0")
+    let effnet = trainer::model::NetConfig::by_name("efficientnet_b0")
         .unwrap()
         .with_num_classes(4);
     compare_at("efficientnet_b0", effnet, 64, 1e-4, 1e-3)

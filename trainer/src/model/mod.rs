@@ -96,21 +96,23 @@ impl NetConfig {
     }
 
     /// The same network with `num_classes` outputs.
-    pub fn with_num_classes(self, num_classes: usize) -> Self {
-        match self {
-            NetConfig::ResNet(c) => c.with_num_classes(num_classes).into(),
-            NetConfig::RegNet(c) => c.with_num_classes(num_classes).into(),
-            NetConfig::EfficientNet(c) => c.with_num_classes(num_classes).into(),
+    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
+        match &mut self {
+            NetConfig::ResNet(c) => c.num_classes = num_classes,
+            NetConfig::RegNet(c) => c.num_classes = num_classes,
+            NetConfig::EfficientNet(c) => c.num_classes = num_classes,
         }
+        self
     }
 
     /// The same network with stochastic depth `rate` at the last block.
-    pub fn with_drop_path_rate(self, rate: f64) -> Self {
-        match self {
-            NetConfig::ResNet(c) => c.with_drop_path_rate(rate).into(),
-            NetConfig::RegNet(c) => c.with_drop_path_rate(rate).into(),
-            NetConfig::EfficientNet(c) => c.with_drop_path_rate(rate).into(),
+    pub fn with_drop_path_rate(mut self, rate: f64) -> Self {
+        match &mut self {
+            NetConfig::ResNet(c) => c.drop_path_rate = rate,
+            NetConfig::RegNet(c) => c.drop_path_rate = rate,
+            NetConfig::EfficientNet(c) => c.drop_path_rate = rate,
         }
+        self
     }
 
     /// Classifier outputs.

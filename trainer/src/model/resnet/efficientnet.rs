@@ -187,18 +187,6 @@ impl EfficientNetConfig {
         make_divisible(c as f64 * self.channel_multiplier)
     }
 
-    /// The same network with `num_classes` outputs.
-    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
-        self.num_classes = num_classes;
-        self
-    }
-
-    /// The same network with stochastic depth `rate`.
-    pub fn with_drop_path_rate(mut self, rate: f64) -> Self {
-        self.drop_path_rate = rate;
-        self
-    }
-
     /// Builds the network from `vb`, whose tensors are named as timm's `state_dict`.
     pub fn build(&self, vb: VarBuilder) -> Result<ResNet> {
         ResNet::new_efficientnet(self, vb)
@@ -371,11 +359,9 @@ mod tests {
     /// biases 0, classifier `U(±1/sqrt(out))` with bias 0, BN gamma 1 (no zero-init).
     #[test]
     fn init_follows_timm() -> Result<()> {
-        let cfg = EfficientNetConfig::by_name("efficientnet_b0")
-            .unwrap()
+        let cfg = NetConfig::from(EfficientNetConfig::by_name("efficientnet_b0").unwrap())
             .with_num_classes(10);
-        let model =
-            NetConfig::from(cfg).build_seeded(&VarMap::new(), 5, DType::F32, &Device::Cpu)?;
+        let model = cfg.build_seeded(&VarMap::new(), 5, DType::F32, &Device::Cpu)?;
         let get = |name: &str| {
             let p = model.params().iter().find(|p| p.name == name).unwrap();
             p.tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap()

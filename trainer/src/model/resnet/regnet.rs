@@ -153,18 +153,6 @@ impl RegNetConfig {
         Ok(stages)
     }
 
-    /// The same network with `num_classes` outputs.
-    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
-        self.num_classes = num_classes;
-        self
-    }
-
-    /// The same network with stochastic depth `rate` at the last block.
-    pub fn with_drop_path_rate(mut self, rate: f64) -> Self {
-        self.drop_path_rate = rate;
-        self
-    }
-
     /// Builds the network from `vb`, whose tensors are named as timm's `state_dict`.
     pub fn build(&self, vb: VarBuilder) -> Result<ResNet> {
         ResNet::new_regnet(self, vb)
