@@ -311,15 +311,17 @@ pub fn load_weights(varmap: &VarMap, path: &Path) -> Result<()> {
 }
 
 /// The classifiers of the supported families (timm's names: `fc` in the ResNets, `head.fc` in
-/// the RegNets, `classifier` in the EfficientNets): what fine-tuning replaces. A network has one
-/// of the pairs.
-pub const CLASSIFIER: [&str; 6] = [
+/// the RegNets, `classifier` in the EfficientNets, `head` in the Vision Transformers): what
+/// fine-tuning replaces. A network has one of the pairs.
+pub const CLASSIFIER: [&str; 8] = [
     "fc.weight",
     "fc.bias",
     "head.fc.weight",
     "head.fc.bias",
     "classifier.weight",
     "classifier.bias",
+    "head.weight",
+    "head.bias",
 ];
 
 /// [`load_weights`] for fine-tuning: the tensors named in `replaceable` (the classifier) are
@@ -390,6 +392,14 @@ pub fn load_weights_replacing(
                 t.dtype()
             )));
         }
+        let resampled;
+        let t = match resample_pos_embed_to(name, t, var.dims()) {
+            Some(r) => {
+                resampled = r.map_err(|e| err(format!("{name}: {e}")))?;
+                &resampled
+            }
+            None => t,
+        };
         if t.dims() != var.dims() {
             return Err(err(format!(
                 "{name}: expected shape {:?}, found {:?}",
@@ -401,6 +411,36 @@ pub fn load_weights_replacing(
             .map_err(|e| err(format!("{name}: {e}")))?;
     }
     Ok(replaced)
+}
+
+/// A Vision Transformer's stored `pos_embed` `[1, 1 + g², D]` for a network whose grid is
+/// another square (`[1, 1 + g'², D]`): resampled bicubically as timm's `resize_pos_embed`
+/// (logged). `None` when `name` is not a position embedding of another square grid.
+fn resample_pos_embed_to(
+    name: &str,
+    t: &Tensor,
+    want: &[usize],
+) -> Option<candle_core::Result<Tensor>> {
+    let square = |tokens: usize| {
+        let g = ((tokens - 1) as f64).sqrt().round() as usize;
+        (g * g + 1 == tokens).then_some(g)
+    };
+    let (&[1, have_t, have_d], &[1, want_t, want_d]) = (t.dims(), want) else {
+        return None;
+    };
+    if name != "pos_embed" || have_d != want_d || have_t == want_t || have_t < 2 || want_t < 2 {
+        return None;
+    }
+    let (from, to) = (square(have_t)?, square(want_t)?);
+    eprintln!(
+        "pos_embed: resampled (bicubic) from a {from}x{from} grid to {to}x{to} while loading"
+    );
+    Some(crate::model::resample_pos_embed(
+        t,
+        (from, from),
+        (to, to),
+        1,
+    ))
 }
 
 /// Restores the optimizer state saved by [`save`].

@@ -606,3 +606,189 @@ fn timm_weight_files_load_and_give_timm_logits() -> Result<()> {
     }
     Ok(())
 }
+
+// ---- Vision Transformers (tests/golden/vit_golden.py -> vit_forward.json) ----
+
+fn vit_golden() -> Value {
+    json(include_str!("golden/vit_forward.json"))
+}
+
+/// timm's per-block rates come from `torch.linspace` in float32; ours are the same line in
+/// float64, so they agree to float32 rounding.
+#[test]
+fn vit_drop_path_schedule_equals_timm() {
+    let g = vit_golden();
+    let want = flat(&g["drop_probs"]["probs"]);
+    let got = trainer::model::drop_path_rates(g["drop_probs"]["rate"].as_f64().unwrap(), 12);
+    assert_eq!(got.len(), want.len());
+    assert!(max_abs_diff(&got, &want) < 1e-8, "{got:?} vs {want:?}");
+}
+
+/// timm's `resize_pos_embed` (bicubic, `align_corners=False`) against ours, in float64, up and
+/// down and to a non-square grid: the interpolation weights are the same to rounding.
+#[test]
+fn vit_position_embedding_resampling_equals_timm() -> Result<()> {
+    let g = vit_golden();
+    let pos = tensor_of("pos_embed", &[1, 17, 8])?.to_dtype(DType::F64)?;
+    for (grid, want) in g["resample"].as_object().unwrap() {
+        let (h, w) = grid.split_once('x').unwrap();
+        let to = (h.parse().unwrap(), w.parse().unwrap());
+        let got = trainer::model::resample_pos_embed(&pos, (4, 4), to, 1)?;
+        let diff = max_abs_diff(&flat_t(&got)?, &flat(want));
+        println!("resample 4x4 -> {grid}: max|d| {diff:.2e}");
+        assert!(diff < 1e-12, "{grid}: {diff}");
+    }
+    Ok(())
+}
+
+/// One ViT in float64 and float32 against timm: eval logits, train logits with the trainer's
+/// drop-path masks (rate 0.5; `drop_path_scales` per branch stream), gradient norms of
+/// `sum(train_logits * coef)`, and eval logits at 48 px (a 3x3 grid) through the on-the-fly
+/// resampling of the 2x2 embedding, against timm's model built at 48 px with the embedding
+/// resized by `resize_pos_embed`.
+///
+/// Tolerances: float64 1e-12 on logits and 1e-10 relative on gradient norms (same math,
+/// different summation order; measured 4e-15 and 2e-14). float32 1e-5 on logits (of magnitude
+/// ~1: LayerNorm keeps activations near unit scale, so rounding is not amplified as in the
+/// train-mode BN nets; measured 1.2e-6) and 1e-5 relative on gradient norms (measured 3.7e-7),
+/// norms below 1e-4 of the largest compared against that floor.
+fn check_vit(name: &str) -> Result<()> {
+    let g = vit_golden();
+    let num_classes = g["num_classes"].as_u64().unwrap() as usize;
+    let in_shape: Vec<usize> = flat(&g["input_shape"])
+        .iter()
+        .map(|&d| d as usize)
+        .collect();
+    let img = in_shape[2];
+    let img_test = g["img_test"].as_u64().unwrap() as usize;
+    let rate = g["drop_path_rate"].as_f64().unwrap();
+    let seed = g["seed"].as_u64().unwrap();
+    let cfg = NetConfig::by_name(name)
+        .unwrap()
+        .with_num_classes(num_classes)
+        .with_drop_path_rate(rate)
+        .with_img_size(img);
+    for (dtype, key, logits_tol, grad_tol, floor_rel) in [
+        (DType::F64, "f64", 1e-12, 1e-10, 0.0),
+        (DType::F32, "f32", 1e-5, 1e-5, 1e-4),
+    ] {
+        let want = &g["models"][name][key];
+        let model = golden_model(&cfg, dtype)?;
+        let xs = raw("input", &in_shape, dtype)?;
+        let coef = raw("loss_coef", &[2, num_classes], dtype)?;
+        let eval = max_abs_diff(
+            &flat_t(&model.forward_eval(&xs)?)?,
+            &flat(&want["eval_logits"]),
+        );
+        let train_logits = model.forward_train(&xs, seed)?;
+        let train = max_abs_diff(&flat_t(&train_logits)?, &flat(&want["train_logits"]));
+        let grads = (train_logits * coef)?.sum_all()?.backward()?;
+        let want_norms = want["grad_norms"].as_object().unwrap();
+        let largest = want_norms
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .fold(0.0, f64::max);
+        let trainable = model.trainable_vars()?;
+        assert_eq!(
+            trainable.len(),
+            want_norms.len(),
+            "{name}: trainable tensors"
+        );
+        let mut grad_rel: f64 = 0.0;
+        for (pname, var) in &trainable {
+            let want = want_norms[pname].as_f64().unwrap();
+            let got = match grads.get(var.as_tensor()) {
+                Some(t) => t
+                    .to_dtype(DType::F64)?
+                    .sqr()?
+                    .sum_all()?
+                    .sqrt()?
+                    .to_scalar::<f64>()?,
+                None => 0.0,
+            };
+            let rel = (got - want).abs() / want.max(floor_rel * largest).max(1e-12);
+            assert!(
+                rel < grad_tol,
+                "{name} {key} {pname}: grad norm {got:e}, timm {want:e}"
+            );
+            grad_rel = grad_rel.max(rel);
+        }
+        let xb = raw("input48", &[2, 3, img_test, img_test], dtype)?;
+        let eval48 = max_abs_diff(
+            &flat_t(&model.forward_eval(&xb)?)?,
+            &flat(&want["eval_logits_48px"]),
+        );
+        println!(
+            "{name} {key}: max|d eval| {eval:.2e}, max|d train| {train:.2e}, max rel d grad norm {grad_rel:.2e}, max|d eval 48px| {eval48:.2e}"
+        );
+        assert!(
+            eval < logits_tol,
+            "{name} {key}: eval logits differ by {eval}"
+        );
+        assert!(
+            train < logits_tol,
+            "{name} {key}: train logits differ by {train}"
+        );
+        assert!(
+            grad_rel < grad_tol,
+            "{name} {key}: gradient norms differ by {grad_rel}"
+        );
+        assert!(
+            eval48 < logits_tol,
+            "{name} {key}: 48 px logits differ by {eval48}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn vit_tiny_matches_timm() -> Result<()> {
+    check_vit("vit_tiny_patch16_224")
+}
+
+#[test]
+fn vit_small_matches_timm() -> Result<()> {
+    check_vit("vit_small_patch16_224")
+}
+
+/// Weights stored at one grid and loaded for evaluation at another: ViT-Ti's golden weights at
+/// 32 px (a 2x2 grid) saved, loaded into the network built at 48 px (3x3), whose loader resamples
+/// `pos_embed` as timm's `checkpoint_filter_fn` does: the 48 px eval logits equal timm's model
+/// built at 48 px with `resize_pos_embed` (f64, same bound as the forward check).
+#[test]
+fn vit_weights_of_another_grid_load_resampled() -> Result<()> {
+    let g = vit_golden();
+    let name = "vit_tiny_patch16_224";
+    let num_classes = g["num_classes"].as_u64().unwrap() as usize;
+    let img_test = g["img_test"].as_u64().unwrap() as usize;
+    let cfg = NetConfig::by_name(name)
+        .unwrap()
+        .with_num_classes(num_classes);
+    let small = golden_model(&cfg.clone().with_img_size(32), DType::F64)?;
+    let dir = std::env::temp_dir().join(format!("vit-grid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("w.safetensors");
+    let tensors: std::collections::HashMap<String, Tensor> = small
+        .params()
+        .iter()
+        .map(|p| (p.name.clone(), p.tensor.clone()))
+        .collect();
+    candle_core::safetensors::save(&tensors, &path)?;
+
+    let varmap = VarMap::new();
+    let big = cfg.with_img_size(img_test).build(VarBuilder::from_varmap(
+        &varmap,
+        DType::F64,
+        &Device::Cpu,
+    ))?;
+    trainer::checkpoint::load_weights(&varmap, &path).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    let xb = raw("input48", &[2, 3, img_test, img_test], DType::F64)?;
+    let diff = max_abs_diff(
+        &flat_t(&big.forward_eval(&xb)?)?,
+        &flat(&g["models"][name]["f64"]["eval_logits_48px"]),
+    );
+    println!("{name}: 32 px weights loaded at 48 px: max|d logits| {diff:.2e}");
+    assert!(diff < 1e-12, "{diff}");
+    Ok(())
+}

@@ -84,8 +84,12 @@ fn timm_init_statistics() -> Result<()> {
                 ParamKind::LinearWeightNormal
                 | ParamKind::ZeroBias
                 | ParamKind::ConvWeightGrouped { .. }
-                | ParamKind::LinearWeightFanOut => {
-                    unreachable!("RegNet's and EfficientNet's init, not a ResNet's")
+                | ParamKind::LinearWeightFanOut
+                | ParamKind::TruncNormal02
+                | ParamKind::ConvWeightDefault { .. }
+                | ParamKind::LnWeight
+                | ParamKind::LnBias => {
+                    unreachable!("RegNet's, EfficientNet's and ViT's init, not a ResNet's")
                 }
             }
         }
@@ -275,5 +279,61 @@ fn a_few_sgd_steps_reduce_the_loss() -> Result<()> {
         stats_before, stats_after,
         "training forwards update the running statistics"
     );
+    Ok(())
+}
+
+/// timm v0.5.4's ViT init (`init_weights('')`): trunc_normal(std .02) for the class token, the
+/// position embedding and every linear weight, the head included (`self.apply` passes no module
+/// name, so the zero-head branch of `_init_vit_weights` is not taken), zero linear biases,
+/// LayerNorm 1 and 0, and PyTorch's default conv init for the patch embedding.
+#[test]
+fn vit_init_statistics() -> Result<()> {
+    let cfg = trainer::model::VitConfig {
+        depth: 2,
+        img_size: 64,
+        ..trainer::model::VitConfig::by_name("vit_tiny_patch16_224").unwrap()
+    };
+    let model = trainer::model::NetConfig::from(cfg).build_seeded(
+        &VarMap::new(),
+        5,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    for p in model.params() {
+        let (mean, std) = stats(&p.tensor)?;
+        let n = p.tensor.elem_count() as f64;
+        let v = p.tensor.flatten_all()?.to_vec1::<f32>()?;
+        match p.kind {
+            ParamKind::TruncNormal02 => {
+                assert!(
+                    (std / 0.02 - 1.0).abs() < 5.0 / (2.0 * n).sqrt(),
+                    "{}: std {std}",
+                    p.name
+                );
+                assert!(
+                    mean.abs() < 5.0 * 0.02 / n.sqrt(),
+                    "{}: mean {mean}",
+                    p.name
+                );
+            }
+            ParamKind::ZeroBias | ParamKind::LnBias => assert_eq!((mean, std), (0.0, 0.0)),
+            ParamKind::LnWeight => assert_eq!((mean, std), (1.0, 0.0), "{}", p.name),
+            ParamKind::ConvWeightDefault { fan_in } | ParamKind::ConvBias { fan_in } => {
+                assert_eq!(fan_in, 3 * 16 * 16);
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                assert!(v.iter().all(|x| (x.abs() as f64) <= bound), "{}", p.name);
+                assert!(std > 0.0, "{}", p.name);
+            }
+            other => panic!("{}: unexpected kind {other:?} in a ViT", p.name),
+        }
+        let want_kind = match p.name.as_str() {
+            "cls_token" | "pos_embed" | "head.weight" => Some(ParamKind::TruncNormal02),
+            "head.bias" => Some(ParamKind::ZeroBias),
+            _ => None,
+        };
+        if let Some(k) = want_kind {
+            assert_eq!(p.kind, k, "{}", p.name);
+        }
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
-//! Models: timm's ResNet family (`resnet.py`), RegNetY (`regnet.py`) and EfficientNet-B0..B4
-//! (`efficientnet.py`), with PyTorch BatchNorm,
-//! stochastic depth and timm init; [`NetConfig::by_name`] takes any of [`model_names`].
+//! Models: timm's ResNet family (`resnet.py`), RegNetY (`regnet.py`), EfficientNet-B0..B4
+//! (`efficientnet.py`) and the Vision Transformers (`vision_transformer.py`), with PyTorch
+//! BatchNorm/LayerNorm, stochastic depth and timm init; [`NetConfig::by_name`] takes any of
+//! [`model_names`].
 //!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
@@ -25,28 +26,30 @@ pub mod resnet;
 pub use batch_norm::BatchNorm2d;
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
+pub use resnet::{bicubic_matrix, resample_pos_embed};
 pub use resnet::{
     ActivationLayout, Attention, BackwardMode, BlockKind, EfficientNetArch, EfficientNetBlock,
     EfficientNetConfig, EfficientNetStage, GradHook, RegNetConfig, RegNetStage, ResNet,
-    ResNetConfig, StemKind, TrainPass,
+    ResNetConfig, StemKind, TrainPass, VitConfig,
 };
 
 use candle_core::{DType, Device};
 use candle_nn::{VarBuilder, VarMap};
 
 /// Every model name [`NetConfig::by_name`] accepts: [`ResNetConfig::NAMES`],
-/// [`RegNetConfig::NAMES`], then [`EfficientNetConfig::NAMES`].
+/// [`RegNetConfig::NAMES`], [`EfficientNetConfig::NAMES`], then [`VitConfig::NAMES`].
 pub fn model_names() -> Vec<&'static str> {
     ResNetConfig::NAMES
         .iter()
         .chain(RegNetConfig::NAMES)
         .chain(EfficientNetConfig::NAMES)
+        .chain(VitConfig::NAMES)
         .copied()
         .collect()
 }
 
 /// A network of any supported family, by timm name: each family has its own configuration
-/// (timm's arguments), and all build the same residual network type, [`ResNet`].
+/// (timm's arguments), and all build the same network type, [`ResNet`].
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetConfig {
@@ -56,6 +59,14 @@ pub enum NetConfig {
     RegNet(RegNetConfig),
     /// timm `efficientnet.py` (EfficientNet-B0..B4).
     EfficientNet(EfficientNetConfig),
+    /// timm `vision_transformer.py` (ViT-Ti/S/B).
+    Vit(VitConfig),
+}
+
+impl From<VitConfig> for NetConfig {
+    fn from(c: VitConfig) -> Self {
+        NetConfig::Vit(c)
+    }
 }
 
 impl From<EfficientNetConfig> for NetConfig {
@@ -89,6 +100,9 @@ impl NetConfig {
         if let Ok(c) = EfficientNetConfig::by_name(name) {
             return Ok(c.into());
         }
+        if let Ok(c) = VitConfig::by_name(name) {
+            return Ok(c.into());
+        }
         Err(ModelError::UnknownModel {
             name: name.to_string(),
             known: model_names(),
@@ -101,6 +115,7 @@ impl NetConfig {
             NetConfig::ResNet(c) => c.num_classes = num_classes,
             NetConfig::RegNet(c) => c.num_classes = num_classes,
             NetConfig::EfficientNet(c) => c.num_classes = num_classes,
+            NetConfig::Vit(c) => c.num_classes = num_classes,
         }
         self
     }
@@ -111,6 +126,17 @@ impl NetConfig {
             NetConfig::ResNet(c) => c.drop_path_rate = rate,
             NetConfig::RegNet(c) => c.drop_path_rate = rate,
             NetConfig::EfficientNet(c) => c.drop_path_rate = rate,
+            NetConfig::Vit(c) => c.drop_path_rate = rate,
+        }
+        self
+    }
+
+    /// The same network laid out for `px` x `px` input: a Vision Transformer's position
+    /// embedding gets that grid (the trainer builds at the recipe's training size); the
+    /// convolutional networks take any size and are unchanged.
+    pub fn with_img_size(mut self, px: usize) -> Self {
+        if let NetConfig::Vit(c) = &mut self {
+            c.img_size = px;
         }
         self
     }
@@ -121,6 +147,7 @@ impl NetConfig {
             NetConfig::ResNet(c) => c.num_classes,
             NetConfig::RegNet(c) => c.num_classes,
             NetConfig::EfficientNet(c) => c.num_classes,
+            NetConfig::Vit(c) => c.num_classes,
         }
     }
 
@@ -130,6 +157,7 @@ impl NetConfig {
             NetConfig::ResNet(c) => c.build(vb),
             NetConfig::RegNet(c) => c.build(vb),
             NetConfig::EfficientNet(c) => c.build(vb),
+            NetConfig::Vit(c) => c.build(vb),
         }
     }
 

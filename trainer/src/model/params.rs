@@ -50,6 +50,19 @@ pub enum ParamKind {
         /// Input features of the layer.
         fan_in: usize,
     },
+    /// timm's `trunc_normal_(std=.02)` (cut at ±2, i.e. ±100 std): the Vision Transformer's
+    /// linear weights, class token and position embedding.
+    TruncNormal02,
+    /// A convolution kernel left at PyTorch's default `kaiming_uniform_(a=sqrt(5))`:
+    /// `U(±1/sqrt(fan_in))` (the Vision Transformer's patch embedding).
+    ConvWeightDefault {
+        /// `I/groups * kh * kw` of the kernel.
+        fan_in: usize,
+    },
+    /// LayerNorm gamma: 1.
+    LnWeight,
+    /// LayerNorm beta: 0.
+    LnBias,
 }
 
 impl ParamKind {
@@ -99,7 +112,8 @@ pub fn name_hash(name: &str) -> u64 {
     })
 }
 
-/// The values timm's `ResNet.init_weights` and `RegNet.__init__` (v0.5.4) give a tensor of
+/// The values timm's `ResNet.init_weights`, `RegNet.__init__`, EfficientNet's `_init_weight_goog`
+/// and `VisionTransformer.init_weights` (v0.5.4) give a tensor of
 /// `kind` and `shape`,
 /// drawn from `rng` (row-major order).
 pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng) -> Vec<f32> {
@@ -117,7 +131,17 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
         }
         ParamKind::ConvBias { fan_in }
         | ParamKind::LinearBias { fan_in }
-        | ParamKind::Conv1dWeight { fan_in } => uniform(rng, 1.0 / (fan_in as f64).sqrt()),
+        | ParamKind::Conv1dWeight { fan_in }
+        | ParamKind::ConvWeightDefault { fan_in } => uniform(rng, 1.0 / (fan_in as f64).sqrt()),
+        ParamKind::TruncNormal02 => (0..len)
+            .map(|_| loop {
+                // timm's `trunc_normal_` bounds are absolute (a=-2, b=2): redraw beyond them.
+                let v = rng.normal() * 0.02;
+                if (-2.0..=2.0).contains(&v) {
+                    break v as f32;
+                }
+            })
+            .collect(),
         ParamKind::LinearWeight => uniform(rng, 1.0 / (shape[1] as f64).sqrt()),
         ParamKind::LinearWeightFanOut => uniform(rng, 1.0 / (shape[0] as f64).sqrt()),
         ParamKind::ConvWeightGrouped { groups } => {
@@ -126,7 +150,8 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
             (0..len).map(|_| (rng.normal() * std) as f32).collect()
         }
         ParamKind::LinearWeightNormal => (0..len).map(|_| (rng.normal() * 0.01) as f32).collect(),
-        ParamKind::ZeroBias => vec![0.0; len],
+        ParamKind::ZeroBias | ParamKind::LnBias => vec![0.0; len],
+        ParamKind::LnWeight => vec![1.0; len],
         ParamKind::BnWeight { zero_init: true } | ParamKind::BnBias | ParamKind::BnRunningMean => {
             vec![0.0; len]
         }

@@ -18,11 +18,13 @@ use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
 mod efficientnet;
 mod explicit;
 mod regnet;
+mod vit;
 pub use efficientnet::{
     EfficientNetArch, EfficientNetBlock, EfficientNetConfig, EfficientNetStage,
 };
 pub use explicit::{BackwardMode, GradHook, TrainPass};
 pub use regnet::{RegNetConfig, RegNetStage};
+pub use vit::{bicubic_matrix, resample_pos_embed, VitConfig};
 
 /// The residual block type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,7 +365,9 @@ impl Builder {
         kind: ParamKind,
     ) -> Result<Tensor> {
         let hint = match kind {
-            ParamKind::BnWeight { .. } | ParamKind::BnRunningVar => Init::Const(1.0),
+            ParamKind::BnWeight { .. } | ParamKind::BnRunningVar | ParamKind::LnWeight => {
+                Init::Const(1.0)
+            }
             _ => Init::Const(0.0),
         };
         let tensor = vb.get_with_hints(shape, name, hint)?;
@@ -733,10 +737,32 @@ enum Stem {
     Deep([(Conv, BatchNorm2d); 2], Conv),
 }
 
-/// A timm ResNet. Build it with [`ResNetConfig::build`] or [`ResNetConfig::build_seeded`].
+/// The network of every supported family (named after the first): timm's ResNets, RegNets and
+/// EfficientNets (a convolutional trunk) and Vision Transformers, each followed by a linear
+/// classifier. Build it with [`NetConfig::build`] or a family config's `build_seeded`.
 #[derive(Debug)]
 pub struct ResNet {
     config: NetConfig,
+    trunk: Trunk,
+    fc: candle_nn::Linear,
+    params: Vec<Param>,
+    drop_path_seed: Mutex<Option<u64>>,
+    layout: ActivationLayout,
+    backward: BackwardMode,
+}
+
+/// What turns the input into the classifier's features.
+#[derive(Debug)]
+enum Trunk {
+    /// Convolutions, then global average pooling.
+    Conv(ConvTrunk),
+    /// Patch embedding and transformer blocks, then the class token.
+    Vit(vit::VitTrunk),
+}
+
+/// The convolutional trunk of the ResNets, RegNets and EfficientNets.
+#[derive(Debug)]
+struct ConvTrunk {
     stem: Stem,
     bn1: BatchNorm2d,
     /// The 3x3/2 max-pool after the stem (ResNet; not RegNet, EfficientNet).
@@ -746,11 +772,6 @@ pub struct ResNet {
     /// A 1x1 conv-BN-activation after the blocks (EfficientNet's `conv_head`, `bn2`).
     head: Option<(Conv, BatchNorm2d)>,
     blocks: Vec<Block>,
-    fc: candle_nn::Linear,
-    params: Vec<Param>,
-    drop_path_seed: Mutex<Option<u64>>,
-    layout: ActivationLayout,
-    backward: BackwardMode,
 }
 
 impl ResNet {
@@ -889,12 +910,14 @@ impl ResNet {
         )?;
         Ok(Self {
             config: NetConfig::ResNet(cfg.clone()),
-            stem,
-            bn1,
-            max_pool: true,
-            silu: false,
-            head: None,
-            blocks,
+            trunk: Trunk::Conv(ConvTrunk {
+                stem,
+                bn1,
+                max_pool: true,
+                silu: false,
+                head: None,
+                blocks,
+            }),
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
             drop_path_seed: Mutex::new(None),
@@ -980,7 +1003,7 @@ impl ResNet {
                 train: true,
                 drop_path_seed: Some(drop_path_seed),
                 nhwc: self.layout == ActivationLayout::Nhwc,
-                silu: self.silu,
+                silu: self.silu(),
             },
         )
     }
@@ -997,12 +1020,37 @@ impl ResNet {
                 train: false,
                 drop_path_seed: None,
                 nhwc: self.layout == ActivationLayout::Nhwc,
-                silu: self.silu,
+                silu: self.silu(),
             },
         )
     }
 
+    /// The SiLU activation (EfficientNet) instead of ReLU.
+    fn silu(&self) -> bool {
+        matches!(&self.trunk, Trunk::Conv(t) if t.silu)
+    }
+
+    /// The convolutional trunk; an error for a Vision Transformer.
+    fn conv_trunk(&self) -> Result<&ConvTrunk> {
+        match &self.trunk {
+            Trunk::Conv(t) => Ok(t),
+            Trunk::Vit(_) => bail!("a Vision Transformer has no convolutional trunk"),
+        }
+    }
+
     fn forward_ctx(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let dtype = self.fc.weight().dtype();
+        let features = match &self.trunk {
+            Trunk::Conv(t) => t.features(xs, ctx, dtype)?,
+            Trunk::Vit(t) => t.features(xs, ctx)?.to_dtype(dtype)?,
+        };
+        candle_nn::Module::forward(&self.fc, &features)
+    }
+}
+
+impl ConvTrunk {
+    /// The pooled features `[N, C]` (in `dtype` on the channels-last path).
+    fn features(&self, xs: &Tensor, ctx: Ctx, dtype: DType) -> Result<Tensor> {
         let mut ys = match &self.stem {
             Stem::Single(conv) => conv_bn(conv, &self.bn1, xs, ctx, true)?,
             Stem::Deep(pairs, last) => {
@@ -1026,13 +1074,12 @@ impl ResNet {
         if let Some((conv, bn)) = &self.head {
             ys = conv_bn(conv, bn, &ys, ctx, true)?;
         }
-        let pooled = if ctx.nhwc {
+        if ctx.nhwc {
             // f32 features: the classifier and the loss run in f32.
-            nhwc::global_avg_pool(&ys)?.to_dtype(self.fc.weight().dtype())?
+            nhwc::global_avg_pool(&ys)?.to_dtype(dtype)
         } else {
-            ys.mean((2, 3))?
-        };
-        candle_nn::Module::forward(&self.fc, &pooled)
+            ys.mean((2, 3))
+        }
     }
 }
 
@@ -1059,7 +1106,7 @@ impl ModuleT for ResNet {
                 train: true,
                 drop_path_seed: seed,
                 nhwc: self.layout == ActivationLayout::Nhwc,
-                silu: self.silu,
+                silu: self.silu(),
             },
         )
     }

@@ -3,8 +3,10 @@
 
 pub mod avg_pool;
 pub mod cpu;
+pub mod gelu;
 pub mod max_pool;
 pub mod nhwc;
 
 pub use avg_pool::avg_pool2d_ceil;
+pub use gelu::gelu;
 pub use max_pool::max_pool2d;

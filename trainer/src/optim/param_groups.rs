@@ -35,10 +35,15 @@ pub fn is_buffer_name(name: &str) -> bool {
 }
 
 /// timm's rule for parameters without weight decay: `ndim <= 1 or name.endswith(".bias")`
-/// (v0.5.4 tests `len(shape) == 1`; HEAD `ndim <= 1`, which also covers scalars).
+/// (v0.5.4 tests `len(shape) == 1`; HEAD `ndim <= 1`, which also covers scalars), or a name in
+/// the model's `no_weight_decay()` set: the Vision Transformer's [`NO_WEIGHT_DECAY`].
 pub fn skips_weight_decay(name: &str, rank: usize) -> bool {
-    rank <= 1 || name.ends_with(".bias")
+    rank <= 1 || name.ends_with(".bias") || NO_WEIGHT_DECAY.contains(&name)
 }
+
+/// timm v0.5.4's `VisionTransformer.no_weight_decay()`: `{'pos_embed', 'cls_token',
+/// 'dist_token'}` (no other supported model has tensors of these names).
+pub const NO_WEIGHT_DECAY: [&str; 3] = ["pos_embed", "cls_token", "dist_token"];
 
 /// Splits named variables into timm's two groups: `[no-decay (wd 0), decay (weight_decay)]`.
 ///
@@ -151,5 +156,39 @@ mod tests {
                 (0.02, 1.0, vec!["fc.weight".to_string()]),
             ]
         );
+    }
+
+    /// A ViT's groups as timm's `add_weight_decay(model, wd, model.no_weight_decay())`: the class
+    /// token and position embedding (3-D) join the norms and biases without decay.
+    #[test]
+    fn vit_tokens_and_position_embedding_skip_decay() {
+        use crate::model::VitConfig;
+        use candle_core::{DType, Device};
+        let cfg = VitConfig {
+            depth: 1,
+            img_size: 32,
+            ..VitConfig::by_name("vit_tiny_patch16_224").unwrap()
+        };
+        let model = crate::model::NetConfig::from(cfg)
+            .build_seeded(&candle_nn::VarMap::new(), 0, DType::F32, &Device::Cpu)
+            .unwrap();
+        let groups = param_groups(model.trainable_vars().unwrap(), 0.05);
+        let names = |g: &ParamGroup| g.params.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&groups[1]),
+            [
+                "blocks.0.attn.proj.weight",
+                "blocks.0.attn.qkv.weight",
+                "blocks.0.mlp.fc1.weight",
+                "blocks.0.mlp.fc2.weight",
+                "head.weight",
+                "patch_embed.proj.weight",
+            ]
+        );
+        let no_decay = names(&groups[0]);
+        assert!(no_decay.contains(&"cls_token".to_string()), "{no_decay:?}");
+        assert!(no_decay.contains(&"pos_embed".to_string()), "{no_decay:?}");
+        // Tokens 2, patch bias 1, per block 2 norms x 2 + 4 biases, final norm 2, head bias 1.
+        assert_eq!(no_decay.len(), 2 + 1 + 8 + 2 + 1, "{no_decay:?}");
     }
 }

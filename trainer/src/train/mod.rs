@@ -378,7 +378,8 @@ pub fn build_model(
         None => NetConfig::by_name(&recipe.model.name)?,
     }
     .with_num_classes(num_classes)
-    .with_drop_path_rate(recipe.model.drop_path_rate);
+    .with_drop_path_rate(recipe.model.drop_path_rate)
+    .with_img_size(recipe.data.train_size_px as usize);
     let varmap = VarMap::new();
     let net = cfg.build_seeded(&varmap, recipe.run.seed, DType::F32, device)?;
     Ok((varmap, net))

@@ -5,7 +5,8 @@ installs them into .venv-torch):
     .venv-torch/bin/python trainer/tests/golden/resnet_golden.py
 It writes, next to this script:
   resnet_keys.json       state_dict keys and shapes of every model name the trainer knows
-                         (resnet.py's, regnet.py's and efficientnet.py's)
+                         (resnet.py's, regnet.py's, efficientnet.py's and
+                         vision_transformer.py's)
   resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05, and a
                          float64 train forward of seresnet50 at drop_path_rate=0.5 whose DropPath
                          modules apply the trainer's masks (loader::rng, ported below)
@@ -31,7 +32,8 @@ NAMES = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet50
          "resnext50_32x4d", "ecaresnet50t", "ecaresnet269d", "senet154",
          "regnety_002", "regnety_040", "regnety_080", "regnety_160", "regnety_320",
          "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3",
-         "efficientnet_b4", "efficientnetv2_rw_s", "efficientnetv2_rw_m"]
+         "efficientnet_b4", "efficientnetv2_rw_s", "efficientnetv2_rw_m",
+         "vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"]
 # "NAME@1111": timm's NAME with one block per stage (ResNet built from the same arguments as
 # timm's `NAME` function in resnet.py, but layers=[1, 1, 1, 1]), for the deep networks whose
 # full forward would make the test slow; their full key lists are in resnet_keys.json.

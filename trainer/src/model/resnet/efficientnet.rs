@@ -14,7 +14,10 @@ use candle_core::{bail, Result};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{BackwardMode, Block, BlockAttn, Builder, NetConfig, ResNet, SqueezeExcite, Stem};
+use super::{
+    BackwardMode, Block, BlockAttn, Builder, ConvTrunk, NetConfig, ResNet, SqueezeExcite, Stem,
+    Trunk,
+};
 use crate::model::params::ParamKind;
 use crate::model::{ActivationLayout, ModelError};
 
@@ -314,12 +317,14 @@ impl ResNet {
         let bias = b.get(&vf, &[cfg.num_classes], "bias", ParamKind::ZeroBias)?;
         Ok(ResNet {
             config: NetConfig::EfficientNet(cfg.clone()),
-            stem: Stem::Single(stem),
-            bn1,
-            max_pool: false,
-            silu: true,
-            head: Some(head),
-            blocks,
+            trunk: Trunk::Conv(ConvTrunk {
+                stem: Stem::Single(stem),
+                bn1,
+                max_pool: false,
+                silu: true,
+                head: Some(head),
+                blocks,
+            }),
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
             drop_path_seed: std::sync::Mutex::new(None),

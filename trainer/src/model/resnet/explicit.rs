@@ -22,7 +22,7 @@
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
 
-use super::{ActivationLayout, BatchNorm2d, Block, Conv, ResNet, Stem};
+use super::{ActivationLayout, BatchNorm2d, Block, Conv, ResNet, Stem, Trunk};
 use crate::model::drop_path_mask;
 use crate::ops::nhwc::{self, AddReluSaved, BnSaved, ConvSaved, MaxPoolSaved};
 
@@ -237,20 +237,23 @@ impl ResNet {
 
     /// Why the explicit backward cannot run this network, if it cannot.
     pub fn explicit_backward_unsupported(&self) -> Option<&'static str> {
+        let Trunk::Conv(t) = &self.trunk else {
+            return Some("a Vision Transformer has no explicit backward");
+        };
         if self.layout != ActivationLayout::Nhwc {
             return Some("it needs the channels-last layout");
         }
-        if self.silu || self.head.is_some() || self.blocks.iter().any(|b| !b.residual) {
+        if t.silu || t.head.is_some() || t.blocks.iter().any(|b| !b.residual) {
             return Some("EfficientNet's blocks are not supported");
         }
-        if !self.max_pool {
+        if !t.max_pool {
             return Some("a stem without max-pool (RegNet) is not supported");
         }
-        if self.blocks.iter().any(|b| b.se.is_some()) {
+        if t.blocks.iter().any(|b| b.se.is_some()) {
             return Some("channel attention (squeeze-excite, ECA) is not supported");
         }
         let pooled = |b: &Block| b.downsample.as_ref().is_some_and(|d| d.avg_pool);
-        if self.blocks.iter().any(pooled) {
+        if t.blocks.iter().any(pooled) {
             return Some("ResNet-D's pooled shortcut is not supported");
         }
         None
@@ -305,11 +308,12 @@ impl ResNet {
     }
 
     fn forward_tape(&self, xs: &Tensor, drop_path_seed: u64) -> Result<Tape> {
+        let trunk = self.conv_trunk()?;
         let mut stem = Vec::new();
         let mut ys = xs.clone();
-        match &self.stem {
+        match &trunk.stem {
             Stem::Single(conv) => {
-                let (y, t) = conv_bn(conv, &self.bn1, &ys, true)?;
+                let (y, t) = conv_bn(conv, &trunk.bn1, &ys, true)?;
                 stem.push(t);
                 ys = y;
             }
@@ -319,14 +323,14 @@ impl ResNet {
                     stem.push(t);
                     ys = y;
                 }
-                let (y, t) = conv_bn(last, &self.bn1, &ys, true)?;
+                let (y, t) = conv_bn(last, &trunk.bn1, &ys, true)?;
                 stem.push(t);
                 ys = y;
             }
         }
         let (mut ys, pool) = nhwc::max_pool_train(&ys, 3, 2, 1)?;
-        let mut blocks = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
+        let mut blocks = Vec::with_capacity(trunk.blocks.len());
+        for block in &trunk.blocks {
             let (y, t) = block.forward_tape(&ys, Some(drop_path_seed))?;
             blocks.push(t);
             ys = y;
@@ -352,9 +356,10 @@ impl ResNet {
             mut blocks,
             trunk_out,
         } = tape;
+        let trunk = self.conv_trunk()?;
         let mut d = nhwc::global_avg_pool_backward(&trunk_out, d_features)?;
         drop(trunk_out);
-        for block in self.blocks.iter().rev() {
+        for block in trunk.blocks.iter().rev() {
             let Some(t) = blocks.pop() else {
                 bail!("explicit backward: the tape has fewer blocks than the network")
             };
@@ -364,12 +369,12 @@ impl ResNet {
         }
         d = nhwc::max_pool_backward(&pool, &d)?;
         drop(pool);
-        let layers: Vec<(&Conv, &BatchNorm2d)> = match &self.stem {
-            Stem::Single(conv) => vec![(conv, &self.bn1)],
+        let layers: Vec<(&Conv, &BatchNorm2d)> = match &trunk.stem {
+            Stem::Single(conv) => vec![(conv, &trunk.bn1)],
             Stem::Deep(pairs, last) => pairs
                 .iter()
                 .map(|(c, b)| (c, b))
-                .chain([(last, &self.bn1)])
+                .chain([(last, &trunk.bn1)])
                 .collect(),
         };
         if layers.len() != stem.len() {

@@ -12,7 +12,8 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackwardMode, Block, BlockAttn, Builder, Downsample, NetConfig, ResNet, SqueezeExcite, Stem,
+    BackwardMode, Block, BlockAttn, Builder, ConvTrunk, Downsample, NetConfig, ResNet,
+    SqueezeExcite, Stem, Trunk,
 };
 use crate::model::drop_path::drop_path_rates;
 use crate::model::params::ParamKind;
@@ -237,12 +238,14 @@ impl ResNet {
         let bias = b.get(&vf, &[cfg.num_classes], "bias", ParamKind::ZeroBias)?;
         Ok(ResNet {
             config: NetConfig::RegNet(cfg.clone()),
-            stem: Stem::Single(stem),
-            bn1,
-            max_pool: false,
-            silu: false,
-            head: None,
-            blocks,
+            trunk: Trunk::Conv(ConvTrunk {
+                stem: Stem::Single(stem),
+                bn1,
+                max_pool: false,
+                silu: false,
+                head: None,
+                blocks,
+            }),
             fc: candle_nn::Linear::new(w, Some(bias)),
             params: b.params,
             drop_path_seed: std::sync::Mutex::new(None),
