@@ -39,7 +39,9 @@ def main():
     p.add_argument("--num-classes", type=int, default=1000)
     a = p.parse_args()
     torch.manual_seed(0)
-    model = timm.create_model(a.model, num_classes=a.num_classes)
+    # timm 0.5.4's ViTs take only the input size they were built for (`img_size`).
+    extra = {"img_size": a.size} if a.model.startswith("vit_") else {}
+    model = timm.create_model(a.model, num_classes=a.num_classes, **extra)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     loss_fn = torch.nn.CrossEntropyLoss()
     x = torch.randn(a.batch_size, 3, a.size, a.size)

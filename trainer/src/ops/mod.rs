@@ -6,7 +6,9 @@ pub mod cpu;
 pub mod gelu;
 pub mod max_pool;
 pub mod nhwc;
+pub mod rows;
 
 pub use avg_pool::avg_pool2d_ceil;
 pub use gelu::gelu;
 pub use max_pool::max_pool2d;
+pub use rows::{layer_norm, softmax_last_dim};

@@ -21,7 +21,7 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use candle_core::{bail, DType, Result, Tensor, D};
+use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
@@ -205,6 +205,7 @@ impl LayerNorm {
         })
     }
 
+    /// In f32 (f64 for f64 input) whatever the input dtype, returned in the input dtype.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let dtype = xs.dtype();
         let wide = if dtype == DType::F64 {
@@ -212,14 +213,9 @@ impl LayerNorm {
         } else {
             DType::F32
         };
-        let x = xs.to_dtype(wide)?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + LN_EPS)?.sqrt()?)?;
-        normed
-            .broadcast_mul(&self.weight.to_dtype(wide)?)?
-            .broadcast_add(&self.bias.to_dtype(wide)?)?
-            .to_dtype(dtype)
+        let w = cast(&self.weight, wide)?;
+        let b = cast(&self.bias, wide)?;
+        crate::ops::layer_norm(&cast(xs, wide)?, &w, &b, LN_EPS)?.to_dtype(dtype)
     }
 }
 
@@ -230,21 +226,6 @@ fn cast(t: &Tensor, dtype: DType) -> Result<Tensor> {
     } else {
         t.to_dtype(dtype)
     }
-}
-
-/// Softmax over the last dimension, in f32 or f64 (the max is subtracted outside the graph:
-/// the result does not depend on it).
-fn softmax_last(xs: &Tensor) -> Result<Tensor> {
-    let dtype = xs.dtype();
-    let x = if dtype == DType::F64 {
-        xs.clone()
-    } else {
-        xs.to_dtype(DType::F32)?
-    };
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let num = x.broadcast_sub(&max)?.exp()?;
-    num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?
-        .to_dtype(dtype)
 }
 
 /// One pre-norm transformer block.
@@ -277,7 +258,7 @@ impl VitBlock {
         let v = qkv.get(2)?.contiguous()?;
         let scale = 1.0 / (dh as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let attn = softmax_last(&scores)?;
+        let attn = crate::ops::softmax_last_dim(&scores)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((n, t, d))?;
         self.proj.forward(&out)
     }

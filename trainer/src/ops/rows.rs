@@ -1,0 +1,478 @@
+//! Row-wise operations of the Vision Transformer as candle custom ops with their gradients:
+//! LayerNorm over the last dimension and softmax over the last dimension.
+//!
+//! Composed from candle's generic ops, LayerNorm takes about nine whole-tensor passes forward and
+//! twenty backward (each a separate allocation), softmax five and six. Here each is one parallel
+//! pass over the rows forward and one backward. The LayerNorm weight and bias gradients are sums
+//! over all rows: partial sums over fixed blocks of rows, added in block order, so the result
+//! does not depend on the thread count.
+//!
+//! CPU f32/f64 with contiguous inputs only; elsewhere (CUDA, bf16) [`layer_norm`] and
+//! [`softmax_last_dim`] compose candle's ops, which run on every device.
+
+use candle_core::{
+    backend::BackendStorage, bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout,
+    Result, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+
+/// Rows per block of the LayerNorm parameter-gradient sums (fixed, for determinism).
+const ROWS_PER_BLOCK: usize = 64;
+
+/// Whether the custom CPU kernels apply to these tensors.
+fn fast(ts: &[&Tensor]) -> bool {
+    let dtype = ts[0].dtype();
+    ts.iter().all(|t| {
+        t.device().is_cpu() && t.dtype() == dtype && matches!(dtype, DType::F32 | DType::F64)
+    })
+}
+
+/// PyTorch's `nn.LayerNorm(D, eps)` over the last dimension: `(x - mean) / sqrt(var + eps) * w
+/// + b` with the biased variance, accumulated in f64.
+///
+/// # Shapes
+/// - `xs`: `[..., D]`; `weight`, `bias`: `[D]`; returns the shape of `xs`.
+pub fn layer_norm(xs: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fast(&[xs, weight, bias]) {
+        let xs = xs.contiguous()?;
+        return xs.apply_op3(weight, bias, LayerNorm { eps });
+    }
+    let dtype = xs.dtype();
+    let wide = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let x = xs.to_dtype(wide)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.to_dtype(wide)?)?
+        .broadcast_add(&bias.to_dtype(wide)?)?
+        .to_dtype(dtype)
+}
+
+/// Softmax over the last dimension (max-subtracted), computed in f32 or f64.
+///
+/// # Shapes
+/// - `xs`: `[..., D]`; returns the same shape.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if fast(&[xs]) {
+        return xs.contiguous()?.apply_op1(Softmax);
+    }
+    let dtype = xs.dtype();
+    let x = if dtype == DType::F64 {
+        xs.clone()
+    } else {
+        xs.to_dtype(DType::F32)?
+    };
+    // The max is a constant of the result: outside the graph.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let num = x.broadcast_sub(&max)?.exp()?;
+    num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?
+        .to_dtype(dtype)
+}
+
+fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// A float type the kernels run on.
+trait Float: Copy + Send + Sync + 'static {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+/// Mean and `1 / sqrt(var + eps)` of one row.
+fn row_stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+    let var = x
+        .iter()
+        .map(|v| {
+            let d = v.to_f64() - mean;
+            d * d
+        })
+        .sum::<f64>()
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, x)| {
+            let (mean, rstd) = row_stats(x, eps);
+            for i in 0..d {
+                let xh = (x[i].to_f64() - mean) * rstd;
+                o[i] = T::from_f64(xh * w[i].to_f64() + b[i].to_f64());
+            }
+        });
+    out
+}
+
+/// `[dx rows..., dw, db]`: the input gradient followed by the weight and bias gradients.
+fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
+    let d = w.len();
+    let mut out = vec![T::from_f64(0.0); x.len() + 2 * d];
+    let (dx, _) = out.split_at_mut(x.len());
+    // Per block of rows: dx, and partial sums of g * xhat and g.
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(d * ROWS_PER_BLOCK)
+        .zip(x.par_chunks(d * ROWS_PER_BLOCK))
+        .zip(g.par_chunks(d * ROWS_PER_BLOCK))
+        .map(|((dx, x), g)| {
+            let mut dw = vec![0.0f64; d];
+            let mut db = vec![0.0f64; d];
+            let mut xh = vec![0.0f64; d];
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mean, rstd) = row_stats(x, eps);
+                let (mut sum_gw, mut sum_gw_xh) = (0.0, 0.0);
+                for i in 0..d {
+                    xh[i] = (x[i].to_f64() - mean) * rstd;
+                    let gi = g[i].to_f64();
+                    let gw = gi * w[i].to_f64();
+                    sum_gw += gw;
+                    sum_gw_xh += gw * xh[i];
+                    dw[i] += gi * xh[i];
+                    db[i] += gi;
+                }
+                let n = d as f64;
+                for i in 0..d {
+                    let gw = g[i].to_f64() * w[i].to_f64();
+                    dx[i] = T::from_f64(rstd * (gw - (sum_gw + xh[i] * sum_gw_xh) / n));
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut dw = vec![0.0f64; d];
+    let mut db = vec![0.0f64; d];
+    for (pw, pb) in &partials {
+        for i in 0..d {
+            dw[i] += pw[i];
+            db[i] += pb[i];
+        }
+    }
+    let tail = &mut out[x.len()..];
+    for i in 0..d {
+        tail[i] = T::from_f64(dw[i]);
+        tail[d + i] = T::from_f64(db[i]);
+    }
+    out
+}
+
+struct LayerNorm {
+    eps: f64,
+}
+
+struct LayerNormBackward {
+    eps: f64,
+}
+
+fn check_ln(lx: &Layout, lw: &Layout, other: &Layout, what: &str) -> Result<usize> {
+    let d = lx.shape().dims().last().copied().unwrap_or(0);
+    if lw.shape().dims() != [d] {
+        bail!("{what}: weight {:?} does not match the last dimension {d}", lw.shape())
+    }
+    if other.shape().elem_count() != lx.shape().elem_count() && other.shape().dims() != [d] {
+        bail!("{what}: operand {:?} does not match {:?}", other.shape(), lx.shape())
+    }
+    if d == 0 {
+        bail!("{what}: empty last dimension")
+    }
+    Ok(d)
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "layer-norm-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_ln(lx, lw, lb, "layer_norm")?;
+        let shape = lx.shape().clone();
+        let what = "layer_norm";
+        Ok(match (sx, sw, sb) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let (x, w, b) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(b, lb, what)?);
+                (CpuStorage::F32(ln_fwd(x, w, b, self.eps)), shape)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let (x, w, b) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(b, lb, what)?);
+                (CpuStorage::F64(ln_fwd(x, w, b, self.eps)), shape)
+            }
+            _ => bail!("layer_norm: f32 or f64 operands of one dtype expected"),
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = w.dim(0)?;
+        let rows = x.elem_count() / d;
+        let g = grad.to_dtype(x.dtype())?.contiguous()?;
+        let packed = x.apply_op3_no_bwd(w, &g, &LayerNormBackward { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(d)?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(d)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer-norm-rows-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sw: &CpuStorage,
+        lw: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = check_ln(lx, lw, lg, "layer_norm backward")?;
+        if lg.shape() != lx.shape() {
+            bail!("layer_norm backward: gradient {:?} is not {:?}", lg.shape(), lx.shape())
+        }
+        let rows = lx.shape().elem_count() / d;
+        let shape = Shape::from((rows + 2, d));
+        let what = "layer_norm backward";
+        Ok(match (sx, sw, sg) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
+                let (x, w, g) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(g, lg, what)?);
+                (CpuStorage::F32(ln_bwd(x, w, g, self.eps)), shape)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
+                let (x, w, g) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(g, lg, what)?);
+                (CpuStorage::F64(ln_bwd(x, w, g, self.eps)), shape)
+            }
+            _ => bail!("layer_norm backward: f32 or f64 operands of one dtype expected"),
+        })
+    }
+}
+
+struct Softmax;
+
+struct SoftmaxBackward;
+
+macro_rules! softmax_impl {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
+            let mut out = vec![0.0 as $t; x.len()];
+            out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
+                let max = x.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
+                let mut sum = 0.0 as $t;
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = (x - max).exp();
+                    sum += *o;
+                }
+                let inv = 1.0 / sum;
+                for o in o.iter_mut() {
+                    *o *= inv;
+                }
+            });
+            out
+        }
+
+        /// `dx = y * (g - sum(g * y))` per row.
+        fn $bwd(y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
+            let mut out = vec![0.0 as $t; y.len()];
+            out.par_chunks_mut(d)
+                .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+                .for_each(|(o, (y, g))| {
+                    let dot: $t = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                        *o = y * (g - dot);
+                    }
+                });
+            out
+        }
+    };
+}
+
+softmax_impl!(f32, softmax_fwd_f32, softmax_bwd_f32);
+softmax_impl!(f64, softmax_fwd_f64, softmax_bwd_f64);
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = l.shape().clone();
+        let d = shape.dims().last().copied().unwrap_or(1).max(1);
+        Ok(match s {
+            CpuStorage::F32(x) => (
+                CpuStorage::F32(softmax_fwd_f32(slice(x, l, "softmax")?, d)),
+                shape,
+            ),
+            CpuStorage::F64(x) => (
+                CpuStorage::F64(softmax_fwd_f64(slice(x, l, "softmax")?, d)),
+                shape,
+            ),
+            other => bail!("softmax: unsupported dtype {:?}", other.dtype()),
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.to_dtype(res.dtype())?.contiguous()?;
+        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&g, &SoftmaxBackward)?))
+    }
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "softmax-rows-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sy: &CpuStorage,
+        ly: &Layout,
+        sg: &CpuStorage,
+        lg: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = ly.shape().clone();
+        if lg.shape() != &shape {
+            bail!("softmax backward: gradient {:?} is not {:?}", lg.shape(), shape)
+        }
+        let d = shape.dims().last().copied().unwrap_or(1).max(1);
+        let what = "softmax backward";
+        Ok(match (sy, sg) {
+            (CpuStorage::F32(y), CpuStorage::F32(g)) => (
+                CpuStorage::F32(softmax_bwd_f32(slice(y, ly, what)?, slice(g, lg, what)?, d)),
+                shape,
+            ),
+            (CpuStorage::F64(y), CpuStorage::F64(g)) => (
+                CpuStorage::F64(softmax_bwd_f64(slice(y, ly, what)?, slice(g, lg, what)?, d)),
+                shape,
+            ),
+            _ => bail!("softmax backward: f32 or f64 operands of one dtype expected"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(n: usize, seed: u64) -> Vec<f64> {
+        let mut r = loader::rng::Rng::new(seed);
+        (0..n).map(|_| r.uniform(-2.0, 2.0)).collect()
+    }
+
+    /// The fused kernels against the same formulas composed from candle's ops (what the other
+    /// devices run), forward and every gradient, in f64.
+    #[test]
+    fn fused_equals_composed_forward_and_backward() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, d) = (130, 24);
+        let x = Var::from_vec(values(rows * d, 1), (2, rows / 2, d), &dev)?;
+        let w = Var::from_vec(values(d, 2), d, &dev)?;
+        let b = Var::from_vec(values(d, 3), d, &dev)?;
+        let coef = Tensor::from_vec(values(rows * d, 4), (2, rows / 2, d), &dev)?;
+        let run = |fused: bool| -> Result<Vec<Vec<f64>>> {
+            let y = if fused {
+                layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6)?
+            } else {
+                // The composed path: what the fused path would compute.
+                let c = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+                let v = c.sqr()?.mean_keepdim(D::Minus1)?;
+                c.broadcast_div(&(v + 1e-6)?.sqrt()?)?
+                    .broadcast_mul(w.as_tensor())?
+                    .broadcast_add(b.as_tensor())?
+            };
+            let s = if fused {
+                softmax_last_dim(&y)?
+            } else {
+                let m = y.max_keepdim(D::Minus1)?.detach();
+                let e = y.broadcast_sub(&m)?.exp()?;
+                e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            };
+            let loss = (s * &coef)?.sum_all()?;
+            let g = loss.backward()?;
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f64>();
+            Ok(vec![
+                flat(&y)?,
+                flat(g.get(x.as_tensor()).unwrap())?,
+                flat(g.get(w.as_tensor()).unwrap())?,
+                flat(g.get(b.as_tensor()).unwrap())?,
+            ])
+        };
+        let (a, c) = (run(true)?, run(false)?);
+        for (k, (a, c)) in a.iter().zip(&c).enumerate() {
+            let diff = a.iter().zip(c).map(|(a, c)| (a - c).abs()).fold(0.0, f64::max);
+            assert!(diff < 1e-12, "output {k}: {diff}");
+        }
+        Ok(())
+    }
+
+    /// f32 gives the same parameter gradients whatever the rayon pool size.
+    #[test]
+    fn layer_norm_gradients_do_not_depend_on_threads() -> Result<()> {
+        let dev = Device::Cpu;
+        let (rows, d) = (300, 16);
+        let x = Var::from_vec(
+            values(rows * d, 5).iter().map(|&v| v as f32).collect(),
+            (rows, d),
+            &dev,
+        )?;
+        let w = Var::from_vec(vec![1.5f32; d], d, &dev)?;
+        let b = Var::from_vec(vec![0.1f32; d], d, &dev)?;
+        let grads = |threads: usize| -> Vec<f32> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-6).unwrap();
+                let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+                g.get(w.as_tensor()).unwrap().to_vec1::<f32>().unwrap()
+            })
+        };
+        assert_eq!(grads(1), grads(3));
+        Ok(())
+    }
+}
