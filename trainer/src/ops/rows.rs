@@ -28,7 +28,7 @@ fn fast(ts: &[&Tensor]) -> bool {
 }
 
 /// PyTorch's `nn.LayerNorm(D, eps)` over the last dimension: `(x - mean) / sqrt(var + eps) * w
-/// + b` with the biased variance, accumulated in f64.
+/// + b` with the biased variance (two passes over each row, in the input's precision).
 ///
 /// # Shapes
 /// - `xs`: `[..., D]`; `weight`, `bias`: `[D]`; returns the shape of `xs`.
@@ -81,109 +81,119 @@ fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     }
 }
 
-/// A float type the kernels run on.
-trait Float: Copy + Send + Sync + 'static {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
+/// Rows per parallel task (whole rows; small rows would make per-row tasks all overhead).
+fn rows_per_task(d: usize) -> usize {
+    (4096 / d.max(1)).max(1)
 }
 
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
-/// Mean and `1 / sqrt(var + eps)` of one row.
-fn row_stats<T: Float>(x: &[T], eps: f64) -> (f64, f64) {
-    let n = x.len() as f64;
-    let mean = x.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-    let var = x
-        .iter()
-        .map(|v| {
-            let d = v.to_f64() - mean;
-            d * d
-        })
-        .sum::<f64>()
-        / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
-fn ln_fwd<T: Float>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
-    let d = w.len();
-    let mut out = vec![T::from_f64(0.0); x.len()];
-    out.par_chunks_mut(d)
-        .zip(x.par_chunks(d))
-        .for_each(|(o, x)| {
-            let (mean, rstd) = row_stats(x, eps);
-            for i in 0..d {
-                let xh = (x[i].to_f64() - mean) * rstd;
-                o[i] = T::from_f64(xh * w[i].to_f64() + b[i].to_f64());
-            }
-        });
-    out
-}
-
-/// `[dx rows..., dw, db]`: the input gradient followed by the weight and bias gradients.
-fn ln_bwd<T: Float>(x: &[T], w: &[T], g: &[T], eps: f64) -> Vec<T> {
-    let d = w.len();
-    let mut out = vec![T::from_f64(0.0); x.len() + 2 * d];
-    let (dx, _) = out.split_at_mut(x.len());
-    // Per block of rows: dx, and partial sums of g * xhat and g.
-    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
-        .par_chunks_mut(d * ROWS_PER_BLOCK)
-        .zip(x.par_chunks(d * ROWS_PER_BLOCK))
-        .zip(g.par_chunks(d * ROWS_PER_BLOCK))
-        .map(|((dx, x), g)| {
-            let mut dw = vec![0.0f64; d];
-            let mut db = vec![0.0f64; d];
-            let mut xh = vec![0.0f64; d];
-            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                let (mean, rstd) = row_stats(x, eps);
-                let (mut sum_gw, mut sum_gw_xh) = (0.0, 0.0);
-                for i in 0..d {
-                    xh[i] = (x[i].to_f64() - mean) * rstd;
-                    let gi = g[i].to_f64();
-                    let gw = gi * w[i].to_f64();
-                    sum_gw += gw;
-                    sum_gw_xh += gw * xh[i];
-                    dw[i] += gi * xh[i];
-                    db[i] += gi;
+/// Sums in eight interleaved lanes (a fixed order, so results do not depend on threads), which
+/// the compiler turns into SIMD; a plain `iter().sum()` over floats is one serial chain.
+macro_rules! lanes_sum {
+    ($t:ty, $name:ident) => {
+        #[inline]
+        fn $name(n: usize, f: impl Fn(usize) -> $t) -> $t {
+            let mut acc = [0.0 as $t; 8];
+            let full = n / 8 * 8;
+            let mut i = 0;
+            while i < full {
+                for (k, a) in acc.iter_mut().enumerate() {
+                    *a += f(i + k);
                 }
-                let n = d as f64;
-                for i in 0..d {
-                    let gw = g[i].to_f64() * w[i].to_f64();
-                    dx[i] = T::from_f64(rstd * (gw - (sum_gw + xh[i] * sum_gw_xh) / n));
-                }
+                i += 8;
             }
-            (dw, db)
-        })
-        .collect();
-    let mut dw = vec![0.0f64; d];
-    let mut db = vec![0.0f64; d];
-    for (pw, pb) in &partials {
-        for i in 0..d {
-            dw[i] += pw[i];
-            db[i] += pb[i];
+            let mut tail = 0.0 as $t;
+            for j in full..n {
+                tail += f(j);
+            }
+            ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
         }
-    }
-    let tail = &mut out[x.len()..];
-    for i in 0..d {
-        tail[i] = T::from_f64(dw[i]);
-        tail[d + i] = T::from_f64(db[i]);
-    }
-    out
+    };
+}
+
+macro_rules! layer_norm_impl {
+    ($t:ty, $fwd:ident, $bwd:ident) => {
+        lanes_sum!($t, lsum);
+
+        /// Mean and `1 / sqrt(var + eps)` of one row (two passes, in the row's type).
+        fn row_stats(x: &[$t], eps: f64) -> ($t, $t) {
+            let n = x.len() as $t;
+            let mean = lsum(x.len(), |i| x[i]) / n;
+            let var = lsum(x.len(), |i| (x[i] - mean) * (x[i] - mean)) / n;
+            (mean, 1.0 / (var + eps as $t).sqrt())
+        }
+
+        pub(super) fn $fwd(x: &[$t], w: &[$t], b: &[$t], eps: f64) -> Vec<$t> {
+            let d = w.len();
+            let step = d * rows_per_task(d);
+            let mut out = vec![0.0 as $t; x.len()];
+            out.par_chunks_mut(step)
+                .zip(x.par_chunks(step))
+                .for_each(|(o, x)| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        let (mean, rstd) = row_stats(x, eps);
+                        for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                            *o = (x - mean) * rstd * w + b;
+                        }
+                    }
+                });
+            out
+        }
+
+        /// `[dx rows..., dw, db]`: the input gradient followed by the weight and bias
+        /// gradients (partial sums per block of [`ROWS_PER_BLOCK`] rows, added in block order).
+        pub(super) fn $bwd(x: &[$t], w: &[$t], g: &[$t], eps: f64) -> Vec<$t> {
+            let d = w.len();
+            let n = d as $t;
+            let mut out = vec![0.0 as $t; x.len() + 2 * d];
+            let (dx, tail) = out.split_at_mut(x.len());
+            let step = d * ROWS_PER_BLOCK;
+            let partials: Vec<(Vec<$t>, Vec<$t>)> = dx
+                .par_chunks_mut(step)
+                .zip(x.par_chunks(step))
+                .zip(g.par_chunks(step))
+                .map(|((dx, x), g)| {
+                    let mut dw = vec![0.0 as $t; d];
+                    let mut db = vec![0.0 as $t; d];
+                    let mut xh = vec![0.0 as $t; d];
+                    let mut gw = vec![0.0 as $t; d];
+                    for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                        let (mean, rstd) = row_stats(x, eps);
+                        for i in 0..d {
+                            xh[i] = (x[i] - mean) * rstd;
+                            gw[i] = g[i] * w[i];
+                            dw[i] += g[i] * xh[i];
+                            db[i] += g[i];
+                        }
+                        let sum_gw = lsum(d, |i| gw[i]);
+                        let sum_gw_xh = lsum(d, |i| gw[i] * xh[i]);
+                        let (a, c) = (sum_gw / n, sum_gw_xh / n);
+                        for i in 0..d {
+                            dx[i] = rstd * (gw[i] - a - xh[i] * c);
+                        }
+                    }
+                    (dw, db)
+                })
+                .collect();
+            let (tw, tb) = tail.split_at_mut(d);
+            for (pw, pb) in &partials {
+                for i in 0..d {
+                    tw[i] += pw[i];
+                    tb[i] += pb[i];
+                }
+            }
+            out
+        }
+    };
+}
+
+mod f32_rows {
+    use super::*;
+    layer_norm_impl!(f32, fwd, bwd);
+}
+
+mod f64_rows {
+    use super::*;
+    layer_norm_impl!(f64, fwd, bwd);
 }
 
 struct LayerNorm {
@@ -197,10 +207,17 @@ struct LayerNormBackward {
 fn check_ln(lx: &Layout, lw: &Layout, other: &Layout, what: &str) -> Result<usize> {
     let d = lx.shape().dims().last().copied().unwrap_or(0);
     if lw.shape().dims() != [d] {
-        bail!("{what}: weight {:?} does not match the last dimension {d}", lw.shape())
+        bail!(
+            "{what}: weight {:?} does not match the last dimension {d}",
+            lw.shape()
+        )
     }
     if other.shape().elem_count() != lx.shape().elem_count() && other.shape().dims() != [d] {
-        bail!("{what}: operand {:?} does not match {:?}", other.shape(), lx.shape())
+        bail!(
+            "{what}: operand {:?} does not match {:?}",
+            other.shape(),
+            lx.shape()
+        )
     }
     if d == 0 {
         bail!("{what}: empty last dimension")
@@ -227,12 +244,20 @@ impl CustomOp3 for LayerNorm {
         let what = "layer_norm";
         Ok(match (sx, sw, sb) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (x, w, b) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(b, lb, what)?);
-                (CpuStorage::F32(ln_fwd(x, w, b, self.eps)), shape)
+                let (x, w, b) = (
+                    slice(x, lx, what)?,
+                    slice(w, lw, what)?,
+                    slice(b, lb, what)?,
+                );
+                (CpuStorage::F32(f32_rows::fwd(x, w, b, self.eps)), shape)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (x, w, b) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(b, lb, what)?);
-                (CpuStorage::F64(ln_fwd(x, w, b, self.eps)), shape)
+                let (x, w, b) = (
+                    slice(x, lx, what)?,
+                    slice(w, lw, what)?,
+                    slice(b, lb, what)?,
+                );
+                (CpuStorage::F64(f64_rows::fwd(x, w, b, self.eps)), shape)
             }
             _ => bail!("layer_norm: f32 or f64 operands of one dtype expected"),
         })
@@ -273,19 +298,31 @@ impl CustomOp3 for LayerNormBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = check_ln(lx, lw, lg, "layer_norm backward")?;
         if lg.shape() != lx.shape() {
-            bail!("layer_norm backward: gradient {:?} is not {:?}", lg.shape(), lx.shape())
+            bail!(
+                "layer_norm backward: gradient {:?} is not {:?}",
+                lg.shape(),
+                lx.shape()
+            )
         }
         let rows = lx.shape().elem_count() / d;
         let shape = Shape::from((rows + 2, d));
         let what = "layer_norm backward";
         Ok(match (sx, sw, sg) {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                let (x, w, g) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(g, lg, what)?);
-                (CpuStorage::F32(ln_bwd(x, w, g, self.eps)), shape)
+                let (x, w, g) = (
+                    slice(x, lx, what)?,
+                    slice(w, lw, what)?,
+                    slice(g, lg, what)?,
+                );
+                (CpuStorage::F32(f32_rows::bwd(x, w, g, self.eps)), shape)
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                let (x, w, g) = (slice(x, lx, what)?, slice(w, lw, what)?, slice(g, lg, what)?);
-                (CpuStorage::F64(ln_bwd(x, w, g, self.eps)), shape)
+                let (x, w, g) = (
+                    slice(x, lx, what)?,
+                    slice(w, lw, what)?,
+                    slice(g, lg, what)?,
+                );
+                (CpuStorage::F64(f64_rows::bwd(x, w, g, self.eps)), shape)
             }
             _ => bail!("layer_norm backward: f32 or f64 operands of one dtype expected"),
         })
@@ -297,33 +334,41 @@ struct Softmax;
 struct SoftmaxBackward;
 
 macro_rules! softmax_impl {
-    ($t:ty, $fwd:ident, $bwd:ident) => {
+    ($t:ty, $fwd:ident, $bwd:ident, $lsum:ident) => {
+        lanes_sum!($t, $lsum);
+
         fn $fwd(x: &[$t], d: usize) -> Vec<$t> {
+            let step = d * rows_per_task(d);
             let mut out = vec![0.0 as $t; x.len()];
-            out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, x)| {
-                let max = x.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
-                let mut sum = 0.0 as $t;
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = (x - max).exp();
-                    sum += *o;
-                }
-                let inv = 1.0 / sum;
-                for o in o.iter_mut() {
-                    *o *= inv;
-                }
-            });
+            out.par_chunks_mut(step)
+                .zip(x.par_chunks(step))
+                .for_each(|(o, x)| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        let max = x.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max);
+                        for (o, &x) in o.iter_mut().zip(x) {
+                            *o = (x - max).exp();
+                        }
+                        let inv = 1.0 / $lsum(d, |i| o[i]);
+                        for o in o.iter_mut() {
+                            *o *= inv;
+                        }
+                    }
+                });
             out
         }
 
         /// `dx = y * (g - sum(g * y))` per row.
         fn $bwd(y: &[$t], g: &[$t], d: usize) -> Vec<$t> {
+            let step = d * rows_per_task(d);
             let mut out = vec![0.0 as $t; y.len()];
-            out.par_chunks_mut(d)
-                .zip(y.par_chunks(d).zip(g.par_chunks(d)))
+            out.par_chunks_mut(step)
+                .zip(y.par_chunks(step).zip(g.par_chunks(step)))
                 .for_each(|(o, (y, g))| {
-                    let dot: $t = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = y * (g - dot);
+                    for ((o, y), g) in o.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                        let dot = $lsum(d, |i| y[i] * g[i]);
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                            *o = y * (g - dot);
+                        }
                     }
                 });
             out
@@ -331,8 +376,8 @@ macro_rules! softmax_impl {
     };
 }
 
-softmax_impl!(f32, softmax_fwd_f32, softmax_bwd_f32);
-softmax_impl!(f64, softmax_fwd_f64, softmax_bwd_f64);
+softmax_impl!(f32, softmax_fwd_f32, softmax_bwd_f32, lsum_f32);
+softmax_impl!(f64, softmax_fwd_f64, softmax_bwd_f64, lsum_f64);
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -357,7 +402,9 @@ impl CustomOp1 for Softmax {
 
     fn bwd(&self, _x: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = grad.to_dtype(res.dtype())?.contiguous()?;
-        Ok(Some(res.contiguous()?.apply_op2_no_bwd(&g, &SoftmaxBackward)?))
+        Ok(Some(
+            res.contiguous()?.apply_op2_no_bwd(&g, &SoftmaxBackward)?,
+        ))
     }
 }
 
@@ -375,7 +422,11 @@ impl CustomOp2 for SoftmaxBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let shape = ly.shape().clone();
         if lg.shape() != &shape {
-            bail!("softmax backward: gradient {:?} is not {:?}", lg.shape(), shape)
+            bail!(
+                "softmax backward: gradient {:?} is not {:?}",
+                lg.shape(),
+                shape
+            )
         }
         let d = shape.dims().last().copied().unwrap_or(1).max(1);
         let what = "softmax backward";
@@ -443,7 +494,11 @@ mod tests {
         };
         let (a, c) = (run(true)?, run(false)?);
         for (k, (a, c)) in a.iter().zip(&c).enumerate() {
-            let diff = a.iter().zip(c).map(|(a, c)| (a - c).abs()).fold(0.0, f64::max);
+            let diff = a
+                .iter()
+                .zip(c)
+                .map(|(a, c)| (a - c).abs())
+                .fold(0.0, f64::max);
             assert!(diff < 1e-12, "output {k}: {diff}");
         }
         Ok(())
