@@ -1,6 +1,7 @@
 //! Library side of the command-line tools, so that tests and other tools can call them.
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod bench;
 pub mod convert;
 pub mod fashion_mnist;

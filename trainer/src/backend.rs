@@ -61,7 +61,8 @@ pub fn upload(
                 .into_iter()
                 .map(|b| Box::new(b) as DynStorage)
                 .collect();
-            let upload = crate::cuda::feed::CudaUpload::new(dev, buffer_bytes)?;
+            let upload = crate::cuda::feed::CudaUpload::new(dev, buffer_bytes)?
+                .with_normalization(feed.normalization());
             Ok((buffers, Box::new(upload)))
         }
         _ => {

@@ -1,8 +1,10 @@
 //! Host batches to device tensors: u8 NHWC images to normalised f32 NCHW, labels and dense
 //! targets.
 //!
-//! Normalisation is timm's `PrefetchLoader`: `(x - 255 * mean) / (255 * std)` with the ImageNet
-//! mean and std, in f32, after the u8 bytes are on the device (4x fewer bytes to copy than f32).
+//! Normalisation is timm's `PrefetchLoader`: `(x - 255 * mean) / (255 * std)` with the model's
+//! mean and std ([`Normalization`]: ImageNet's, or 0.5 for the Vision Transformers, as timm's
+//! `default_cfg`s give them to `resolve_data_config`), in f32, after the u8 bytes are on the
+//! device (4x fewer bytes to copy than f32).
 //! This is the seam for device-specific code: on CPU the "copy" is a host tensor; a CUDA build
 //! keeps the same calls (pinned staging buffers would slot in here).
 
@@ -15,10 +17,45 @@ pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations (RGB), as timm's `IMAGENET_DEFAULT_STD`.
 pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 
+/// The per-channel (RGB) mean and standard deviation images are normalised with, on the 0..1
+/// scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Normalization {
+    /// Channel means.
+    pub mean: [f64; 3],
+    /// Channel standard deviations.
+    pub std: [f64; 3],
+}
+
+impl Normalization {
+    /// timm's `IMAGENET_DEFAULT_MEAN` and `IMAGENET_DEFAULT_STD`: the `default_cfg` of the
+    /// ResNets, RegNets and EfficientNets.
+    pub const IMAGENET: Normalization = Normalization {
+        mean: IMAGENET_MEAN,
+        std: IMAGENET_STD,
+    };
+
+    /// timm's `IMAGENET_INCEPTION_MEAN` and `IMAGENET_INCEPTION_STD` (0.5 each): the
+    /// `default_cfg` of the Vision Transformers in timm 0.5.4, which `train.py` and
+    /// `validate.py` use unless `--mean`/`--std` are given.
+    pub const INCEPTION: Normalization = Normalization {
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    };
+
+    /// `255 * mean` and `255 * std` in f32, as the normalisation uses them (timm builds
+    /// `torch.tensor([x * 255 for x in mean])`: the product in double, then f32).
+    pub fn scaled(&self) -> ([f32; 3], [f32; 3]) {
+        let scaled = |v: [f64; 3]| v.map(|x| (x * 255.0) as f32);
+        (scaled(self.mean), scaled(self.std))
+    }
+}
+
 /// Moves host batches to one device, normalising images on the way.
 #[derive(Clone, Debug)]
 pub struct Feed {
     device: Device,
+    norm: Normalization,
     /// `255 * mean`, shape `[1, 3, 1, 1]`, f32.
     mean: Tensor,
     /// `255 * std`, shape `[1, 3, 1, 1]`, f32.
@@ -28,19 +65,29 @@ pub struct Feed {
 impl Feed {
     /// A feed to `device` with the ImageNet statistics.
     pub fn new(device: &Device) -> Result<Self> {
-        // timm builds `torch.tensor([x * 255 for x in mean])`: the product in double, then f32.
-        let (mean, std) = Self::scaled_stats();
+        Self::with_normalization(device, Normalization::IMAGENET)
+    }
+
+    /// A feed to `device` normalising with `norm` (a model's: `NetConfig::normalization`).
+    pub fn with_normalization(device: &Device, norm: Normalization) -> Result<Self> {
+        let (mean, std) = norm.scaled();
         Ok(Feed {
             device: device.clone(),
+            norm,
             mean: Tensor::new(&mean, device)?.reshape((1, 3, 1, 1))?,
             std: Tensor::new(&std, device)?.reshape((1, 3, 1, 1))?,
         })
     }
 
-    /// `255 * mean` and `255 * std` per channel (RGB) in f32, as the normalisation uses them.
+    /// The statistics this feed normalises with.
+    pub fn normalization(&self) -> Normalization {
+        self.norm
+    }
+
+    /// `255 * mean` and `255 * std` per channel (RGB) in f32 of the ImageNet statistics
+    /// ([`Normalization::scaled`] of [`Normalization::IMAGENET`]).
     pub fn scaled_stats() -> ([f32; 3], [f32; 3]) {
-        let scaled = |v: [f64; 3]| v.map(|x| (x * 255.0) as f32);
-        (scaled(IMAGENET_MEAN), scaled(IMAGENET_STD))
+        Normalization::IMAGENET.scaled()
     }
 
     /// The target device.
@@ -72,7 +119,7 @@ impl Feed {
         layout: ActivationLayout,
     ) -> Result<Tensor> {
         if layout == ActivationLayout::Nhwc && matches!(self.device, Device::Cpu) {
-            return Self::nhwc_host(images, batch, size);
+            return self.nhwc_host(images, batch, size);
         }
         let xs = self.images(images, batch, size)?;
         match layout {
@@ -92,7 +139,7 @@ impl Feed {
     /// tensor's buffer, one pass over the batch on rayon's pool (the graph of [`Feed::images`]
     /// then two permutes would make five passes and four intermediate tensors); the same f32
     /// operations, so the same bits.
-    fn nhwc_host(images: &[u8], batch: usize, size: usize) -> Result<Tensor> {
+    fn nhwc_host(&self, images: &[u8], batch: usize, size: usize) -> Result<Tensor> {
         use rayon::prelude::*;
         let per_image = size * size * 3;
         let Some(bytes) = images.get(..batch * per_image) else {
@@ -101,7 +148,7 @@ impl Feed {
                 images.len()
             )
         };
-        let (mean, std) = Self::scaled_stats();
+        let (mean, std) = self.norm.scaled();
         let mut out = vec![0f32; bytes.len()];
         out.par_chunks_mut(per_image.max(1))
             .zip(bytes.par_chunks(per_image.max(1)))
@@ -164,6 +211,23 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A Vision Transformer's feed: 0.5 mean and std, so byte 0 is -1 and byte 255 is 1, on
+    /// both paths.
+    #[test]
+    fn the_inception_statistics_map_bytes_to_minus_one_one() -> Result<()> {
+        let feed = Feed::with_normalization(&Device::Cpu, Normalization::INCEPTION)?;
+        // One pixel: R 0, G 255, B 0.
+        let images = [0u8, 255, 0];
+        for layout in [ActivationLayout::Nchw, ActivationLayout::Nhwc] {
+            let v = feed
+                .images_for(&images, 1, 1, layout)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(v, [-1.0, 1.0, -1.0], "{layout:?}");
         }
         Ok(())
     }

@@ -199,7 +199,7 @@ fn run(args: Args) -> Result<()> {
     model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
     trainer::checkpoint::load_weights(&varmap, &args.checkpoint)
         .with_context(|| format!("loading {} into {model_name}", args.checkpoint.display()))?;
-    let feed = trainer::feed::Feed::new(&dev)?;
+    let feed = trainer::feed::Feed::with_normalization(&dev, model.config().normalization())?;
     let workers = match args.workers {
         0 => tools::bench::cores(),
         n => n,
@@ -317,5 +317,6 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    tools::alloc::tune();
     tools::bench::exit_on_error("evaluate", run(Args::parse()))
 }

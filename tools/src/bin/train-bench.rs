@@ -208,7 +208,7 @@ fn bench(
     let (b, s) = (args.batch_size, args.size);
     let mut rng = loader::rng::Rng::for_item(7, &[]);
     let pixels: Vec<u8> = (0..b * s * s * 3).map(|_| rng.below(256) as u8).collect();
-    let feed = Feed::new(&dev)?;
+    let feed = Feed::with_normalization(&dev, model.config().normalization())?;
     let xs = feed.images(&pixels, b, s)?;
     let xs = match layout {
         ActivationLayout::Nchw => xs.to_dtype(dtype)?,
@@ -438,5 +438,6 @@ fn eval_line(
 }
 
 fn main() -> std::process::ExitCode {
+    tools::alloc::tune();
     tools::bench::exit_on_error("train-bench", run(Args::parse()))
 }

@@ -142,6 +142,7 @@ struct Args {
 }
 
 fn main() {
+    tools::alloc::tune();
     if let Err(e) = run(Args::parse()) {
         eprintln!("train: error: {e:#}");
         std::process::exit(2);
@@ -227,7 +228,7 @@ fn eval_only(args: &Args) -> Result<()> {
     trainer::checkpoint::load_weights(&varmap, ckpt)
         .with_context(|| format!("loading {} into {}", ckpt.display(), recipe.model.name))?;
     let transform = train::eval_transform(size, args.crop_pct, interpolation)?;
-    let feed = trainer::feed::Feed::new(&dev)?;
+    let feed = trainer::feed::Feed::with_normalization(&dev, model.config().normalization())?;
     let batch = args.batch_size.unwrap_or(64).max(1) as usize;
     let workers = match args.workers.unwrap_or(0) {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

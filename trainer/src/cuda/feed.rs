@@ -32,7 +32,7 @@ use loader::mix::{MixDraw, MixKind};
 use loader::{Batch, HostStorage};
 
 use super::kernels::{self, Module};
-use crate::feed::Feed;
+use crate::feed::{Feed, Normalization};
 use crate::model::ActivationLayout;
 use crate::transfer::{CopyFence, DynStorage, InFlight, Upload};
 
@@ -239,9 +239,22 @@ pub fn normalise_u8(
     draw: &MixDraw,
     layout: ActivationLayout,
 ) -> Result<Tensor> {
+    normalise_u8_with(dev, src, n, size, draw, layout, Normalization::IMAGENET)
+}
+
+/// [`normalise_u8`] with the statistics `norm` (a model's).
+pub fn normalise_u8_with(
+    dev: &CudaDevice,
+    src: &CudaSlice<u8>,
+    n: usize,
+    size: usize,
+    draw: &MixDraw,
+    layout: ActivationLayout,
+    norm: Normalization,
+) -> Result<Tensor> {
     let total = check_batch(src, n, size)?;
     let m = mix_args(draw, n)?;
-    let (mean, std) = Feed::scaled_stats();
+    let (mean, std) = norm.scaled();
     let (dtype, name) = match layout {
         ActivationLayout::Nhwc => (DType::BF16, "feed_nhwc_bf16"),
         ActivationLayout::Nchw => (DType::F32, "feed_nchw_f32"),
@@ -361,6 +374,7 @@ pub struct CudaUpload {
     pending: VecDeque<Pending>,
     in_flight: InFlight<Batch<DynStorage>, EventFence>,
     copy: super::SideStream,
+    norm: Normalization,
 }
 
 impl CudaUpload {
@@ -388,7 +402,14 @@ impl CudaUpload {
             pending: VecDeque::new(),
             in_flight: InFlight::new(HOST_IN_FLIGHT),
             copy,
+            norm: Normalization::IMAGENET,
         })
+    }
+
+    /// The same upload normalising with `norm` (a model's statistics) instead of ImageNet's.
+    pub fn with_normalization(mut self, norm: Normalization) -> Self {
+        self.norm = norm;
+        self
     }
 }
 
@@ -441,7 +462,9 @@ impl Upload for CudaUpload {
         // A device-side wait: candle's stream runs the kernel once the copy is done.
         self.compute.wait(&p.copied).w()?;
         let slot = &self.slots[p.slot];
-        let xs = normalise_u8(&self.dev, &slot.buf, p.n, p.size, &p.draw, layout)?;
+        let xs = normalise_u8_with(
+            &self.dev, &slot.buf, p.n, p.size, &p.draw, layout, self.norm,
+        )?;
         slot.consumed.record(&self.compute).w()?;
         self.in_flight.release_completed()?;
         Ok(xs)

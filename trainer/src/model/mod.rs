@@ -141,6 +141,16 @@ impl NetConfig {
         self
     }
 
+    /// The input statistics of timm's `default_cfg` for this family, which timm's `train.py`
+    /// and `validate.py` normalise with unless told otherwise: 0.5 for the Vision Transformers
+    /// (`IMAGENET_INCEPTION_MEAN/STD`), ImageNet's for the rest.
+    pub fn normalization(&self) -> crate::feed::Normalization {
+        match self {
+            NetConfig::Vit(_) => crate::feed::Normalization::INCEPTION,
+            _ => crate::feed::Normalization::IMAGENET,
+        }
+    }
+
     /// Classifier outputs.
     pub fn num_classes(&self) -> usize {
         match self {

@@ -260,7 +260,12 @@ impl<'a> Trainer<'a> {
         let mut lcfg = LoaderConfig::new(train_transform(recipe)?, plan);
         lcfg.num_workers = workers;
         // The loader's buffers and the way batches reach the device (crate::backend).
-        let feed = Feed::new(&opts.device)?;
+        // The model's input statistics (timm's `default_cfg`): ImageNet's, 0.5 for a ViT.
+        let norm = match &opts.model {
+            Some(c) => c.normalization(),
+            None => crate::model::NetConfig::by_name(&recipe.model.name)?.normalization(),
+        };
+        let feed = Feed::with_normalization(&opts.device, norm)?;
         let (buffers, upload) = crate::backend::upload(
             &opts.device,
             &feed,
@@ -373,6 +378,12 @@ impl<'a> Trainer<'a> {
         t.record_run(&lr_line)?;
         if let Some(line) = init_line {
             t.log.line(&line);
+        }
+        if norm != crate::feed::Normalization::IMAGENET {
+            t.log.line(&format!(
+                "input normalisation: mean {:?} std {:?} (timm's default_cfg of {})",
+                norm.mean, norm.std, recipe.model.name
+            ));
         }
         if ft.trunk_lr_scale != 1.0 {
             t.log.line(&format!(
