@@ -544,6 +544,24 @@ fn the_launcher_stops_every_worker_when_one_fails() {
 }
 
 #[test]
+fn model_data_needs_a_known_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = dist_args(
+        &dir.path().join("run"),
+        &["--model", "resnet51", "--model-data"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(TRAIN, &args, &[]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--model-data: no timm data settings for model \"resnet51\"")
+            && err.contains("efficientnet_b4"),
+        "{err}"
+    );
+}
+
+#[test]
 fn the_rendezvous_refuses_ranks_with_another_recipe() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();

@@ -792,3 +792,28 @@ fn vit_weights_of_another_grid_load_resampled() -> Result<()> {
     assert!(diff < 1e-12, "{diff}");
     Ok(())
 }
+
+/// `timm_data_cfg` equals timm 0.5.4's `default_cfgs` (sizes, crop, interpolation) for every
+/// name.
+#[test]
+fn model_data_defaults_equal_timm_default_cfg() {
+    let golden = json(include_str!("golden/model_data.json"));
+    let models = golden["models"].as_object().unwrap();
+    assert_eq!(models.len(), model_names().len());
+    for (name, want) in models {
+        let got = trainer::model::timm_data_cfg(name).unwrap_or_else(|| panic!("{name}"));
+        assert_eq!(
+            got.train_size_px as u64,
+            want["train_size_px"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            got.test_size_px as u64,
+            want["test_size_px"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(got.crop_pct, want["crop_pct"].as_f64().unwrap(), "{name}");
+        let interp = format!("{:?}", got.interpolation).to_lowercase();
+        assert_eq!(interp, want["interpolation"].as_str().unwrap(), "{name}");
+    }
+}

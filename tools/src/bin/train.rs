@@ -50,6 +50,11 @@ struct Args {
     /// Model name (timm), e.g. resnet50 = model.name.
     #[arg(long)]
     model: Option<String>,
+    /// Take the model's data settings from timm 0.5.4's default_cfg (data.train_size_px =
+    /// input_size, data.test_size_px = test_input_size, data.crop_pct, data.test_interpolation),
+    /// as timm's train.py does without --img-size; --size and --set still override them.
+    #[arg(long)]
+    model_data: bool,
     /// cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -175,6 +180,16 @@ fn load_recipe(args: &Args) -> Result<(Recipe, Option<Recipe>)> {
     }
     if let Some(m) = &args.model {
         recipe.model.name = m.clone();
+    }
+    if args.model_data {
+        let Some(cfg) = trainer::model::timm_data_cfg(&recipe.model.name) else {
+            bail!(
+                "--model-data: no timm data settings for model {:?}; known models: {}",
+                recipe.model.name,
+                trainer::model::model_names().join(", ")
+            )
+        };
+        cfg.apply(&mut recipe.data);
     }
     if let Some(e) = args.epochs {
         recipe.schedule.epochs = e;

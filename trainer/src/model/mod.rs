@@ -19,11 +19,13 @@
 //! ```
 
 pub mod batch_norm;
+pub mod data_cfg;
 pub mod drop_path;
 pub mod params;
 pub mod resnet;
 
 pub use batch_norm::BatchNorm2d;
+pub use data_cfg::{timm_data_cfg, TimmDataCfg};
 pub use drop_path::{drop_path, drop_path_mask, drop_path_rates};
 pub use params::{init_timm, is_running_stat, Param, ParamKind};
 pub use resnet::{bicubic_matrix, resample_pos_embed};

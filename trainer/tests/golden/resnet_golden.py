@@ -10,6 +10,8 @@ It writes, next to this script:
   resnet_drop_path.json  per-block drop_prob of timm's DropPath at drop_path_rate=0.05, and a
                          float64 train forward of seresnet50 at drop_path_rate=0.5 whose DropPath
                          modules apply the trainer's masks (loader::rng, ported below)
+  model_data.json        each name's data settings in timm's default_cfg (input_size,
+                         test_input_size, crop_pct, interpolation)
   resnet_forward.json    eval logits, train logits, running stats after the train forward and
                          per-parameter gradient L2 norms, with weights from a hash formula, in
                          float32 and in float64 (same float32-rounded weights and input)
@@ -101,6 +103,16 @@ def golden_value(name, shape):
     else:  # BN beta, conv bias (SE), fc bias
         v = 0.1 * s
     return v.reshape(shape)
+
+
+def model_data():
+    out = {}
+    for name in NAMES:
+        cfg = timm.models.registry._model_default_cfgs[name]
+        out[name] = {"train_size_px": cfg["input_size"][1],
+                     "test_size_px": cfg.get("test_input_size", cfg["input_size"])[1],
+                     "crop_pct": cfg["crop_pct"], "interpolation": cfg["interpolation"]}
+    return out
 
 
 def fill(model):
@@ -231,6 +243,8 @@ def main():
     meta = {"timm": timm.__version__, "torch": torch.__version__}
     with open(os.path.join(OUT, "resnet_keys.json"), "w") as f:
         json.dump({"meta": meta, "models": keys()}, f, separators=(",", ":"))
+    with open(os.path.join(OUT, "model_data.json"), "w") as f:
+        json.dump({"meta": meta, "models": model_data()}, f, indent=1)
     with open(os.path.join(OUT, "resnet_drop_path.json"), "w") as f:
         json.dump({"meta": meta, "drop_path_rate": 0.05, "models": drop_path_probs(),
                    "seeded_forward": drop_path_forward()}, f, indent=1)
