@@ -32,7 +32,7 @@ use loader::mix::{MixDraw, MixKind};
 use loader::{Batch, HostStorage};
 
 use super::kernels::{self, Module};
-use crate::feed::{Feed, Normalization};
+use crate::feed::Normalization;
 use crate::model::ActivationLayout;
 use crate::transfer::{CopyFence, DynStorage, InFlight, Upload};
 
@@ -226,7 +226,7 @@ pub fn mix_u8(
 
 /// Mixes (by `draw`) and normalises `n` u8 NHWC images of `size` x `size` in `src` into a new
 /// tensor in `layout`, in one kernel on `dev`'s stream (the dtype rule of
-/// [`Feed::images_for`] on CUDA). Bytes beyond the batch are ignored.
+/// [`crate::feed::Feed::images_for`] on CUDA). Bytes beyond the batch are ignored.
 ///
 /// # Shapes
 /// `[n, size, size, 3]` bf16 for [`ActivationLayout::Nhwc`], `[n, 3, size, size]` f32 for
