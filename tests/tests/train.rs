@@ -857,3 +857,45 @@ fn a_regnet_and_an_efficientnet_train_and_fine_tune_by_name() {
         assert!(lines.iter().any(|l| l.get("top1").is_some()), "{model}");
     }
 }
+
+/// A Vision Transformer trains by name at 32 px (a 2x2 grid of 16 px patches), is evaluated at
+/// 48 px through the resampled position embedding, and fine-tunes onto four classes with its
+/// `head` replaced and everything else, the 2x2 embedding included, loaded.
+#[test]
+fn a_vision_transformer_trains_evaluates_at_another_size_and_fine_tunes() {
+    let dir = tempfile::tempdir().unwrap();
+    let three = shard_set(&dir.path().join("three"), 3, 8, 2);
+    let four = shard_set(&dir.path().join("four"), 4, 6, 2);
+    let recipe = short_a3(2, 4, 1)
+        .with_overrides(&[
+            "model.name=\"vit_tiny_patch16_224\"".to_string(),
+            "data.test_size_px=48".into(),
+        ])
+        .unwrap();
+    let pre = dir.path().join("pre");
+    let mut o = TrainOptions::new(recipe.clone(), &three, &pre);
+    o.progress = Progress::Quiet;
+    let summary = train(&o).unwrap();
+    assert!(summary.steps > 0);
+    assert!(summary.last_eval.is_some(), "evaluated at 48 px");
+    let weights = latest_weights(&pre);
+    let saved = load(&weights);
+    assert_eq!(
+        saved["pos_embed"].dims(),
+        [1, 5, 192],
+        "built at the 32 px grid"
+    );
+    assert_eq!(saved["head.weight"].dims(), [3, 192]);
+
+    let ft = dir.path().join("ft");
+    let mut o = TrainOptions::new(recipe, &four, &ft);
+    o.progress = Progress::Quiet;
+    o.init_from = Some(weights);
+    assert!(train(&o).unwrap().steps > 0);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("init-from.json")).unwrap()).unwrap();
+    assert_eq!(
+        rec["replaced"],
+        serde_json::json!(["head.weight", "head.bias"])
+    );
+}
