@@ -570,4 +570,40 @@ mod tests {
         };
         assert!(bad.validate().unwrap_err().to_string().contains("multiple"));
     }
+
+    /// The channels-last input path (patches gathered from `[N, H, W, C]`) gives the NCHW
+    /// path's logits and gradients.
+    #[test]
+    fn channels_last_input_equals_nchw() -> Result<()> {
+        let cfg = VitConfig {
+            img_size: 8,
+            patch_size: 4,
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            num_classes: 5,
+            drop_path_rate: 0.3,
+            ..VitConfig::by_name("vit_tiny_patch16_224").unwrap()
+        };
+        let varmap = candle_nn::VarMap::new();
+        let mut model = NetConfig::from(cfg).build_seeded(&varmap, 3, DType::F64, &Device::Cpu)?;
+        let xs = Tensor::randn(0f64, 1.0, (3, 3, 12, 8), &Device::Cpu)?;
+        let run = |m: &ResNet, x: &Tensor| -> Result<(Vec<f64>, Vec<f64>)> {
+            let logits = m.forward_train(x, 11)?;
+            let grads = logits.sqr()?.sum_all()?.backward()?;
+            let g = grads
+                .get(&m.params()[1].tensor)
+                .expect("pos_embed has a gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            Ok((logits.flatten_all()?.to_vec1::<f64>()?, g))
+        };
+        let a = run(&model, &xs)?;
+        model.set_layout(ActivationLayout::Nhwc);
+        let b = run(&model, &xs.permute((0, 2, 3, 1))?.contiguous()?)?;
+        for (x, y) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
+            assert!((x - y).abs() < 1e-12, "{x} vs {y}");
+        }
+        Ok(())
+    }
 }
