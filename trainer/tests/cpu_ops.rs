@@ -76,6 +76,12 @@ fn convolutions_match_the_reference() -> Result<()> {
         // rows (the 3x3's filter gradient).
         (2, 4, 4, 128, 512, 1, 1, 0, 1),
         (2, 4, 4, 64, 256, 3, 1, 1, 1),
+        // Depthwise (EfficientNet): 3x3 and 5x5, stride 1 and 2, odd sizes, more pixels than a
+        // depthwise tile.
+        (2, 9, 7, 24, 24, 3, 1, 1, 24),
+        (2, 11, 11, 40, 40, 5, 2, 2, 40),
+        (3, 16, 14, 16, 16, 3, 2, 1, 16),
+        (1, 20, 20, 8, 8, 5, 1, 2, 8),
     ];
     for (i, (n, h, w, c, k, r, stride, pad, groups)) in cases.into_iter().enumerate() {
         let name = format!("conv [{n},{h},{w},{c}] -> {k} k{r} s{stride} p{pad} g{groups}");
@@ -151,6 +157,7 @@ fn folded_conv_bn_matches_the_layers() -> Result<()> {
         (2, 9, 9, 16, 24, 3, 2, 1, 1),
         (2, 23, 21, 3, 16, 7, 2, 3, 1),
         (2, 8, 8, 32, 64, 3, 1, 1, 8),
+        (2, 11, 11, 40, 40, 5, 2, 2, 40),
     ];
     for (i, (n, h, w, c, k, r, stride, pad, groups)) in cases.into_iter().enumerate() {
         let x = normal(&[n, h, w, c], 40 + i as u64, 0.0)?;
@@ -366,41 +373,59 @@ fn pooling_and_the_residual_add_match_the_reference() -> Result<()> {
     Ok(())
 }
 
-/// One training step of a small channels-last ResNet through the kernels, in rayon pools of 1,
-/// 2 and 3 threads: the logits and every gradient are the same bits.
+/// One training step of a small channels-last ResNet (the explicit backward), EfficientNet-B0
+/// (depthwise convs, candle's graph backward) and ViT-Ti (the fused row ops) through the
+/// kernels, in rayon pools of 1, 2 and 3 threads: the logits and every gradient are the same
+/// bits.
 #[test]
 fn results_do_not_depend_on_the_thread_count() -> Result<()> {
-    use trainer::model::{ActivationLayout, BackwardMode, ResNetConfig};
-    let step = || -> Result<Vec<Vec<u32>>> {
-        let cfg = ResNetConfig {
-            layers: [1, 1, 1, 1],
-            ..ResNetConfig::by_name("resnet50").unwrap()
+    use trainer::model::{ActivationLayout, BackwardMode, NetConfig, ResNetConfig};
+    let nets: [(NetConfig, usize); 3] = [
+        (
+            ResNetConfig {
+                layers: [1, 1, 1, 1],
+                ..ResNetConfig::by_name("resnet50").unwrap()
+            }
+            .into(),
+            48,
+        ),
+        (NetConfig::by_name("efficientnet_b0").unwrap(), 48),
+        (
+            NetConfig::by_name("vit_tiny_patch16_224")
+                .unwrap()
+                .with_img_size(32),
+            32,
+        ),
+    ];
+    for (net, size) in nets {
+        let step = || -> Result<Vec<Vec<u32>>> {
+            let cfg = net.clone().with_num_classes(5).with_drop_path_rate(0.1);
+            let vm = candle_nn::VarMap::new();
+            let mut m = cfg.build_seeded(&vm, 2, DType::F32, &Device::Cpu)?;
+            m.set_layout(ActivationLayout::Nhwc);
+            if matches!(net, NetConfig::ResNet(_)) {
+                m.set_backward_mode(BackwardMode::Explicit);
+            }
+            let x = normal(&[3, size, size, 3], 100, 0.0)?;
+            let (logits, pass) = m.forward_train_pass(&x, 9)?;
+            let g = pass.backward(&logits.sqr()?.sum_all()?)?;
+            let mut out = vec![bits(&logits)?];
+            for (_, v) in m.trainable_vars()? {
+                out.push(bits(g.get(v.as_tensor()).expect("a gradient"))?);
+            }
+            Ok(out)
+        };
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(step)
+        };
+        let one = run(1)?;
+        for t in [2, 3] {
+            assert!(run(t)? == one, "{net:?}: {t} threads differ from 1");
         }
-        .with_num_classes(5)
-        .with_drop_path_rate(0.1);
-        let vm = candle_nn::VarMap::new();
-        let mut m = cfg.build_seeded(&vm, 2, DType::F32, &Device::Cpu)?;
-        m.set_layout(ActivationLayout::Nhwc);
-        m.set_backward_mode(BackwardMode::Explicit);
-        let x = normal(&[3, 48, 48, 3], 100, 0.0)?;
-        let (logits, pass) = m.forward_train_pass(&x, 9)?;
-        let g = pass.backward(&logits.sqr()?.sum_all()?)?;
-        let mut out = vec![bits(&logits)?];
-        for (_, v) in m.trainable_vars()? {
-            out.push(bits(g.get(v.as_tensor()).expect("a gradient"))?);
-        }
-        Ok(out)
-    };
-    let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(step)
-    };
-    let one = run(1)?;
-    for t in [2, 3] {
-        assert!(run(t)? == one, "{t} threads differ from 1");
     }
     Ok(())
 }

@@ -15,6 +15,11 @@
 //! * Backward filter: per tile, patches^T x output gradient into a partial filter gradient; the
 //!   partials are added in tile order.
 //!
+//! * Depthwise (one group per channel, `K = C`: EfficientNet's 3x3 and 5x5 convs): a GEMM per group would be one column wide, so these run as direct loops over
+//!   the taps, vectorised across the channels (the innermost, contiguous dimension): the forward
+//!   and the input gradient gather per output or input pixel, the filter gradient sums per tile
+//!   of [`DW_TILE`] output pixels into partials added in tile order.
+//!
 //! Tiles depend only on the problem size, never on the number of threads, and every sum has one
 //! order: the results are the same bits for any thread count.
 
@@ -22,6 +27,9 @@ use rayon::prelude::*;
 
 /// Output rows per tile.
 pub const TILE: usize = 2048;
+
+/// Pixels per task of the depthwise kernels.
+pub const DW_TILE: usize = 256;
 
 /// Convolution geometry (square kernel, the same stride and padding on both axes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +82,149 @@ impl ConvGeom {
 
     fn is_pointwise(&self) -> bool {
         self.r == 1 && self.pad == 0
+    }
+
+    /// One group per channel and one output channel per group: the filter is `[C][R * R]`
+    /// both as OIHW and as RSCK per group.
+    fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.c && self.k == self.c
+    }
+}
+
+/// `[C][T]` filter taps as `[T][C]`, so that a tap's weights for all channels are contiguous.
+fn taps_major(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
+    let mut out = vec![0f32; c * taps];
+    for ch in 0..c {
+        for t in 0..taps {
+            out[t * c + ch] = w[ch * taps + t];
+        }
+    }
+    out
+}
+
+/// The depthwise forward: `y[n, oy, ox, c] = sum over taps of x[n, iy, ix, c] * w[c, tap]`
+/// (taps in row-major order, padding taps skipped), then the epilogue.
+fn depthwise_forward(
+    x: &[f32],
+    geo: &ConvGeom,
+    w: &[f32],
+    y: &mut [f32],
+    epilogue: Option<&Epilogue<'_>>,
+) {
+    let (oh, ow) = geo.out_hw();
+    let (h, wd, c, r, st, p) = (geo.h, geo.w, geo.c, geo.r, geo.stride, geo.pad);
+    let wt = taps_major(w, c, r * r);
+    y.par_chunks_mut(DW_TILE * c)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let m0 = t * DW_TILE;
+            for (i, o) in out.chunks_exact_mut(c).enumerate() {
+                let mi = m0 + i;
+                let (n, oy, ox) = (mi / (oh * ow), mi / ow % oh, mi % ow);
+                o.fill(0.0);
+                for ky in 0..r {
+                    let Some(iy) = (oy * st + ky).checked_sub(p).filter(|&v| v < h) else {
+                        continue;
+                    };
+                    for kx in 0..r {
+                        let Some(ix) = (ox * st + kx).checked_sub(p).filter(|&v| v < wd) else {
+                            continue;
+                        };
+                        let xr = &x[((n * h + iy) * wd + ix) * c..][..c];
+                        let wr = &wt[(ky * r + kx) * c..][..c];
+                        for ((o, &a), &b) in o.iter_mut().zip(xr).zip(wr) {
+                            *o += a * b;
+                        }
+                    }
+                }
+            }
+            if let Some(e) = epilogue {
+                e.apply(m0, c, out);
+            }
+        });
+}
+
+/// The depthwise input gradient: each input pixel gathers `dy * w` over the output pixels whose
+/// windows hold it (no two tasks write one value).
+fn depthwise_backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
+    let (oh, ow) = geo.out_hw();
+    let (h, wd, c, r, st, p) = (geo.h, geo.w, geo.c, geo.r, geo.stride, geo.pad);
+    let wt = taps_major(w, c, r * r);
+    // The output index of input index `i` through tap `k`, if any.
+    let out_of = |i: usize, k: usize, len: usize| -> Option<usize> {
+        let v = (i + p).checked_sub(k)?;
+        (v % st == 0 && v / st < len).then_some(v / st)
+    };
+    dx.par_chunks_mut(DW_TILE * c)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let p0 = t * DW_TILE;
+            for (i, o) in out.chunks_exact_mut(c).enumerate() {
+                let pi = p0 + i;
+                let (n, iy, ix) = (pi / (h * wd), pi / wd % h, pi % wd);
+                o.fill(0.0);
+                for ky in 0..r {
+                    let Some(oy) = out_of(iy, ky, oh) else {
+                        continue;
+                    };
+                    for kx in 0..r {
+                        let Some(ox) = out_of(ix, kx, ow) else {
+                            continue;
+                        };
+                        let gr = &dy[((n * oh + oy) * ow + ox) * c..][..c];
+                        let wr = &wt[(ky * r + kx) * c..][..c];
+                        for ((o, &a), &b) in o.iter_mut().zip(gr).zip(wr) {
+                            *o += a * b;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The depthwise filter gradient `[C][R * R]`: per tile of output pixels a partial `[taps][C]`,
+/// the partials added in tile order.
+fn depthwise_backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
+    let (oh, ow) = geo.out_hw();
+    let (h, wd, c, r, st, p) = (geo.h, geo.w, geo.c, geo.r, geo.stride, geo.pad);
+    let taps = r * r;
+    let m = geo.m();
+    let partials: Vec<Vec<f32>> = (0..m.div_ceil(DW_TILE))
+        .into_par_iter()
+        .map(|t| {
+            let mut part = vec![0f32; taps * c];
+            for mi in t * DW_TILE..m.min((t + 1) * DW_TILE) {
+                let (n, oy, ox) = (mi / (oh * ow), mi / ow % oh, mi % ow);
+                let gr = &dy[mi * c..][..c];
+                for ky in 0..r {
+                    let Some(iy) = (oy * st + ky).checked_sub(p).filter(|&v| v < h) else {
+                        continue;
+                    };
+                    for kx in 0..r {
+                        let Some(ix) = (ox * st + kx).checked_sub(p).filter(|&v| v < wd) else {
+                            continue;
+                        };
+                        let xr = &x[((n * h + iy) * wd + ix) * c..][..c];
+                        let acc = &mut part[(ky * r + kx) * c..][..c];
+                        for ((a, &g), &v) in acc.iter_mut().zip(gr).zip(xr) {
+                            *a += g * v;
+                        }
+                    }
+                }
+            }
+            part
+        })
+        .collect();
+    let mut sum = vec![0f32; taps * c];
+    for part in &partials {
+        for (s, &v) in sum.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    for ch in 0..c {
+        for t in 0..taps {
+            dw[ch * taps + t] = sum[t * c + ch];
+        }
     }
 }
 
@@ -281,6 +432,9 @@ fn forward_rsck(
     assert_eq!(x.len(), geo.n * geo.h * geo.w * geo.c, "conv input size");
     assert_eq!(w.len(), g_count * patch * kg, "conv filter size");
     assert_eq!(y.len(), m * k, "conv output size");
+    if geo.is_depthwise() {
+        return depthwise_forward(x, geo, w, y, epilogue);
+    }
     let direct = geo.is_pointwise() && geo.stride == 1 && g_count == 1;
     let tiles = m.div_ceil(TILE);
     y.par_chunks_mut(TILE * k)
@@ -341,6 +495,9 @@ pub fn backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]) {
         geo.n * geo.h * geo.w * c,
         "conv input gradient size"
     );
+    if geo.is_depthwise() {
+        return depthwise_backward_data(dy, geo, w, dx);
+    }
     if geo.stride == 1 && geo.pad < geo.r {
         // dx = conv(dy, flipped w^T), padding r - 1 - pad: a forward convolution K -> C.
         let t = ConvGeom {
@@ -471,6 +628,9 @@ fn backward_filter_rsck(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     let (k, kg, patch, g_count) = (geo.k, geo.kg(), geo.patch(), geo.groups);
     assert_eq!(dy.len(), m * k, "conv output gradient size");
     assert_eq!(dw.len(), g_count * patch * kg, "conv filter gradient size");
+    if geo.is_depthwise() {
+        return depthwise_backward_filter(x, dy, geo, dw);
+    }
     let direct = geo.is_pointwise() && geo.stride == 1 && g_count == 1;
     let tiles = m.div_ceil(TILE);
     let partials: Vec<Vec<f32>> = (0..tiles)
