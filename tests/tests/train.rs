@@ -886,6 +886,19 @@ fn a_vision_transformer_trains_evaluates_at_another_size_and_fine_tunes() {
         "built at the 32 px grid"
     );
     assert_eq!(saved["head.weight"].dims(), [3, 192]);
+    // Evaluation builds at the stored grid whatever the recipe's training size (A3's 160 px).
+    let (_, net) = trainer::train::build_model_for_weights(
+        &Recipe::a3()
+            .with_overrides(&["model.name=\"vit_tiny_patch16_224\"".to_string()])
+            .unwrap(),
+        None,
+        3,
+        &Device::Cpu,
+        &weights,
+    )
+    .unwrap();
+    let pos = net.params().iter().find(|p| p.name == "pos_embed").unwrap();
+    assert_eq!(pos.tensor.dims(), [1, 5, 192]);
 
     let ft = dir.path().join("ft");
     let mut o = TrainOptions::new(recipe, &four, &ft);

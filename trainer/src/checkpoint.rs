@@ -413,6 +413,19 @@ pub fn load_weights_replacing(
     Ok(replaced)
 }
 
+/// The square grid `g` of the position embedding a weights file stores (`pos_embed`,
+/// `[1, 1 + g², D]`: a Vision Transformer's), or `None` when it has none.
+pub fn stored_grid(path: &Path) -> Result<Option<usize>> {
+    let tensors = crate::weights::read(path, &Device::Cpu)?.tensors;
+    Ok(tensors.get("pos_embed").and_then(|t| match *t.dims() {
+        [1, tokens, _] if tokens > 1 => {
+            let g = ((tokens - 1) as f64).sqrt().round() as usize;
+            (g * g + 1 == tokens).then_some(g)
+        }
+        _ => None,
+    }))
+}
+
 /// A Vision Transformer's stored `pos_embed` `[1, 1 + g², D]` for a network whose grid is
 /// another square (`[1, 1 + g'², D]`): resampled bicubically as timm's `resize_pos_embed`
 /// (logged). `None` when `name` is not a position embedding of another square grid.

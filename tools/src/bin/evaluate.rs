@@ -195,7 +195,8 @@ fn run(args: Args) -> Result<()> {
         }
         None => None,
     };
-    let (varmap, mut model) = train::build_model(&base, Some(&cfg), classes, &dev)?;
+    let (varmap, mut model) =
+        train::build_model_for_weights(&base, Some(&cfg), classes, &dev, &args.checkpoint)?;
     model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
     trainer::checkpoint::load_weights(&varmap, &args.checkpoint)
         .with_context(|| format!("loading {} into {model_name}", args.checkpoint.display()))?;

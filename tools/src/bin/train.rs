@@ -237,8 +237,7 @@ fn eval_only(args: &Args) -> Result<()> {
     let dev = tools::bench::parse_device(&args.device)?;
     let (recipe, _) = load_recipe(args)?;
     let (val, classes) = train::open_split(&args.data, "val")?;
-    let (varmap, mut model) =
-        train::build_model(&recipe, None::<&trainer::model::NetConfig>, classes, &dev)?;
+    let (varmap, mut model) = train::build_model_for_weights(&recipe, None, classes, &dev, ckpt)?;
     model.set_layout(args.layout.unwrap_or(ActivationLayout::Nhwc));
     trainer::checkpoint::load_weights(&varmap, ckpt)
         .with_context(|| format!("loading {} into {}", ckpt.display(), recipe.model.name))?;

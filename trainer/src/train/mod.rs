@@ -385,6 +385,30 @@ pub fn build_model(
     Ok((varmap, net))
 }
 
+/// [`build_model`] for evaluating the weights in `weights`: a Vision Transformer is built for
+/// the position-embedding grid the file stores (whatever the recipe's training size), so that
+/// the embedding is resampled once, in the forward, to each evaluation size, as timm resamples
+/// once at load for its model built at the test size. Other networks are [`build_model`]'s.
+pub fn build_model_for_weights(
+    recipe: &Recipe,
+    model: Option<&NetConfig>,
+    num_classes: usize,
+    device: &Device,
+    weights: &Path,
+) -> Result<(VarMap, ResNet)> {
+    let cfg = match model {
+        Some(c) => c.clone(),
+        None => NetConfig::by_name(&recipe.model.name)?,
+    };
+    let mut recipe = recipe.clone();
+    if let NetConfig::Vit(v) = &cfg {
+        if let Some(g) = crate::checkpoint::stored_grid(weights)? {
+            recipe.data.train_size_px = (g * v.patch_size) as u32;
+        }
+    }
+    build_model(&recipe, Some(&cfg), num_classes, device)
+}
+
 /// Runs the recipe on one rank: trains, evaluates every `run.eval_every_epochs` epochs and at the
 /// end, writes metrics and checkpoints under `opts.run_dir`.
 pub fn train(opts: &TrainOptions) -> Result<TrainSummary> {
