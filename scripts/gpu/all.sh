@@ -9,6 +9,8 @@
 #   2. e2e-bench.sh at a reduced size (PER_CLASS 200, about 2 GiB of JPEGs; WARMUP 5 +
 #      STEPS 30), its phase timeouts cut from what is left;
 #   3. issue6-check.sh learn (the demo's short A3 run on the GPU) if 150 s are left.
+# Then, with device time left, scripts/gpu/models.sh (issues 15 and 16: EfficientNet-B0,
+# RegNetY-4GF and ViT-S against PyTorch, 6 runs of at most 75 s each).
 # Needs gpu-bin/ (scripts/build-cuda.sh here; carry it). Everything goes to $OUT (./gpu-out):
 # issue6.log, test-*.log, train-bench.jsonl, torch.txt, e2e-bench.log, results.jsonl.
 set -u
