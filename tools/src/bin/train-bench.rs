@@ -195,7 +195,7 @@ fn bench(
         .with_num_classes(args.num_classes)
         .with_drop_path_rate(recipe.model.drop_path_rate)
         // As the trainer: a ViT's position embedding laid out for the training size.
-        .with_img_size(args.size as usize);
+        .with_img_size(args.size);
     let varmap = VarMap::new();
     let mut model = cfg.build_seeded(&varmap, 0, DType::F32, &dev)?;
     model.set_layout(layout);

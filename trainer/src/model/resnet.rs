@@ -753,6 +753,7 @@ pub struct ResNet {
 
 /// What turns the input into the classifier's features.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per network: the size difference costs nothing
 enum Trunk {
     /// Convolutions, then global average pooling.
     Conv(ConvTrunk),

@@ -120,7 +120,7 @@ impl RegNetConfig {
     /// stage has stride 2 (output stride 32).
     pub fn stages(&self) -> Result<Vec<RegNetStage>> {
         let (w0, wa, wm, q) = (self.w0 as f64, self.wa, self.wm, 8.0);
-        if !(wa >= 0.0 && self.w0 > 0 && wm > 1.0 && self.w0 % 8 == 0 && self.depth > 0) {
+        if !(wa >= 0.0 && self.w0 > 0 && wm > 1.0 && self.w0.is_multiple_of(8) && self.depth > 0) {
             bail!("regnet: needs wa >= 0, w0 > 0 a multiple of 8, wm > 1, depth > 0: {self:?}")
         }
         let mut widths: Vec<usize> = Vec::with_capacity(self.depth);
@@ -266,7 +266,8 @@ mod tests {
     /// timm.create_model(name)._get_stage_params(model_cfgs[name])]`).
     #[test]
     fn stages_match_timm() {
-        let want: [(&str, [(usize, usize, usize); 4]); 5] = [
+        type Stages = [(usize, usize, usize); 4];
+        let want: [(&str, Stages); 5] = [
             (
                 "regnety_002",
                 [(24, 1, 8), (56, 1, 8), (152, 4, 8), (368, 7, 8)],
