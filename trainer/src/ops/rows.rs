@@ -196,6 +196,29 @@ mod f64_rows {
     layer_norm_impl!(f64, fwd, bwd);
 }
 
+/// `f32_op` or `f64_op` on three contiguous operands of one dtype.
+fn apply3(
+    what: &str,
+    ops: [(&CpuStorage, &Layout); 3],
+    f32_op: impl Fn(&[f32], &[f32], &[f32]) -> Vec<f32>,
+    f64_op: impl Fn(&[f64], &[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    let [(a, la), (b, lb), (c, lc)] = ops;
+    Ok(match (a, b, c) {
+        (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(f32_op(
+            slice(a, la, what)?,
+            slice(b, lb, what)?,
+            slice(c, lc, what)?,
+        )),
+        (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(f64_op(
+            slice(a, la, what)?,
+            slice(b, lb, what)?,
+            slice(c, lc, what)?,
+        )),
+        _ => bail!("{what}: f32 or f64 operands of one dtype expected"),
+    })
+}
+
 struct LayerNorm {
     eps: f64,
 }
@@ -242,25 +265,14 @@ impl CustomOp3 for LayerNorm {
         check_ln(lx, lw, lb, "layer_norm")?;
         let shape = lx.shape().clone();
         let what = "layer_norm";
-        Ok(match (sx, sw, sb) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (x, w, b) = (
-                    slice(x, lx, what)?,
-                    slice(w, lw, what)?,
-                    slice(b, lb, what)?,
-                );
-                (CpuStorage::F32(f32_rows::fwd(x, w, b, self.eps)), shape)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (x, w, b) = (
-                    slice(x, lx, what)?,
-                    slice(w, lw, what)?,
-                    slice(b, lb, what)?,
-                );
-                (CpuStorage::F64(f64_rows::fwd(x, w, b, self.eps)), shape)
-            }
-            _ => bail!("layer_norm: f32 or f64 operands of one dtype expected"),
-        })
+        let eps = self.eps;
+        let out = apply3(
+            what,
+            [(sx, lx), (sw, lw), (sb, lb)],
+            |x, w, b| f32_rows::fwd(x, w, b, eps),
+            |x, w, b| f64_rows::fwd(x, w, b, eps),
+        )?;
+        Ok((out, shape))
     }
 
     fn bwd(
@@ -307,25 +319,14 @@ impl CustomOp3 for LayerNormBackward {
         let rows = lx.shape().elem_count() / d;
         let shape = Shape::from((rows + 2, d));
         let what = "layer_norm backward";
-        Ok(match (sx, sw, sg) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(g)) => {
-                let (x, w, g) = (
-                    slice(x, lx, what)?,
-                    slice(w, lw, what)?,
-                    slice(g, lg, what)?,
-                );
-                (CpuStorage::F32(f32_rows::bwd(x, w, g, self.eps)), shape)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(g)) => {
-                let (x, w, g) = (
-                    slice(x, lx, what)?,
-                    slice(w, lw, what)?,
-                    slice(g, lg, what)?,
-                );
-                (CpuStorage::F64(f64_rows::bwd(x, w, g, self.eps)), shape)
-            }
-            _ => bail!("layer_norm backward: f32 or f64 operands of one dtype expected"),
-        })
+        let eps = self.eps;
+        let out = apply3(
+            what,
+            [(sx, lx), (sw, lw), (sg, lg)],
+            |x, w, g| f32_rows::bwd(x, w, g, eps),
+            |x, w, g| f64_rows::bwd(x, w, g, eps),
+        )?;
+        Ok((out, shape))
     }
 }
 

@@ -102,6 +102,27 @@ fn taps_major(w: &[f32], c: usize, taps: usize) -> Vec<f32> {
     out
 }
 
+/// Calls `f(tap, input pixel)` for each tap of output pixel `(n, oy, ox)` that falls inside the
+/// image (taps in row-major order; the pixel as an index into `[N, H, W]`).
+#[inline]
+fn taps_inside(geo: &ConvGeom, n: usize, oy: usize, ox: usize, mut f: impl FnMut(usize, usize)) {
+    let inside = |o: usize, k: usize, len: usize| {
+        (o * geo.stride + k)
+            .checked_sub(geo.pad)
+            .filter(|&v| v < len)
+    };
+    for ky in 0..geo.r {
+        let Some(iy) = inside(oy, ky, geo.h) else {
+            continue;
+        };
+        for kx in 0..geo.r {
+            if let Some(ix) = inside(ox, kx, geo.w) {
+                f(ky * geo.r + kx, (n * geo.h + iy) * geo.w + ix);
+            }
+        }
+    }
+}
+
 /// The depthwise forward: `y[n, oy, ox, c] = sum over taps of x[n, iy, ix, c] * w[c, tap]`
 /// (taps in row-major order, padding taps skipped), then the epilogue.
 fn depthwise_forward(
@@ -112,7 +133,7 @@ fn depthwise_forward(
     epilogue: Option<&Epilogue<'_>>,
 ) {
     let (oh, ow) = geo.out_hw();
-    let (h, wd, c, r, st, p) = (geo.h, geo.w, geo.c, geo.r, geo.stride, geo.pad);
+    let (c, r) = (geo.c, geo.r);
     let wt = taps_major(w, c, r * r);
     y.par_chunks_mut(DW_TILE * c)
         .enumerate()
@@ -122,21 +143,13 @@ fn depthwise_forward(
                 let mi = m0 + i;
                 let (n, oy, ox) = (mi / (oh * ow), mi / ow % oh, mi % ow);
                 o.fill(0.0);
-                for ky in 0..r {
-                    let Some(iy) = (oy * st + ky).checked_sub(p).filter(|&v| v < h) else {
-                        continue;
-                    };
-                    for kx in 0..r {
-                        let Some(ix) = (ox * st + kx).checked_sub(p).filter(|&v| v < wd) else {
-                            continue;
-                        };
-                        let xr = &x[((n * h + iy) * wd + ix) * c..][..c];
-                        let wr = &wt[(ky * r + kx) * c..][..c];
-                        for ((o, &a), &b) in o.iter_mut().zip(xr).zip(wr) {
-                            *o += a * b;
-                        }
+                taps_inside(geo, n, oy, ox, |tap, pix| {
+                    let xr = &x[pix * c..][..c];
+                    let wr = &wt[tap * c..][..c];
+                    for ((o, &a), &b) in o.iter_mut().zip(xr).zip(wr) {
+                        *o += a * b;
                     }
-                }
+                });
             }
             if let Some(e) = epilogue {
                 e.apply(m0, c, out);
@@ -186,7 +199,7 @@ fn depthwise_backward_data(dy: &[f32], geo: &ConvGeom, w: &[f32], dx: &mut [f32]
 /// the partials added in tile order.
 fn depthwise_backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f32]) {
     let (oh, ow) = geo.out_hw();
-    let (h, wd, c, r, st, p) = (geo.h, geo.w, geo.c, geo.r, geo.stride, geo.pad);
+    let (c, r) = (geo.c, geo.r);
     let taps = r * r;
     let m = geo.m();
     let partials: Vec<Vec<f32>> = (0..m.div_ceil(DW_TILE))
@@ -196,21 +209,13 @@ fn depthwise_backward_filter(x: &[f32], dy: &[f32], geo: &ConvGeom, dw: &mut [f3
             for mi in t * DW_TILE..m.min((t + 1) * DW_TILE) {
                 let (n, oy, ox) = (mi / (oh * ow), mi / ow % oh, mi % ow);
                 let gr = &dy[mi * c..][..c];
-                for ky in 0..r {
-                    let Some(iy) = (oy * st + ky).checked_sub(p).filter(|&v| v < h) else {
-                        continue;
-                    };
-                    for kx in 0..r {
-                        let Some(ix) = (ox * st + kx).checked_sub(p).filter(|&v| v < wd) else {
-                            continue;
-                        };
-                        let xr = &x[((n * h + iy) * wd + ix) * c..][..c];
-                        let acc = &mut part[(ky * r + kx) * c..][..c];
-                        for ((a, &g), &v) in acc.iter_mut().zip(gr).zip(xr) {
-                            *a += g * v;
-                        }
+                taps_inside(geo, n, oy, ox, |tap, pix| {
+                    let xr = &x[pix * c..][..c];
+                    let acc = &mut part[tap * c..][..c];
+                    for ((a, &g), &v) in acc.iter_mut().zip(gr).zip(xr) {
+                        *a += g * v;
                     }
-                }
+                });
             }
             part
         })
