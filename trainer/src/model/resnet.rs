@@ -776,6 +776,25 @@ struct ConvTrunk {
 }
 
 impl ResNet {
+    /// A network of `trunk` and the classifier `fc`, with its tensors `params` in timm's
+    /// `state_dict` order: NCHW and the automatic backward until changed.
+    fn assemble(
+        config: NetConfig,
+        trunk: Trunk,
+        fc: candle_nn::Linear,
+        params: Vec<Param>,
+    ) -> Self {
+        ResNet {
+            config,
+            trunk,
+            fc,
+            params,
+            drop_path_seed: Mutex::new(None),
+            layout: ActivationLayout::Nchw,
+            backward: BackwardMode::Auto,
+        }
+    }
+
     fn new(cfg: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate()?;
         let mut b = Builder {
@@ -909,9 +928,9 @@ impl ResNet {
             "bias",
             ParamKind::LinearBias { fan_in: nf },
         )?;
-        Ok(Self {
-            config: NetConfig::ResNet(cfg.clone()),
-            trunk: Trunk::Conv(ConvTrunk {
+        Ok(ResNet::assemble(
+            NetConfig::ResNet(cfg.clone()),
+            Trunk::Conv(ConvTrunk {
                 stem,
                 bn1,
                 max_pool: true,
@@ -919,12 +938,9 @@ impl ResNet {
                 head: None,
                 blocks,
             }),
-            fc: candle_nn::Linear::new(w, Some(bias)),
-            params: b.params,
-            drop_path_seed: Mutex::new(None),
-            layout: ActivationLayout::Nchw,
-            backward: BackwardMode::Auto,
-        })
+            candle_nn::Linear::new(w, Some(bias)),
+            b.params,
+        ))
     }
 
     /// The activation layout the forward expects its input in (NCHW unless changed).

@@ -14,12 +14,9 @@ use candle_core::{bail, Result};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    BackwardMode, Block, BlockAttn, Builder, ConvTrunk, NetConfig, ResNet, SqueezeExcite, Stem,
-    Trunk,
-};
+use super::{Block, BlockAttn, Builder, ConvTrunk, NetConfig, ResNet, SqueezeExcite, Stem, Trunk};
 use crate::model::params::ParamKind;
-use crate::model::{ActivationLayout, ModelError};
+use crate::model::ModelError;
 
 /// The base architecture an [`EfficientNetConfig`] scales.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,9 +312,9 @@ impl ResNet {
             ParamKind::LinearWeightFanOut,
         )?;
         let bias = b.get(&vf, &[cfg.num_classes], "bias", ParamKind::ZeroBias)?;
-        Ok(ResNet {
-            config: NetConfig::EfficientNet(cfg.clone()),
-            trunk: Trunk::Conv(ConvTrunk {
+        Ok(ResNet::assemble(
+            NetConfig::EfficientNet(cfg.clone()),
+            Trunk::Conv(ConvTrunk {
                 stem: Stem::Single(stem),
                 bn1,
                 max_pool: false,
@@ -325,12 +322,9 @@ impl ResNet {
                 head: Some(head),
                 blocks,
             }),
-            fc: candle_nn::Linear::new(w, Some(bias)),
-            params: b.params,
-            drop_path_seed: std::sync::Mutex::new(None),
-            layout: ActivationLayout::Nchw,
-            backward: BackwardMode::Auto,
-        })
+            candle_nn::Linear::new(w, Some(bias)),
+            b.params,
+        ))
     }
 }
 

@@ -12,12 +12,11 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BackwardMode, Block, BlockAttn, Builder, ConvTrunk, Downsample, NetConfig, ResNet,
-    SqueezeExcite, Stem, Trunk,
+    Block, BlockAttn, Builder, ConvTrunk, Downsample, NetConfig, ResNet, SqueezeExcite, Stem, Trunk,
 };
 use crate::model::drop_path::drop_path_rates;
 use crate::model::params::ParamKind;
-use crate::model::{ActivationLayout, ModelError};
+use crate::model::ModelError;
 
 /// A RegNet's generating parameters (timm `model_cfgs`), with the class count and stochastic
 /// depth.
@@ -236,9 +235,9 @@ impl ResNet {
             ParamKind::LinearWeightNormal,
         )?;
         let bias = b.get(&vf, &[cfg.num_classes], "bias", ParamKind::ZeroBias)?;
-        Ok(ResNet {
-            config: NetConfig::RegNet(cfg.clone()),
-            trunk: Trunk::Conv(ConvTrunk {
+        Ok(ResNet::assemble(
+            NetConfig::RegNet(cfg.clone()),
+            Trunk::Conv(ConvTrunk {
                 stem: Stem::Single(stem),
                 bn1,
                 max_pool: false,
@@ -246,12 +245,9 @@ impl ResNet {
                 head: None,
                 blocks,
             }),
-            fc: candle_nn::Linear::new(w, Some(bias)),
-            params: b.params,
-            drop_path_seed: std::sync::Mutex::new(None),
-            layout: ActivationLayout::Nchw,
-            backward: BackwardMode::Auto,
-        })
+            candle_nn::Linear::new(w, Some(bias)),
+            b.params,
+        ))
     }
 }
 

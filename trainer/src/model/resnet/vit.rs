@@ -25,10 +25,10 @@ use candle_core::{bail, DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::{BackwardMode, Builder, Ctx, NetConfig, ResNet, Trunk};
+use super::{Builder, Ctx, NetConfig, ResNet, Trunk};
 use crate::model::drop_path::{drop_path, drop_path_rates};
 use crate::model::params::ParamKind;
-use crate::model::{ActivationLayout, ModelError};
+use crate::model::ModelError;
 
 /// LayerNorm epsilon of timm's ViT (`partial(nn.LayerNorm, eps=1e-6)`).
 const LN_EPS: f64 = 1e-6;
@@ -496,9 +496,9 @@ impl ResNet {
         // the head gets the same trunc_normal(.02) weights and zero bias as every linear.
         let head = Linear::new(&mut b, &vb.pp("head"), d, cfg.num_classes, true)?;
         let bias = head.bias.clone();
-        Ok(ResNet {
-            config: NetConfig::Vit(cfg.clone()),
-            trunk: Trunk::Vit(VitTrunk {
+        Ok(ResNet::assemble(
+            NetConfig::Vit(cfg.clone()),
+            Trunk::Vit(VitTrunk {
                 patch_weight,
                 patch_bias,
                 patch: p,
@@ -509,12 +509,9 @@ impl ResNet {
                 norm,
                 resampled: Mutex::new(HashSet::new()),
             }),
-            fc: candle_nn::Linear::new(head.weight, bias),
-            params: b.params,
-            drop_path_seed: Mutex::new(None),
-            layout: ActivationLayout::Nchw,
-            backward: BackwardMode::Auto,
-        })
+            candle_nn::Linear::new(head.weight, bias),
+            b.params,
+        ))
     }
 }
 
@@ -599,7 +596,7 @@ mod tests {
             Ok((logits.flatten_all()?.to_vec1::<f64>()?, g))
         };
         let a = run(&model, &xs)?;
-        model.set_layout(ActivationLayout::Nhwc);
+        model.set_layout(crate::model::ActivationLayout::Nhwc);
         let b = run(&model, &xs.permute((0, 2, 3, 1))?.contiguous()?)?;
         for (x, y) in a.0.iter().zip(&b.0).chain(a.1.iter().zip(&b.1)) {
             assert!((x - y).abs() < 1e-12, "{x} vs {y}");
