@@ -418,12 +418,16 @@ pub fn load_weights_replacing(
 pub fn stored_grid(path: &Path) -> Result<Option<usize>> {
     let tensors = crate::weights::read(path, &Device::Cpu)?.tensors;
     Ok(tensors.get("pos_embed").and_then(|t| match *t.dims() {
-        [1, tokens, _] if tokens > 1 => {
-            let g = ((tokens - 1) as f64).sqrt().round() as usize;
-            (g * g + 1 == tokens).then_some(g)
-        }
+        [1, tokens, _] => square_grid(tokens),
         _ => None,
     }))
+}
+
+/// `g` when `tokens` is one class token and a `g x g` grid (`g >= 1`).
+fn square_grid(tokens: usize) -> Option<usize> {
+    let cells = tokens.checked_sub(1).filter(|&c| c > 0)?;
+    let g = (cells as f64).sqrt().round() as usize;
+    (g * g == cells).then_some(g)
 }
 
 /// A Vision Transformer's stored `pos_embed` `[1, 1 + g², D]` for a network whose grid is
@@ -434,17 +438,13 @@ fn resample_pos_embed_to(
     t: &Tensor,
     want: &[usize],
 ) -> Option<candle_core::Result<Tensor>> {
-    let square = |tokens: usize| {
-        let g = ((tokens - 1) as f64).sqrt().round() as usize;
-        (g * g + 1 == tokens).then_some(g)
-    };
     let (&[1, have_t, have_d], &[1, want_t, want_d]) = (t.dims(), want) else {
         return None;
     };
-    if name != "pos_embed" || have_d != want_d || have_t == want_t || have_t < 2 || want_t < 2 {
+    if name != "pos_embed" || have_d != want_d || have_t == want_t {
         return None;
     }
-    let (from, to) = (square(have_t)?, square(want_t)?);
+    let (from, to) = (square_grid(have_t)?, square_grid(want_t)?);
     eprintln!(
         "pos_embed: resampled (bicubic) from a {from}x{from} grid to {to}x{to} while loading"
     );

@@ -84,12 +84,6 @@ impl Feed {
         self.norm
     }
 
-    /// `255 * mean` and `255 * std` per channel (RGB) in f32 of the ImageNet statistics
-    /// ([`Normalization::scaled`] of [`Normalization::IMAGENET`]).
-    pub fn scaled_stats() -> ([f32; 3], [f32; 3]) {
-        Normalization::IMAGENET.scaled()
-    }
-
     /// The target device.
     pub fn device(&self) -> &Device {
         &self.device

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Result};
 use loader::mix::mix_u8_batch;
 use loader::Batch;
 use trainer::cuda::feed::{mix_u8, normalise_u8, pinned_buffers, CudaUpload};
-use trainer::feed::Feed;
+use trainer::feed::{Feed, Normalization};
 use trainer::model::ActivationLayout;
 use trainer::transfer::{DynStorage, Upload};
 
@@ -70,7 +70,15 @@ fn normalise_kernels_match_the_cpu_feed() -> Result<()> {
         let mut mixed = host.clone();
         mix_u8_batch(&mut mixed, n, size, size, 3, &d);
         let want = cpu.images(&mixed, n, size)?; // [n, 3, s, s] f32
-        let got = normalise_u8(&dev, &src, n, size, &d, ActivationLayout::Nchw)?;
+        let got = normalise_u8(
+            &dev,
+            &src,
+            n,
+            size,
+            &d,
+            ActivationLayout::Nchw,
+            Normalization::IMAGENET,
+        )?;
         assert_eq!(got.dims(), &[n, 3, size, size]);
         let (w, g) = (
             want.flatten_all()?.to_vec1::<f32>()?,
@@ -84,7 +92,15 @@ fn normalise_kernels_match_the_cpu_feed() -> Result<()> {
             .permute((0, 2, 3, 1))?
             .contiguous()?
             .to_dtype(DType::BF16)?;
-        let got = normalise_u8(&dev, &src, n, size, &d, ActivationLayout::Nhwc)?;
+        let got = normalise_u8(
+            &dev,
+            &src,
+            n,
+            size,
+            &d,
+            ActivationLayout::Nhwc,
+            Normalization::IMAGENET,
+        )?;
         assert_eq!(got.dims(), &[n, size, size, 3]);
         assert_eq!(got.dtype(), DType::BF16);
         let (w, g) = (

@@ -15,7 +15,7 @@ use std::process::Command;
 
 use candle_core::{DType, Device, Result};
 use loader::mix::{mix_u8_batch, MixDraw, MixKind};
-use trainer::feed::Feed;
+use trainer::feed::{Feed, Normalization};
 use trainer::model::ActivationLayout;
 
 const RN: &str = r#"
@@ -82,7 +82,7 @@ fn run(
     };
     // The weights as the Rust launch code computes them (`mix_args`), printed exactly.
     let (l, r) = (draw.lam as f32, (1.0 - draw.lam) as f32);
-    let (mean, std) = Feed::scaled_stats();
+    let (mean, std) = Normalization::IMAGENET.scaled();
     let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
     std::fs::write(&input, images).unwrap();
     let mut args: Vec<String> = vec![

@@ -226,24 +226,13 @@ pub fn mix_u8(
 
 /// Mixes (by `draw`) and normalises `n` u8 NHWC images of `size` x `size` in `src` into a new
 /// tensor in `layout`, in one kernel on `dev`'s stream (the dtype rule of
-/// [`crate::feed::Feed::images_for`] on CUDA). Bytes beyond the batch are ignored.
+/// [`crate::feed::Feed::images_for`] on CUDA), with the statistics `norm` (the model's). Bytes
+/// beyond the batch are ignored.
 ///
 /// # Shapes
 /// `[n, size, size, 3]` bf16 for [`ActivationLayout::Nhwc`], `[n, 3, size, size]` f32 for
 /// [`ActivationLayout::Nchw`].
 pub fn normalise_u8(
-    dev: &CudaDevice,
-    src: &CudaSlice<u8>,
-    n: usize,
-    size: usize,
-    draw: &MixDraw,
-    layout: ActivationLayout,
-) -> Result<Tensor> {
-    normalise_u8_with(dev, src, n, size, draw, layout, Normalization::IMAGENET)
-}
-
-/// [`normalise_u8`] with the statistics `norm` (a model's).
-pub fn normalise_u8_with(
     dev: &CudaDevice,
     src: &CudaSlice<u8>,
     n: usize,
@@ -462,7 +451,7 @@ impl Upload for CudaUpload {
         // A device-side wait: candle's stream runs the kernel once the copy is done.
         self.compute.wait(&p.copied).w()?;
         let slot = &self.slots[p.slot];
-        let xs = normalise_u8_with(
+        let xs = normalise_u8(
             &self.dev, &slot.buf, p.n, p.size, &p.draw, layout, self.norm,
         )?;
         slot.consumed.record(&self.compute).w()?;

@@ -11,6 +11,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::contiguous_slice;
+
 use candle_core::cpu::erf::{erf_f32, erf_f64};
 
 /// Elements per parallel chunk.
@@ -32,13 +34,6 @@ pub fn gelu(xs: &Tensor) -> Result<Tensor> {
 struct Gelu;
 
 struct GeluBackward;
-
-fn contiguous<'a, T>(v: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{what}: input must be contiguous"),
-    }
-}
 
 macro_rules! gelu_impl {
     ($t:ty, $erf:ident, $fwd:ident, $bwd:ident) => {
@@ -87,11 +82,11 @@ impl CustomOp1 for Gelu {
         let shape = layout.shape().clone();
         Ok(match storage {
             CpuStorage::F32(v) => (
-                CpuStorage::F32(fwd_f32(contiguous(v, layout, "gelu")?)),
+                CpuStorage::F32(fwd_f32(contiguous_slice(v, layout, "gelu")?)),
                 shape,
             ),
             CpuStorage::F64(v) => (
-                CpuStorage::F64(fwd_f64(contiguous(v, layout, "gelu")?)),
+                CpuStorage::F64(fwd_f64(contiguous_slice(v, layout, "gelu")?)),
                 shape,
             ),
             other => bail!("gelu: unsupported dtype {:?}", other.dtype()),
@@ -127,15 +122,15 @@ impl CustomOp2 for GeluBackward {
         Ok(match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(g)) => (
                 CpuStorage::F32(bwd_f32(
-                    contiguous(x, l1, "gelu backward")?,
-                    contiguous(g, l2, "gelu backward")?,
+                    contiguous_slice(x, l1, "gelu backward")?,
+                    contiguous_slice(g, l2, "gelu backward")?,
                 )),
                 shape,
             ),
             (CpuStorage::F64(x), CpuStorage::F64(g)) => (
                 CpuStorage::F64(bwd_f64(
-                    contiguous(x, l1, "gelu backward")?,
-                    contiguous(g, l2, "gelu backward")?,
+                    contiguous_slice(x, l1, "gelu backward")?,
+                    contiguous_slice(g, l2, "gelu backward")?,
                 )),
                 shape,
             ),

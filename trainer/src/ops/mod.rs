@@ -12,3 +12,16 @@ pub use avg_pool::avg_pool2d_ceil;
 pub use gelu::gelu;
 pub use max_pool::max_pool2d;
 pub use rows::{layer_norm, softmax_last_dim};
+
+/// The elements of a contiguous CPU operand (its layout's range of `v`); an error naming `what`
+/// otherwise.
+pub(crate) fn contiguous_slice<'a, T>(
+    v: &'a [T],
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}

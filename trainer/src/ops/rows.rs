@@ -16,6 +16,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::contiguous_slice;
+
 /// Rows per block of the LayerNorm parameter-gradient sums (fixed, for determinism).
 const ROWS_PER_BLOCK: usize = 64;
 
@@ -72,13 +74,6 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     let num = x.broadcast_sub(&max)?.exp()?;
     num.broadcast_div(&num.sum_keepdim(D::Minus1)?)?
         .to_dtype(dtype)
-}
-
-fn slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{what}: input must be contiguous"),
-    }
 }
 
 /// Rows per parallel task (whole rows; small rows would make per-row tasks all overhead).
@@ -206,14 +201,14 @@ fn apply3(
     let [(a, la), (b, lb), (c, lc)] = ops;
     Ok(match (a, b, c) {
         (CpuStorage::F32(a), CpuStorage::F32(b), CpuStorage::F32(c)) => CpuStorage::F32(f32_op(
-            slice(a, la, what)?,
-            slice(b, lb, what)?,
-            slice(c, lc, what)?,
+            contiguous_slice(a, la, what)?,
+            contiguous_slice(b, lb, what)?,
+            contiguous_slice(c, lc, what)?,
         )),
         (CpuStorage::F64(a), CpuStorage::F64(b), CpuStorage::F64(c)) => CpuStorage::F64(f64_op(
-            slice(a, la, what)?,
-            slice(b, lb, what)?,
-            slice(c, lc, what)?,
+            contiguous_slice(a, la, what)?,
+            contiguous_slice(b, lb, what)?,
+            contiguous_slice(c, lc, what)?,
         )),
         _ => bail!("{what}: f32 or f64 operands of one dtype expected"),
     })
@@ -390,11 +385,11 @@ impl CustomOp1 for Softmax {
         let d = shape.dims().last().copied().unwrap_or(1).max(1);
         Ok(match s {
             CpuStorage::F32(x) => (
-                CpuStorage::F32(softmax_fwd_f32(slice(x, l, "softmax")?, d)),
+                CpuStorage::F32(softmax_fwd_f32(contiguous_slice(x, l, "softmax")?, d)),
                 shape,
             ),
             CpuStorage::F64(x) => (
-                CpuStorage::F64(softmax_fwd_f64(slice(x, l, "softmax")?, d)),
+                CpuStorage::F64(softmax_fwd_f64(contiguous_slice(x, l, "softmax")?, d)),
                 shape,
             ),
             other => bail!("softmax: unsupported dtype {:?}", other.dtype()),
@@ -433,11 +428,19 @@ impl CustomOp2 for SoftmaxBackward {
         let what = "softmax backward";
         Ok(match (sy, sg) {
             (CpuStorage::F32(y), CpuStorage::F32(g)) => (
-                CpuStorage::F32(softmax_bwd_f32(slice(y, ly, what)?, slice(g, lg, what)?, d)),
+                CpuStorage::F32(softmax_bwd_f32(
+                    contiguous_slice(y, ly, what)?,
+                    contiguous_slice(g, lg, what)?,
+                    d,
+                )),
                 shape,
             ),
             (CpuStorage::F64(y), CpuStorage::F64(g)) => (
-                CpuStorage::F64(softmax_bwd_f64(slice(y, ly, what)?, slice(g, lg, what)?, d)),
+                CpuStorage::F64(softmax_bwd_f64(
+                    contiguous_slice(y, ly, what)?,
+                    contiguous_slice(g, lg, what)?,
+                    d,
+                )),
                 shape,
             ),
             _ => bail!("softmax backward: f32 or f64 operands of one dtype expected"),

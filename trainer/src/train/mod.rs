@@ -373,13 +373,41 @@ pub fn build_model(
     num_classes: usize,
     device: &Device,
 ) -> Result<(VarMap, ResNet)> {
-    let cfg = match model {
+    let cfg = net_config(recipe, model)?;
+    build_sized(
+        recipe,
+        cfg,
+        num_classes,
+        device,
+        recipe.data.train_size_px as usize,
+    )
+}
+
+/// The network a run trains: `model` when given, else the recipe's `model.name` (timm's
+/// configuration of that name).
+pub fn net_config(
+    recipe: &Recipe,
+    model: Option<&(impl Clone + Into<NetConfig>)>,
+) -> Result<NetConfig> {
+    Ok(match model {
         Some(c) => c.clone().into(),
         None => NetConfig::by_name(&recipe.model.name)?,
-    }
-    .with_num_classes(num_classes)
-    .with_drop_path_rate(recipe.model.drop_path_rate)
-    .with_img_size(recipe.data.train_size_px as usize);
+    })
+}
+
+/// `cfg` with the recipe's class count and drop path, laid out for `img_px` input, initialised
+/// from the recipe's seed.
+fn build_sized(
+    recipe: &Recipe,
+    cfg: NetConfig,
+    num_classes: usize,
+    device: &Device,
+    img_px: usize,
+) -> Result<(VarMap, ResNet)> {
+    let cfg = cfg
+        .with_num_classes(num_classes)
+        .with_drop_path_rate(recipe.model.drop_path_rate)
+        .with_img_size(img_px);
     let varmap = VarMap::new();
     let net = cfg.build_seeded(&varmap, recipe.run.seed, DType::F32, device)?;
     Ok((varmap, net))
@@ -396,17 +424,14 @@ pub fn build_model_for_weights(
     device: &Device,
     weights: &Path,
 ) -> Result<(VarMap, ResNet)> {
-    let cfg = match model {
-        Some(c) => c.clone(),
-        None => NetConfig::by_name(&recipe.model.name)?,
-    };
-    let mut recipe = recipe.clone();
+    let cfg = net_config(recipe, model)?;
+    let mut img_px = recipe.data.train_size_px as usize;
     if let NetConfig::Vit(v) = &cfg {
         if let Some(g) = crate::checkpoint::stored_grid(weights)? {
-            recipe.data.train_size_px = (g * v.patch_size) as u32;
+            img_px = g * v.patch_size;
         }
     }
-    build_model(&recipe, Some(&cfg), num_classes, device)
+    build_sized(recipe, cfg, num_classes, device, img_px)
 }
 
 /// Runs the recipe on one rank: trains, evaluates every `run.eval_every_epochs` epochs and at the

@@ -261,10 +261,7 @@ impl<'a> Trainer<'a> {
         lcfg.num_workers = workers;
         // The loader's buffers and the way batches reach the device (crate::backend).
         // The model's input statistics (timm's `default_cfg`): ImageNet's, 0.5 for a ViT.
-        let norm = match &opts.model {
-            Some(c) => c.normalization(),
-            None => crate::model::NetConfig::by_name(&recipe.model.name)?.normalization(),
-        };
+        let norm = super::net_config(recipe, opts.model.as_ref())?.normalization();
         let feed = Feed::with_normalization(&opts.device, norm)?;
         let (buffers, upload) = crate::backend::upload(
             &opts.device,

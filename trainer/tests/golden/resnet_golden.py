@@ -158,6 +158,17 @@ def rng_derive(seed, ids):
     return h
 
 
+def keep_flags(seed, index, drop_prob, batch):
+    """The trainer's drop-path keep flags of stream `index` (`drop_path_scales`)."""
+    r = Rng(rng_derive(seed, [index]))
+    return [r.f64() < 1.0 - drop_prob for _ in range(batch)]
+
+
+def hashed_input(shape, name="input"):
+    """The raw `hashed` values of `name` as a float32 tensor of `shape`."""
+    return torch.from_numpy(hashed(name, int(np.prod(shape))).reshape(shape).astype(np.float32))
+
+
 class SeededDropPath(torch.nn.Module):
     """timm DropPath (scale_by_keep) with the trainer's mask for block `index`."""
 
@@ -166,8 +177,7 @@ class SeededDropPath(torch.nn.Module):
         self.drop_prob, self.index, self.seed = drop_prob, index, seed
 
     def keep_flags(self, batch):
-        r = Rng(rng_derive(self.seed, [self.index]))
-        return [r.f64() < 1.0 - self.drop_prob for _ in range(batch)]
+        return keep_flags(self.seed, self.index, self.drop_prob, batch)
 
     def forward(self, x):
         keep = 1.0 - self.drop_prob
@@ -187,7 +197,7 @@ def drop_path_forward(name="seresnet50", rate=0.5, seed=1234):
             flags.append(b.drop_path.keep_flags(INPUT_SHAPE[0]))
         else:
             flags.append(None)
-    x = torch.from_numpy(hashed("input", int(np.prod(INPUT_SHAPE))).reshape(INPUT_SHAPE).astype(np.float32))
+    x = hashed_input(INPUT_SHAPE)
     with torch.no_grad():
         logits = m(x.double())
     return {"model": name, "drop_path_rate": rate, "seed": seed, "keep_flags": flags,
@@ -212,8 +222,8 @@ def forward(name, dtype):
     m = create(name, num_classes=NUM_CLASSES)
     fill(m)
     m = m.to(dtype)
-    x = torch.from_numpy(hashed("input", int(np.prod(INPUT_SHAPE))).reshape(INPUT_SHAPE).astype(np.float32))
-    coef = torch.from_numpy(hashed("loss_coef", 2 * NUM_CLASSES).reshape(2, NUM_CLASSES).astype(np.float32))
+    x = hashed_input(INPUT_SHAPE)
+    coef = hashed_input((2, NUM_CLASSES), "loss_coef")
     x, coef = x.to(dtype), coef.to(dtype)
     m.eval()
     with torch.no_grad():

@@ -46,15 +46,10 @@ class PairDropPath(torch.nn.Module):
         self.calls += 1
         if not self.training or self.drop_prob == 0.0:
             return x
-        r = rg.Rng(rg.rng_derive(self.seed, [index]))
         keep = 1.0 - self.drop_prob
-        flags = [r.f64() < keep for _ in range(x.shape[0])]
+        flags = rg.keep_flags(self.seed, index, self.drop_prob, x.shape[0])
         mask = torch.tensor(flags, dtype=x.dtype).view(-1, 1, 1)
         return x.div(keep) * mask
-
-
-def hashed_input(shape, name="input"):
-    return torch.from_numpy(rg.hashed(name, int(np.prod(shape))).reshape(shape).astype(np.float32))
 
 
 def forward(name, dtype):
@@ -65,8 +60,8 @@ def forward(name, dtype):
     for b, blk in enumerate(m.blocks):
         blk.drop_path = PairDropPath(RATE * b / (depth - 1), b, SEED)
     m = m.to(dtype)
-    x = hashed_input(INPUT_SHAPE).to(dtype)
-    coef = hashed_input((2, NUM_CLASSES), "loss_coef").to(dtype)
+    x = rg.hashed_input(INPUT_SHAPE).to(dtype)
+    coef = rg.hashed_input((2, NUM_CLASSES), "loss_coef").to(dtype)
     m.eval()
     with torch.no_grad():
         eval_logits = m(x)
@@ -80,7 +75,7 @@ def forward(name, dtype):
     sd = {k: v.detach().clone() for k, v in m.state_dict().items()}
     sd["pos_embed"] = resize_pos_embed(sd["pos_embed"], big.pos_embed, 1, (3, 3))
     big.load_state_dict(sd)
-    xb = hashed_input((2, 3, IMG_TEST, IMG_TEST), "input48").to(dtype)
+    xb = rg.hashed_input((2, 3, IMG_TEST, IMG_TEST), "input48").to(dtype)
     with torch.no_grad():
         eval48 = big(xb)
     return {

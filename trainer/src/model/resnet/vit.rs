@@ -205,17 +205,10 @@ impl LayerNorm {
         })
     }
 
-    /// In f32 (f64 for f64 input) whatever the input dtype, returned in the input dtype.
+    /// In f32 (f64 for f64 input) whatever the input dtype, returned in the input dtype
+    /// ([`crate::ops::layer_norm`]).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let dtype = xs.dtype();
-        let wide = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let w = cast(&self.weight, wide)?;
-        let b = cast(&self.bias, wide)?;
-        crate::ops::layer_norm(&cast(xs, wide)?, &w, &b, LN_EPS)?.to_dtype(dtype)
+        crate::ops::layer_norm(xs, &self.weight, &self.bias, LN_EPS)
     }
 }
 
