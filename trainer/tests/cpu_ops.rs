@@ -7,9 +7,9 @@
 //! to 4,608 products in another order than candle's; observed about 1e-7), 1e-5 for BatchNorm
 //! (statistics in f64 here, f32 in candle; observed about 1e-7; 1e-4 at mean 50, where candle's
 //! f32 statistics are off by about 4e-5 while these stay within 3e-6 of an f64 computation),
-//! exact for the max-pool output and add + ReLU, 1e-6 for the max-pool gradient (an input that
-//! is the maximum of several windows sums their gradients in another order) and the average
-//! pool. The explicit pass's layer pairs give the graph ops' results bit for bit.
+//! exact for the max-pool output, add + ReLU and the channel gate's output and input gradient,
+//! 1e-6 for the max-pool gradient (an input that is the maximum of several windows sums their
+//! gradients in another order), the average pool and the gate's gradient (a sum over pixels). The explicit pass's layer pairs give the graph ops' results bit for bit.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use trainer::model::BatchNorm2d;
@@ -350,6 +350,18 @@ fn pooling_and_the_residual_add_match_the_reference() -> Result<()> {
         bits(&nhwc::global_avg_pool_backward(&x, &rr)?)?,
         bits(&g[0])?
     );
+    // Channel attention's gate, x * gate[sample, channel] (99 pixels: more than one task).
+    let x = normal(&[2, 9, 11, 24], 95, 0.0)?;
+    let gate = normal(&[2, 24], 96, 0.5)?;
+    let rr = normal(&[2, 9, 11, 24], 97, 0.0)?;
+    let (yr, gr) = grads(&[&x, &gate], &rr, |t| {
+        t[0].broadcast_mul(&t[1].reshape((2, 1, 1, 24))?)
+    })?;
+    let (y, g) = grads(&[&x, &gate], &rr, |t| nhwc::channel_scale(&t[0], &t[1]))?;
+    assert_eq!(bits(&y)?, bits(&yr)?, "channel scale");
+    assert_eq!(bits(&g[0])?, bits(&gr[0])?, "channel scale dx");
+    // The gate's gradient: 99 products summed in another order than candle's reduce.
+    close("channel scale dgate", &g[1], &gr[1], 1e-6)?;
     // add + ReLU, plain and with per-sample drop-path scales (one sample dropped).
     let a = normal(&[4, 5, 6, 8], 92, 0.0)?;
     let b = normal(&[4, 5, 6, 8], 93, 0.0)?;

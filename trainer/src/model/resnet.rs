@@ -547,18 +547,19 @@ impl SqueezeExcite {
     }
 
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let s = if ctx.nhwc {
-            // Mean in f32 whatever the activation dtype.
-            xs.to_dtype(DType::F32)?
-                .mean_keepdim((1, 2))?
-                .to_dtype(xs.dtype())?
-        } else {
-            xs.mean_keepdim((2, 3))?
+        let excite = |s: &Tensor| -> Result<Tensor> {
+            let s = self.fc1.forward_ctx(s, ctx)?;
+            let s = self.fc2.forward_ctx(&activate(&s, ctx, true)?, ctx)?;
+            candle_nn::ops::sigmoid(&s)
         };
-        let s = self
-            .fc2
-            .forward_ctx(&activate(&self.fc1.forward_ctx(&s, ctx)?, ctx, true)?, ctx)?;
-        xs.broadcast_mul(&candle_nn::ops::sigmoid(&s)?)
+        if ctx.nhwc {
+            // The mean in f32 (f64 for f64) whatever the activation dtype.
+            let (n, _, _, c) = xs.dims4()?;
+            let s = nhwc::global_avg_pool(xs)?.to_dtype(xs.dtype())?;
+            let gate = excite(&s.reshape((n, 1, 1, c))?)?;
+            return nhwc::channel_scale(xs, &gate.reshape((n, c))?);
+        }
+        xs.broadcast_mul(&excite(&xs.mean_keepdim((2, 3))?)?)
     }
 }
 
@@ -595,7 +596,7 @@ impl Eca {
             _ => DType::F32,
         };
         let s = if ctx.nhwc {
-            xs.to_dtype(dt)?.mean((1, 2))?
+            nhwc::global_avg_pool(xs)?.to_dtype(dt)?
         } else {
             xs.to_dtype(dt)?.mean((2, 3))?
         };
@@ -603,12 +604,10 @@ impl Eca {
         let w = self.weight.to_dtype(dt)?;
         let y = s.reshape((n, 1, c))?.conv1d(&w, (k - 1) / 2, 1, 1, 1)?;
         let gate = candle_nn::ops::sigmoid(&y)?.to_dtype(xs.dtype())?;
-        let gate = if ctx.nhwc {
-            gate.reshape((n, 1, 1, c))?
-        } else {
-            gate.reshape((n, c, 1, 1))?
-        };
-        xs.broadcast_mul(&gate)
+        if ctx.nhwc {
+            return nhwc::channel_scale(xs, &gate.reshape((n, c))?);
+        }
+        xs.broadcast_mul(&gate.reshape((n, c, 1, 1))?)
     }
 }
 

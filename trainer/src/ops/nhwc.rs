@@ -211,6 +211,22 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     reference::add_relu(a, b)
 }
 
+/// Channel attention's gate (squeeze-excite, ECA): every pixel of sample `b` multiplied by
+/// `gate[b]`, channel by channel. One pass each way on the CPU fast path (the gate's gradient
+/// summed per sample, not through candle's strided reduce); elsewhere a broadcast multiply.
+///
+/// # Shapes
+/// - `x`: `[N, H, W, C]`; `gate`: `[N, C]`; returns `[N, H, W, C]` in the dtype of `x`
+pub fn channel_scale(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if is_cpu_fast(x) && gate.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(&gate.contiguous()?, cpu::ChannelScaleCpu);
+    }
+    let (n, _, _, c) = x.dims4()?;
+    x.broadcast_mul(&gate.to_dtype(x.dtype())?.reshape((n, 1, 1, c))?)
+}
+
 /// The layers from candle's NCHW ops between permutes: the fallback of every function here,
 /// and the reference the tests (and the CUDA kernel emulation) compare the fast paths with.
 pub mod reference {

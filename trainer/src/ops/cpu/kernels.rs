@@ -327,6 +327,54 @@ pub fn max_pool_backward(
     dx
 }
 
+/// Pixels per parallel task of [`channel_scale_forward`] and the `dx` of its backward.
+const SCALE_PIXELS: usize = 64;
+
+/// Channel attention's gate: `y[b, p, c] = x[b, p, c] * g[b, c]` over the `hw` pixels of each
+/// of the `n` samples (squeeze-excite, ECA).
+pub fn channel_scale_forward(x: &[f32], g: &[f32], hw: usize, c: usize) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hw * c)
+        .zip(x.par_chunks(hw * c))
+        .zip(g.par_chunks(c))
+        .for_each(|((ys, xs), g)| {
+            ys.par_chunks_mut(SCALE_PIXELS * c)
+                .zip(xs.par_chunks(SCALE_PIXELS * c))
+                .for_each(|(ys, xs)| {
+                    for (yp, xp) in ys.chunks_exact_mut(c).zip(xs.chunks_exact(c)) {
+                        for ((y, x), g) in yp.iter_mut().zip(xp).zip(g) {
+                            *y = x * g;
+                        }
+                    }
+                });
+        });
+    y
+}
+
+/// The backward of [`channel_scale_forward`]: `dx = dy * g` and `dg[b, c]`, the sum over the
+/// sample's pixels of `dy * x` (in pixel order, one task per sample: the same bits for any
+/// thread count).
+pub fn channel_scale_backward(
+    x: &[f32],
+    g: &[f32],
+    dy: &[f32],
+    hw: usize,
+    c: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let dx = channel_scale_forward(dy, g, hw, c);
+    let mut dg = vec![0f32; g.len()];
+    dg.par_chunks_mut(c)
+        .zip(x.par_chunks(hw * c).zip(dy.par_chunks(hw * c)))
+        .for_each(|(dg, (xs, ds))| {
+            for (xp, dp) in xs.chunks_exact(c).zip(ds.chunks_exact(c)) {
+                for ((o, x), d) in dg.iter_mut().zip(xp).zip(dp) {
+                    *o += x * d;
+                }
+            }
+        });
+    (dx, dg)
+}
+
 /// Global average pool `[N, HW, C]` -> `[N, C]` (f32 sums in pixel order, then / HW).
 pub fn gap_forward(x: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
     let mut y = vec![0f32; n * c];

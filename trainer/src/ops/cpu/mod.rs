@@ -553,6 +553,56 @@ impl CustomOp1 for GlobalAvgPoolCpu {
     }
 }
 
+/// Channel attention's gate `x * g` (`x`: `[N, H, W, C]`, `g`: `[N, C]`) as a candle op; the
+/// backward returns both gradients from [`kernels::channel_scale_backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelScaleCpu;
+
+impl CustomOp2 for ChannelScaleCpu {
+    fn name(&self) -> &'static str {
+        "channel-scale-nhwc-cpu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = xl.shape().dims4()?;
+        if gl.shape().dims() != [n, c] {
+            bail!(
+                "channel scale cpu: gate {:?} does not fit input {:?} (expected [{n}, {c}])",
+                gl.shape(),
+                xl.shape()
+            )
+        }
+        let y =
+            kernels::channel_scale_forward(storage_f32(xs, xl)?, storage_f32(gs, gl)?, h * w, c);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, h, w, c) = x.dims4()?;
+        let dy = dy.to_dtype(DType::F32)?;
+        let (dx, dg) = with_f32(x, |xv| {
+            with_f32(g, |gv| {
+                with_f32(&dy, |d| {
+                    kernels::channel_scale_backward(xv, gv, d, h * w, c)
+                })
+            })
+        })???;
+        Ok((Some(tensor(dx, (n, h, w, c))?), Some(tensor(dg, (n, c))?)))
+    }
+}
+
 /// The per-sample scales of stochastic depth (`[N, 1, 1, 1]`) as values.
 fn scales(scale: Option<&Tensor>) -> Result<Option<Vec<f32>>> {
     scale
