@@ -13,7 +13,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use trainer::model::BatchNorm2d;
-use trainer::ops::nhwc;
+use trainer::ops::{nhwc, Activation};
 
 fn normal(shape: &[usize], seed: u64, mean: f64) -> Result<Tensor> {
     let mut rng = loader::rng::Rng::new(seed);
@@ -165,12 +165,18 @@ fn folded_conv_bn_matches_the_layers() -> Result<()> {
         let b = bn(k, 60 + i as u64)?;
         let y = nhwc::reference::conv2d(&x, &wt, stride, pad, groups)?;
         let shortcut = normal(y.dims(), 70 + i as u64, 0.0)?;
-        for (relu, residual) in [(false, None), (true, None), (true, Some(&shortcut))] {
+        for (act, residual) in [
+            (Activation::Identity, None),
+            (Activation::Relu, None),
+            (Activation::Silu, None),
+            (Activation::Relu, Some(&shortcut)),
+        ] {
             let name = format!(
-                "conv+bn [{n},{h},{w},{c}] -> {k} k{r} s{stride} g{groups} relu {relu} residual {}",
+                "conv+bn [{n},{h},{w},{c}] -> {k} k{r} s{stride} g{groups} {act:?} residual {}",
                 residual.is_some()
             );
-            let got = nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, relu, residual)?;
+            let got = nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, act, residual)?;
+            let relu = act == Activation::Relu;
             let want = match residual {
                 None => nhwc::reference::batch_norm(&y, &b, false, relu)?,
                 Some(s) => nhwc::reference::add_relu(
@@ -178,12 +184,17 @@ fn folded_conv_bn_matches_the_layers() -> Result<()> {
                     s,
                 )?,
             };
+            // candle's SiLU (libm's expf) against the epilogue's.
+            let want = match act {
+                Activation::Silu => want.silu()?,
+                _ => want,
+            };
             close(&name, &got, &want, 1e-5)?;
             // An evaluation pass's cache of folded filters: the same bits, first call or not.
             trainer::ops::cpu::with_eval_cache(|| -> Result<()> {
                 for _ in 0..2 {
                     let again =
-                        nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, relu, residual)?;
+                        nhwc::conv_bn_eval(&x, &wt, stride, pad, groups, &b, act, residual)?;
                     assert_eq!(bits(&again)?, bits(&got)?, "{name}: cached");
                 }
                 Ok(())
@@ -195,7 +206,9 @@ fn folded_conv_bn_matches_the_layers() -> Result<()> {
     let w = Var::from_tensor(&(normal(&[16, 8, 3, 3], 81, 0.0)? * 0.1)?)?;
     let b = bn(16, 82)?;
     let eval = |w: &Tensor| {
-        trainer::ops::cpu::with_eval_cache(|| nhwc::conv_bn_eval(&x, w, 1, 1, 1, &b, false, None))
+        trainer::ops::cpu::with_eval_cache(|| {
+            nhwc::conv_bn_eval(&x, w, 1, 1, 1, &b, Activation::Identity, None)
+        })
     };
     let first = eval(w.as_tensor())?;
     w.set(&(w.as_tensor() * 2.0)?)?;

@@ -13,7 +13,7 @@ use super::batch_norm::BatchNorm2d;
 use super::drop_path::{drop_path, drop_path_rates};
 use super::params::{init_timm, Param, ParamKind};
 use super::{ModelError, NetConfig};
-use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc};
+use crate::ops::{avg_pool2d_ceil, max_pool2d, nhwc, Activation};
 
 mod efficientnet;
 mod explicit;
@@ -503,19 +503,22 @@ fn activate(xs: &Tensor, ctx: Ctx, act: bool) -> Result<Tensor> {
     match (act, ctx.silu) {
         (false, _) => Ok(xs.clone()),
         (true, false) => xs.relu(),
-        (true, true) => xs.silu(),
+        (true, true) => crate::ops::silu(xs),
     }
 }
 
-/// `conv`, then `bn` (+ ReLU). The channels-last evaluation forward runs them as one
-/// convolution with the BatchNorm folded in ([`nhwc::conv_bn_eval`]); elsewhere the layers run
-/// one by one.
+/// `conv`, then `bn` (+ the activation). The channels-last evaluation forward runs them as one
+/// convolution with the BatchNorm and the activation folded in ([`nhwc::conv_bn_eval`]);
+/// elsewhere the layers run one by one.
 fn conv_bn(conv: &Conv, bn: &BatchNorm2d, xs: &Tensor, ctx: Ctx, act: bool) -> Result<Tensor> {
     if ctx.nhwc && !ctx.train && conv.bias.is_none() {
         let (stride, pad, groups) = (conv.stride, conv.padding, conv.groups);
-        let relu = act && !ctx.silu;
-        let ys = nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, relu, None)?;
-        return activate(&ys, ctx, act && ctx.silu);
+        let act = match (act, ctx.silu) {
+            (false, _) => Activation::Identity,
+            (true, false) => Activation::Relu,
+            (true, true) => Activation::Silu,
+        };
+        return nhwc::conv_bn_eval(xs, &conv.weight, stride, pad, groups, bn, act, None);
     }
     bn_act(bn, &conv.forward_ctx(xs, ctx)?, ctx, act)
 }
@@ -694,7 +697,7 @@ impl Block {
                 pad,
                 groups,
                 last_bn,
-                true,
+                Activation::Relu,
                 Some(&shortcut),
             );
         }

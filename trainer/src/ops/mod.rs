@@ -7,11 +7,24 @@ pub mod gelu;
 pub mod max_pool;
 pub mod nhwc;
 pub mod rows;
+pub mod silu;
 
 pub use avg_pool::avg_pool2d_ceil;
 pub use gelu::gelu;
 pub use max_pool::max_pool2d;
 pub use rows::{layer_norm, softmax_last_dim};
+pub use silu::silu;
+
+/// The activation a fused kernel applies last (the evaluation conv + BatchNorm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// None: the value as it is.
+    Identity,
+    /// `max(0, v)`.
+    Relu,
+    /// `v * sigmoid(v)` (SiLU / Swish).
+    Silu,
+}
 
 /// The elements of a contiguous CPU operand (its layout's range of `v`); an error naming `what`
 /// otherwise.

@@ -25,7 +25,7 @@
 use candle_core::{DType, Result, Tensor, Var};
 
 use crate::model::BatchNorm2d;
-use crate::ops::cpu;
+use crate::ops::{cpu, Activation};
 
 /// True when `x` takes the fused CUDA ops (a CUDA tensor in bf16).
 pub fn is_cuda_fast(x: &Tensor) -> bool {
@@ -172,9 +172,9 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The evaluation forward of a conv followed by BatchNorm on running statistics, then
-/// `residual` added (the block's shortcut), then a ReLU when `relu`: on the CPU fast path one
-/// convolution with the BatchNorm folded into the filter and the rest applied to each output
-/// tile while it is in cache; elsewhere [`conv2d`], [`batch_norm`] and the add.
+/// `residual` added (the block's shortcut), then `act`: on the CPU fast path one convolution
+/// with the BatchNorm folded into the filter and the rest applied to each output tile while it
+/// is in cache; elsewhere [`conv2d`], [`batch_norm`], the add and the activation.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_eval(
     x: &Tensor,
@@ -183,17 +183,22 @@ pub fn conv_bn_eval(
     padding: usize,
     groups: usize,
     bn: &BatchNorm2d,
-    relu: bool,
+    act: Activation,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     if is_cpu_fast(x) && weight.dtype() == DType::F32 && bn.weight().dtype() == DType::F32 {
-        return cpu::conv_bn_eval(x, weight, stride, padding, groups, bn, relu, residual);
+        return cpu::conv_bn_eval(x, weight, stride, padding, groups, bn, act, residual);
     }
     let y = conv2d(x, weight, stride, padding, groups)?;
-    match residual {
-        None => batch_norm(&y, bn, false, relu),
-        Some(r) if relu => add_relu(&batch_norm(&y, bn, false, false)?, r),
-        Some(r) => batch_norm(&y, bn, false, false)? + r,
+    let relu = act == Activation::Relu;
+    let y = match residual {
+        None => batch_norm(&y, bn, false, relu)?,
+        Some(r) if relu => add_relu(&batch_norm(&y, bn, false, false)?, r)?,
+        Some(r) => (batch_norm(&y, bn, false, false)? + r)?,
+    };
+    match act {
+        Activation::Silu => crate::ops::silu(&y),
+        _ => Ok(y),
     }
 }
 

@@ -25,6 +25,8 @@
 
 use rayon::prelude::*;
 
+use crate::ops::Activation;
+
 /// Output rows per tile.
 pub const TILE: usize = 2048;
 
@@ -371,29 +373,33 @@ pub struct Epilogue<'a> {
     pub shift: &'a [f32],
     /// Added after the shift.
     pub residual: Option<&'a [f32]>,
-    /// `max(0, v)` last (a NaN passes).
-    pub relu: bool,
+    /// Applied last (ReLU: `max(0, v)`, a NaN passes).
+    pub act: Activation,
 }
 
 impl Epilogue<'_> {
     /// Rows `m0..` of the output, `out` (`rows x K`).
     fn apply(&self, m0: usize, k: usize, out: &mut [f32]) {
         let shift = &self.shift[..k];
+        let relu = self.act == Activation::Relu;
         for (i, row) in out.chunks_exact_mut(k).enumerate() {
             match self.residual {
                 Some(res) => {
                     let res = &res[(m0 + i) * k..(m0 + i + 1) * k];
                     for ((o, &s), &r) in row.iter_mut().zip(shift).zip(res) {
                         let v = (*o + s) + r;
-                        *o = if self.relu && v < 0.0 { 0.0 } else { v };
+                        *o = if relu && v < 0.0 { 0.0 } else { v };
                     }
                 }
                 None => {
                     for (o, &s) in row.iter_mut().zip(shift) {
                         let v = *o + s;
-                        *o = if self.relu && v < 0.0 { 0.0 } else { v };
+                        *o = if relu && v < 0.0 { 0.0 } else { v };
                     }
                 }
+            }
+            if self.act == Activation::Silu {
+                super::kernels::silu_in_place(row);
             }
         }
     }

@@ -20,6 +20,7 @@ use candle_core::{
 };
 
 use crate::model::BatchNorm2d;
+use crate::ops::Activation;
 use conv::ConvGeom;
 pub use kernels::BnStats;
 
@@ -132,8 +133,8 @@ pub fn with_eval_cache<R>(f: impl FnOnce() -> R) -> R {
 }
 
 /// The evaluation convolution followed by `bn` on its running statistics (folded into the
-/// filter and a shift), then `residual` (`[N, OH, OW, K]`) added, then a ReLU when `relu`: one
-/// pass over the output (no graph).
+/// filter and a shift), then `residual` (`[N, OH, OW, K]`) added, then `act`: one pass over the
+/// output (no graph).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bn_eval(
     x: &Tensor,
@@ -142,7 +143,7 @@ pub fn conv_bn_eval(
     pad: usize,
     groups: usize,
     bn: &BatchNorm2d,
-    relu: bool,
+    act: Activation,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let geo = geom(x.dims4()?, weight.dims4()?, stride, pad, groups)?;
@@ -191,7 +192,7 @@ pub fn conv_bn_eval(
         let epilogue = conv::Epilogue {
             shift,
             residual: res,
-            relu,
+            act,
         };
         conv::forward_prepared(xs, &geo, w, &epilogue, &mut y)
     };
