@@ -9,7 +9,7 @@
 //! f32 statistics are off by about 4e-5 while these stay within 3e-6 of an f64 computation),
 //! exact for the max-pool output, add + ReLU and the channel gate's output and input gradient,
 //! 1e-6 for the max-pool gradient (an input that is the maximum of several windows sums their
-//! gradients in another order), the average pool and the gate's gradient (a sum over pixels). The explicit pass's layer pairs give the graph ops' results bit for bit.
+//! gradients in another order), the average pools and the gate's gradient (a sum over pixels). The explicit pass's layer pairs give the graph ops' results bit for bit.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use trainer::model::BatchNorm2d;
@@ -363,6 +363,20 @@ fn pooling_and_the_residual_add_match_the_reference() -> Result<()> {
         bits(&nhwc::global_avg_pool_backward(&x, &rr)?)?,
         bits(&g[0])?
     );
+    // ResNet-D's 2x2 ceil-mode pool of the shortcut, odd and even sizes, against candle's NCHW
+    // pool between permutes (sums of up to four values, then a scale: 1e-6).
+    for (i, shape) in [[2, 7, 9, 16], [2, 8, 6, 24]].into_iter().enumerate() {
+        let x = normal(&shape, 98 + i as u64, 0.0)?;
+        let nchw = |t: &Tensor| -> Result<Tensor> {
+            let y = trainer::ops::avg_pool2d_ceil(&t.permute((0, 3, 1, 2))?.contiguous()?)?;
+            y.permute((0, 2, 3, 1))?.contiguous()
+        };
+        let rr = normal(nchw(&x)?.dims(), 110 + i as u64, 0.0)?;
+        let (yr, gr) = grads(&[&x], &rr, |t| nchw(&t[0]))?;
+        let (y, g) = grads(&[&x], &rr, |t| nhwc::avg_pool2d_ceil(&t[0]))?;
+        close(&format!("2x2 ceil pool {shape:?}"), &y, &yr, 1e-6)?;
+        close(&format!("2x2 ceil pool {shape:?} dx"), &g[0], &gr[0], 1e-6)?;
+    }
     // Channel attention's gate, x * gate[sample, channel] (99 pixels: more than one task).
     let x = normal(&[2, 9, 11, 24], 95, 0.0)?;
     let gate = normal(&[2, 24], 96, 0.5)?;

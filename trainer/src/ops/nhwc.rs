@@ -286,8 +286,12 @@ pub mod reference {
     }
 }
 
-/// ResNet-D's 2x2 ceil-mode average pool of the shortcut (reference path on every device).
+/// ResNet-D's 2x2 ceil-mode average pool of the shortcut: a CPU kernel each way for f32 on the
+/// CPU, candle's NCHW pool between permutes elsewhere.
 pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
+    if is_cpu_fast(x) {
+        return x.contiguous()?.apply_op1(cpu::AvgPool2CeilCpu);
+    }
     to_nhwc(&crate::ops::avg_pool2d_ceil(&to_nchw(x)?)?)
 }
 

@@ -327,6 +327,66 @@ pub fn max_pool_backward(
     dx
 }
 
+/// The number of real pixels in output row/column `o` of a 2x2 stride-2 ceil-mode pool over
+/// `len` pixels (1 for the last one of an odd length, else 2).
+#[inline]
+fn pool2_span(o: usize, len: usize) -> usize {
+    if 2 * o + 1 < len {
+        2
+    } else {
+        1
+    }
+}
+
+/// ResNet-D's shortcut pool, `nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)`,
+/// `[N, H, W, C]` -> `[N, ceil(H/2), ceil(W/2), C]`: each output pixel the mean of the (up to
+/// four) input pixels of its window, summed row by row.
+pub fn avg_pool2_ceil_forward(x: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    let mut y = vec![0f32; n * oh * ow * c];
+    y.par_chunks_mut(ow * c).enumerate().for_each(|(row, out)| {
+        let (b, oy) = (row / oh, row % oh);
+        let hs = pool2_span(oy, h);
+        for (ox, o) in out.chunks_exact_mut(c).enumerate() {
+            let ws = pool2_span(ox, w);
+            for dy in 0..hs {
+                for dx in 0..ws {
+                    let px = ((b * h + 2 * oy + dy) * w + 2 * ox + dx) * c;
+                    for (o, v) in o.iter_mut().zip(&x[px..px + c]) {
+                        *o += v;
+                    }
+                }
+            }
+            let inv = 1.0 / (hs * ws) as f32;
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        }
+    });
+    y
+}
+
+/// The backward of [`avg_pool2_ceil_forward`]: every input pixel gets its window's gradient
+/// over the window's pixel count (the windows do not overlap).
+pub fn avg_pool2_ceil_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usize) -> Vec<f32> {
+    let (oh, ow) = (h.div_ceil(2), w.div_ceil(2));
+    let mut dx = vec![0f32; n * h * w * c];
+    dx.par_chunks_mut(w * c).enumerate().for_each(|(row, out)| {
+        let (b, iy) = (row / h, row % h);
+        let oy = iy / 2;
+        let hs = pool2_span(oy, h);
+        for (ix, o) in out.chunks_exact_mut(c).enumerate() {
+            let ox = ix / 2;
+            let inv = 1.0 / (hs * pool2_span(ox, w)) as f32;
+            let g = &dy[((b * oh + oy) * ow + ox) * c..][..c];
+            for (o, g) in o.iter_mut().zip(g) {
+                *o = g * inv;
+            }
+        }
+    });
+    dx
+}
+
 /// Elements per parallel task of the SiLU kernels.
 const SILU_CHUNK: usize = 1 << 14;
 

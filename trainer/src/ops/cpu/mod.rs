@@ -554,6 +554,32 @@ impl CustomOp1 for GlobalAvgPoolCpu {
     }
 }
 
+/// ResNet-D's 2x2 ceil-mode average pool (`[N, H, W, C]`) as a candle op.
+#[derive(Clone, Copy, Debug)]
+pub struct AvgPool2CeilCpu;
+
+impl CustomOp1 for AvgPool2CeilCpu {
+    fn name(&self) -> &'static str {
+        "avg-pool-2x2-ceil-nhwc-cpu"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, h, w, c) = xl.shape().dims4()?;
+        let y = kernels::avg_pool2_ceil_forward(storage_f32(xs, xl)?, n, h, w, c);
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((n, h.div_ceil(2), w.div_ceil(2), c)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let (n, h, w, c) = x.dims4()?;
+        let dy = dy.to_dtype(DType::F32)?;
+        let dx = with_f32(&dy, |d| kernels::avg_pool2_ceil_backward(d, n, h, w, c))?;
+        Ok(Some(tensor(dx, (n, h, w, c))?))
+    }
+}
+
 /// Channel attention's gate `x * g` (`x`: `[N, H, W, C]`, `g`: `[N, C]`) as a candle op; the
 /// backward returns both gradients from [`kernels::channel_scale_backward`].
 #[derive(Clone, Copy, Debug)]
