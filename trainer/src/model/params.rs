@@ -161,16 +161,24 @@ pub fn init_values(kind: ParamKind, shape: &[usize], rng: &mut loader::rng::Rng)
 
 /// Fills every tensor with timm's initialisation, deterministically: tensor `name` draws from
 /// `Rng::for_item(seed, &[name_hash(name)])`, so the values do not depend on build order.
+///
+/// On the CPU the tensors are filled in parallel (each has its own generator: the same values);
+/// elsewhere one by one, in order.
 pub fn init_timm(params: &[Param], seed: u64) -> Result<()> {
-    for p in params {
+    let fill = |p: &Param| -> Result<()> {
         let var = p.var()?;
         let mut rng = loader::rng::Rng::for_item(seed, &[name_hash(&p.name)]);
         let values = init_values(p.kind, p.tensor.dims(), &mut rng);
         let t = Tensor::from_vec(values, p.tensor.shape(), p.tensor.device())?
             .to_dtype(p.tensor.dtype())?;
-        var.set(&t)?;
+        var.set(&t)
+    };
+    if params.iter().all(|p| p.tensor.device().is_cpu()) {
+        use rayon::prelude::*;
+        params.par_iter().try_for_each(fill)
+    } else {
+        params.iter().try_for_each(fill)
     }
-    Ok(())
 }
 
 #[cfg(test)]
