@@ -2,7 +2,7 @@
 //! BatchNorm running statistics after a training step, and the evaluation logits.
 //!
 //! On the CPU the channels-last network runs the CPU kernels of the fast path
-//! (`trainer::ops::cpu`; squeeze-excite and ResNet-D's pooled shortcut through candle's ops),
+//! (`trainer::ops::cpu`; squeeze-excite's small excitation graph through candle's ops),
 //! the NCHW network candle's ops, so the two differ by the kernels' rounding: logits within 1e-4
 //! relative, gradients within 5e-4 (see `compare`; each op is checked at 1e-5 in
 //! `tests/cpu_ops.rs`). This pins the model's channels-last wiring (stem, fused BN + ReLU,
@@ -233,8 +233,10 @@ fn channels_last_basic_resnet_d_se_matches_nchw() -> Result<()> {
 /// channels-last network: loss, every gradient, running statistics. On the CPU both run the same
 /// CPU kernels (the graph through their custom ops' backward), so this pins the chaining (block
 /// input sums, shortcut, stochastic depth masks, stem, gradient layouts and keys); `cuda_ops`
-/// checks the CUDA layers. Tolerance 1e-5 relative (observed: exact).
-fn explicit_matches_graph(name: &str, cfg: ResNetConfig) -> Result<()> {
+/// checks the CUDA layers. Tolerance 1e-5 relative (observed: exact, channel attention's small
+/// graph included: the same ops in the same order).
+fn explicit_matches_graph(name: &str, cfg: impl Into<trainer::model::NetConfig>) -> Result<()> {
+    let cfg: trainer::model::NetConfig = cfg.into();
     use trainer::model::BackwardMode;
     let dev = Device::Cpu;
     let (vm_a, vm_b) = (VarMap::new(), VarMap::new());
@@ -252,7 +254,7 @@ fn explicit_matches_graph(name: &str, cfg: ResNetConfig) -> Result<()> {
         }
     }
     let x = normal(&[3, 32, 32, 3], 2)?;
-    let target = normal(&[3, cfg.num_classes], 3)?;
+    let target = normal(&[3, cfg.num_classes()], 3)?;
     // Two steps, so the second starts from the running statistics the first left.
     for step in 0..2u64 {
         let (la, pa) = a.forward_train_pass(&x, 40 + step)?;
@@ -291,31 +293,49 @@ fn explicit_backward_matches_graph() -> Result<()> {
         num_classes: 3,
         ..ResNetConfig::by_name("resnext50_32x4d").unwrap()
     };
-    explicit_matches_graph("resnext-like", rx)
+    explicit_matches_graph("resnext-like", rx)?;
+    // Squeeze-excite, ECA with ResNet-D's pooled shortcuts and a tiered stem, and RegNetY (its
+    // stem has no max-pool; SE after the grouped 3x3).
+    let se = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        num_classes: 3,
+        ..ResNetConfig::by_name("seresnet50").unwrap()
+    }
+    .with_drop_path_rate(0.2);
+    explicit_matches_graph("seresnet50-like, drop path", se)?;
+    let eca = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        num_classes: 3,
+        ..ResNetConfig::by_name("ecaresnet50t").unwrap()
+    };
+    explicit_matches_graph("ecaresnet50t-like", eca)?;
+    let regnet = trainer::model::NetConfig::by_name("regnety_002")
+        .unwrap()
+        .with_num_classes(4)
+        .with_drop_path_rate(0.1);
+    explicit_matches_graph("regnety_002, drop path", regnet)
 }
 
 #[test]
 fn explicit_backward_refuses_what_it_does_not_support() -> Result<()> {
     use trainer::model::BackwardMode;
     let dev = Device::Cpu;
-    let cfg = ResNetConfig {
-        layers: [1, 1, 1, 1],
-        num_classes: 3,
-        ..ResNetConfig::by_name("seresnet50").unwrap()
-    };
+    let cfg = trainer::model::NetConfig::by_name("efficientnet_b0")
+        .unwrap()
+        .with_num_classes(3);
     let vm = VarMap::new();
     let mut m = cfg.build_seeded(&vm, 1, DType::F32, &dev)?;
     m.set_layout(ActivationLayout::Nhwc);
     let x = normal(&[2, 32, 32, 3], 4)?;
-    // Auto falls back to the graph (and would on CUDA too: squeeze-excite is not supported).
+    // Auto falls back to the graph (and would on CUDA too: EfficientNet is not supported).
     let (_, pass) = m.forward_train_pass(&x, 1)?;
     assert!(!pass.is_explicit());
     m.set_backward_mode(BackwardMode::Explicit);
     let err = m
         .forward_train_pass(&x, 1)
         .err()
-        .expect("explicit must refuse SE");
-    assert!(err.to_string().contains("squeeze-excite"), "{err}");
+        .expect("explicit must refuse EfficientNet");
+    assert!(err.to_string().contains("EfficientNet"), "{err}");
     m.set_layout(ActivationLayout::Nchw);
     let err = m
         .forward_train_pass(&x, 1)

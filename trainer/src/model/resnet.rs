@@ -549,20 +549,24 @@ impl SqueezeExcite {
         })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let excite = |s: &Tensor| -> Result<Tensor> {
-            let s = self.fc1.forward_ctx(s, ctx)?;
-            let s = self.fc2.forward_ctx(&activate(&s, ctx, true)?, ctx)?;
-            candle_nn::ops::sigmoid(&s)
-        };
-        if ctx.nhwc {
-            // The mean in f32 (f64 for f64) whatever the activation dtype.
-            let (n, _, _, c) = xs.dims4()?;
-            let s = nhwc::global_avg_pool(xs)?.to_dtype(xs.dtype())?;
-            let gate = excite(&s.reshape((n, 1, 1, c))?)?;
-            return nhwc::channel_scale(xs, &gate.reshape((n, c))?);
-        }
-        xs.broadcast_mul(&excite(&xs.mean_keepdim((2, 3))?)?)
+    /// The sigmoid gate from the squeezed input `s` (`[N, 1, 1, C]` channels-last, `[N, C, 1,
+    /// 1]` NCHW, the activation's dtype).
+    fn excite(&self, s: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let s = self.fc1.forward_ctx(s, ctx)?;
+        let s = self.fc2.forward_ctx(&activate(&s, ctx, true)?, ctx)?;
+        candle_nn::ops::sigmoid(&s)
+    }
+
+    /// NCHW: the gate from the spatial mean, then the product.
+    fn forward_nchw(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        xs.broadcast_mul(&self.excite(&xs.mean_keepdim((2, 3))?, ctx)?)
+    }
+
+    /// Channels-last: the gate `[N, C]` (the activation's dtype) from the pooled input `[N, C]`.
+    fn gate_nhwc(&self, pooled: &Tensor, dtype: DType, ctx: Ctx) -> Result<Tensor> {
+        let (n, c) = pooled.dims2()?;
+        let s = pooled.to_dtype(dtype)?.reshape((n, 1, 1, c))?;
+        self.excite(&s, ctx)?.reshape((n, c))
     }
 }
 
@@ -587,29 +591,33 @@ impl Eca {
         Ok(Self { weight })
     }
 
-    fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let (n, c) = if ctx.nhwc {
-            (xs.dim(0)?, xs.dim(3)?)
-        } else {
-            (xs.dim(0)?, xs.dim(1)?)
+    /// The gate `[N, C]` from the pooled input `[N, C]`; the 1-D conv and the sigmoid in f32
+    /// for half-precision activations (f64 for f64), the gate in `dtype`.
+    fn gate(&self, pooled: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (n, c) = pooled.dims2()?;
+        let dt = match dtype {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
         };
-        // The mean and the gate in f32 for half-precision activations, else in their dtype.
+        let k = self.weight.dim(2)?;
+        let w = self.weight.to_dtype(dt)?;
+        let y = pooled
+            .to_dtype(dt)?
+            .reshape((n, 1, c))?
+            .conv1d(&w, (k - 1) / 2, 1, 1, 1)?;
+        candle_nn::ops::sigmoid(&y)?
+            .to_dtype(dtype)?
+            .reshape((n, c))
+    }
+
+    /// NCHW: the gate from the spatial mean, then the product.
+    fn forward_nchw(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, c, _, _) = xs.dims4()?;
         let dt = match xs.dtype() {
             DType::F64 => DType::F64,
             _ => DType::F32,
         };
-        let s = if ctx.nhwc {
-            nhwc::global_avg_pool(xs)?.to_dtype(dt)?
-        } else {
-            xs.to_dtype(dt)?.mean((2, 3))?
-        };
-        let k = self.weight.dim(2)?;
-        let w = self.weight.to_dtype(dt)?;
-        let y = s.reshape((n, 1, c))?.conv1d(&w, (k - 1) / 2, 1, 1, 1)?;
-        let gate = candle_nn::ops::sigmoid(&y)?.to_dtype(xs.dtype())?;
-        if ctx.nhwc {
-            return nhwc::channel_scale(xs, &gate.reshape((n, c))?);
-        }
+        let gate = self.gate(&xs.to_dtype(dt)?.mean((2, 3))?, xs.dtype())?;
         xs.broadcast_mul(&gate.reshape((n, c, 1, 1))?)
     }
 }
@@ -623,9 +631,33 @@ enum BlockAttn {
 
 impl BlockAttn {
     fn forward(&self, xs: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        if ctx.nhwc {
+            // The mean in f32 (f64 for f64) whatever the activation dtype.
+            let gate = self.gate_nhwc(&nhwc::global_avg_pool(xs)?, xs.dtype(), ctx)?;
+            return nhwc::channel_scale(xs, &gate);
+        }
         match self {
-            BlockAttn::SqueezeExcite(se) => se.forward(xs, ctx),
-            BlockAttn::Eca(eca) => eca.forward(xs, ctx),
+            BlockAttn::SqueezeExcite(se) => se.forward_nchw(xs, ctx),
+            BlockAttn::Eca(eca) => eca.forward_nchw(xs),
+        }
+    }
+
+    /// Channels-last: the gate `[N, C]` in `dtype` from the pooled activation `[N, C]`.
+    fn gate_nhwc(&self, pooled: &Tensor, dtype: DType, ctx: Ctx) -> Result<Tensor> {
+        match self {
+            BlockAttn::SqueezeExcite(se) => se.gate_nhwc(pooled, dtype, ctx),
+            BlockAttn::Eca(eca) => eca.gate(pooled, dtype),
+        }
+    }
+
+    /// The module's tensors (weights and biases).
+    fn tensors(&self) -> Vec<&Tensor> {
+        match self {
+            BlockAttn::SqueezeExcite(se) => [&se.fc1, &se.fc2]
+                .into_iter()
+                .flat_map(|c| std::iter::once(&c.weight).chain(c.bias.as_ref()))
+                .collect(),
+            BlockAttn::Eca(eca) => vec![&eca.weight],
         }
     }
 }

@@ -295,6 +295,26 @@ pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
     to_nhwc(&crate::ops::avg_pool2d_ceil(&to_nchw(x)?)?)
 }
 
+/// The gradients of [`channel_scale`] at `(x, gate)`: `(dx, dgate)` (`dgate` `[N, C]` f32 on
+/// the CPU fast path, the gate's dtype elsewhere).
+pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if is_cpu_fast(x) && gate.dtype() == DType::F32 {
+        return cpu::channel_scale_backward(x, gate, dy);
+    }
+    let mut g = vjp(&[x, gate], dy, |t| channel_scale(&t[0], &t[1]))?.into_iter();
+    Ok((g.next().expect("dx"), g.next().expect("dgate")))
+}
+
+/// The input gradient of [`avg_pool2d_ceil`] at `x`.
+pub fn avg_pool2d_ceil_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if is_cpu_fast(x) {
+        let (n, h, w, c) = x.dims4()?;
+        return cpu::avg_pool2_ceil_backward((n, h, w, c), dy);
+    }
+    let g = vjp(&[x], dy, |t| avg_pool2d_ceil(&t[0]))?;
+    Ok(g.into_iter().next().expect("one gradient"))
+}
+
 /// The vector-Jacobian product of `f` at `inputs` for the output gradient `dy`: candle's
 /// autograd on fresh variables (the CPU reference of the explicit backward). An input `f` does
 /// not depend on gets a zero gradient.

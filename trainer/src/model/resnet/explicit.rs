@@ -15,14 +15,20 @@
 //! gradient for the features starts the explicit backward. The gradients of the weights land in
 //! the same [`GradStore`] under the variables' ids, so callers see no difference.
 //!
-//! Supported: channels-last networks without squeeze-excite and without ResNet-D's pooled
-//! shortcut (plain ResNet/ResNeXt, basic or bottleneck blocks, 7x7 or deep stem, stochastic
-//! depth): all the RSB recipes' `resnet50`. Others use the graph.
+//! Channel attention (squeeze-excite, ECA) is explicit around a small graph of its own: the pool,
+//! the gate's product with the activation and their gradients run as layer kernels, and only the
+//! excitation (`[N, C]` tensors: the module's 1x1 convs or 1-D conv, ReLU, sigmoid) goes through
+//! candle's autograd, from a fresh variable for the pooled input.
+//!
+//! Supported: the channels-last ResNet-style networks (ResNet, ResNeXt, ResNet-D and its pooled
+//! shortcut, SE-ResNet, SENet, ECA-ResNet, RegNetY; basic or bottleneck blocks, any stem, with or
+//! without the max-pool, stochastic depth). EfficientNet (SiLU, blocks without a residual, the
+//! head conv) and the ViTs use the graph.
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
 
-use super::{ActivationLayout, BatchNorm2d, Block, Conv, ResNet, Stem, Trunk};
+use super::{ActivationLayout, BatchNorm2d, Block, BlockAttn, Conv, Ctx, ResNet, Stem, Trunk};
 use crate::model::drop_path_mask;
 use crate::ops::nhwc::{self, AddReluSaved, BnSaved, ConvSaved, MaxPoolSaved};
 
@@ -123,16 +129,28 @@ struct ConvBnTape {
     bn: BnSaved,
 }
 
+/// Channel attention: its input, the pooled input as the small graph's leaf, and the gate.
+struct AttnTape {
+    x: Tensor,
+    pooled: Var,
+    /// `[N, C]`, on the small graph.
+    gate: Tensor,
+}
+
 struct BlockTape {
     branch: Vec<ConvBnTape>,
+    attn: Option<AttnTape>,
     shortcut: Option<ConvBnTape>,
+    /// The input of ResNet-D's shortcut pool.
+    pool_input: Option<Tensor>,
     out: AddReluSaved,
 }
 
 struct Tape {
     /// The stem's conv-BN pairs in order; the last one's BN is `bn1`.
     stem: Vec<ConvBnTape>,
-    pool: MaxPoolSaved,
+    /// The stem's max-pool (not RegNet's).
+    pool: Option<MaxPoolSaved>,
     blocks: Vec<BlockTape>,
     /// The input of the global average pool.
     trunk_out: Tensor,
@@ -169,14 +187,65 @@ fn conv_bn_backward(
     Ok(dx)
 }
 
+/// Channel attention's forward: the pool and the product as kernels, the gate on a small graph
+/// from the pooled input.
+fn attn_forward(attn: &BlockAttn, x: &Tensor) -> Result<(Tensor, AttnTape)> {
+    let pooled = Var::from_tensor(&nhwc::global_avg_pool(x)?)?;
+    let ctx = Ctx {
+        train: true,
+        drop_path_seed: None,
+        nhwc: true,
+        silu: false,
+    };
+    let gate = attn.gate_nhwc(pooled.as_tensor(), x.dtype(), ctx)?;
+    let y = nhwc::channel_scale(x, &gate.detach())?;
+    let tape = AttnTape {
+        x: x.clone(),
+        pooled,
+        gate,
+    };
+    Ok((y, tape))
+}
+
+/// Channel attention's backward: the product's gradients as a kernel, the gate's gradient back
+/// through the small graph (the module's weight gradients go into `grads`), and the pooled
+/// input's gradient spread over the pixels and added to the product's.
+fn attn_backward(
+    attn: &BlockAttn,
+    t: AttnTape,
+    dy: &Tensor,
+    grads: &mut GradStore,
+) -> Result<Tensor> {
+    let (dx, dgate) = nhwc::channel_scale_backward(&t.x, &t.gate.detach(), dy)?;
+    let dgate = dgate.to_dtype(t.gate.dtype())?;
+    let small = (&t.gate * &dgate)?.sum_all()?.backward()?;
+    for w in attn.tensors() {
+        if let Some(g) = small.get(w) {
+            grads.insert(w, g.clone());
+        }
+    }
+    let Some(dpooled) = small.get(t.pooled.as_tensor()) else {
+        bail!("explicit backward: channel attention gave no gradient for its pooled input")
+    };
+    let dx_pool = nhwc::global_avg_pool_backward(&t.x, dpooled)?;
+    let dx_pool = dx_pool.to_dtype(dx.dtype())?;
+    dx + dx_pool
+}
+
 impl Block {
     fn forward_tape(&self, x: &Tensor, drop_path_seed: Option<u64>) -> Result<(Tensor, BlockTape)> {
         let mut ys = x.clone();
         let mut branch = Vec::with_capacity(self.branch.len());
+        let mut attn = None;
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
             let (y, t) = conv_bn(conv, bn, &ys, i + 1 < self.branch.len())?;
             branch.push(t);
             ys = y;
+            if let (Some(a), true) = (&self.se, i == self.attn_after) {
+                let (y, t) = attn_forward(a, &ys)?;
+                attn = Some(t);
+                ys = y;
+            }
         }
         let mask = if self.drop_prob > 0.0 {
             let Some(seed) = drop_path_seed else {
@@ -186,9 +255,17 @@ impl Block {
         } else {
             None
         };
+        let pool_input = match &self.downsample {
+            Some(d) if d.avg_pool => Some(x.clone()),
+            _ => None,
+        };
         let (shortcut_out, shortcut) = match &self.downsample {
             Some(d) => {
-                let (y, t) = conv_bn(&d.conv, &d.bn, x, false)?;
+                let pooled = match &pool_input {
+                    Some(x) => nhwc::avg_pool2d_ceil(x)?,
+                    None => x.clone(),
+                };
+                let (y, t) = conv_bn(&d.conv, &d.bn, &pooled, false)?;
                 (y, Some(t))
             }
             None => (x.clone(), None),
@@ -197,7 +274,9 @@ impl Block {
         let (out, out_t) = nhwc::add_relu_train(&ys, &shortcut_out, mask.as_ref())?;
         let tape = BlockTape {
             branch,
+            attn,
             shortcut,
+            pool_input,
             out: out_t,
         };
         Ok((out, tape))
@@ -206,17 +285,35 @@ impl Block {
     fn backward_tape(&self, t: BlockTape, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
         let (d_branch, d_shortcut) = nhwc::add_relu_backward(&t.out, dy)?;
         drop(t.out);
-        let d_shortcut = match (&self.downsample, t.shortcut) {
-            (Some(d), Some(st)) => conv_bn_backward(st, &d.conv, &d.bn, &d_shortcut, true, grads)?
-                .expect("need_dx gives dx"),
-            (None, None) => d_shortcut,
-            _ => bail!(
+        let misfit = || {
+            candle_core::Error::Msg(format!(
                 "explicit backward: block {} tape does not fit the block",
                 self.index
-            ),
+            ))
         };
+        let d_shortcut = match (&self.downsample, t.shortcut) {
+            (Some(d), Some(st)) => {
+                let dp = conv_bn_backward(st, &d.conv, &d.bn, &d_shortcut, true, grads)?
+                    .expect("need_dx gives dx");
+                match (d.avg_pool, &t.pool_input) {
+                    (true, Some(x)) => nhwc::avg_pool2d_ceil_backward(x, &dp)?,
+                    (false, None) => dp,
+                    _ => return Err(misfit()),
+                }
+            }
+            (None, None) => d_shortcut,
+            _ => return Err(misfit()),
+        };
+        let mut attn = t.attn;
         let mut d = d_branch;
-        for (lt, (conv, bn)) in t.branch.into_iter().zip(&self.branch).rev() {
+        for (i, (lt, (conv, bn))) in t.branch.into_iter().zip(&self.branch).enumerate().rev() {
+            if i == self.attn_after {
+                match (&self.se, attn.take()) {
+                    (Some(a), Some(at)) => d = attn_backward(a, at, &d, grads)?,
+                    (None, None) => {}
+                    _ => return Err(misfit()),
+                }
+            }
             d = conv_bn_backward(lt, conv, bn, &d, true, grads)?.expect("need_dx gives dx");
         }
         d + d_shortcut
@@ -243,18 +340,10 @@ impl ResNet {
         if self.layout != ActivationLayout::Nhwc {
             return Some("it needs the channels-last layout");
         }
-        if t.silu || t.head.is_some() || t.blocks.iter().any(|b| !b.residual) {
+        let efficientnet =
+            t.silu || t.head.is_some() || t.blocks.iter().any(|b| !b.residual || !b.act_after_add);
+        if efficientnet {
             return Some("EfficientNet's blocks are not supported");
-        }
-        if !t.max_pool {
-            return Some("a stem without max-pool (RegNet) is not supported");
-        }
-        if t.blocks.iter().any(|b| b.se.is_some()) {
-            return Some("channel attention (squeeze-excite, ECA) is not supported");
-        }
-        let pooled = |b: &Block| b.downsample.as_ref().is_some_and(|d| d.avg_pool);
-        if t.blocks.iter().any(pooled) {
-            return Some("ResNet-D's pooled shortcut is not supported");
         }
         None
     }
@@ -328,7 +417,13 @@ impl ResNet {
                 ys = y;
             }
         }
-        let (mut ys, pool) = nhwc::max_pool_train(&ys, 3, 2, 1)?;
+        let pool = if trunk.max_pool {
+            let (y, p) = nhwc::max_pool_train(&ys, 3, 2, 1)?;
+            ys = y;
+            Some(p)
+        } else {
+            None
+        };
         let mut blocks = Vec::with_capacity(trunk.blocks.len());
         for block in &trunk.blocks {
             let (y, t) = block.forward_tape(&ys, Some(drop_path_seed))?;
@@ -367,8 +462,9 @@ impl ResNet {
             // The block's weights are final.
             hook(grads)?;
         }
-        d = nhwc::max_pool_backward(&pool, &d)?;
-        drop(pool);
+        if let Some(pool) = pool {
+            d = nhwc::max_pool_backward(&pool, &d)?;
+        }
         let layers: Vec<(&Conv, &BatchNorm2d)> = match &trunk.stem {
             Stem::Single(conv) => vec![(conv, &trunk.bn1)],
             Stem::Deep(pairs, last) => pairs

@@ -554,6 +554,31 @@ impl CustomOp1 for GlobalAvgPoolCpu {
     }
 }
 
+/// `(dx, dgate)` of [`ChannelScaleCpu`] at `(x, gate)` (no graph).
+pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (n, h, w, c) = x.dims4()?;
+    let dy = dy.to_dtype(DType::F32)?;
+    let (dx, dg) = with_f32(x, |xv| {
+        with_f32(gate, |gv| {
+            with_f32(&dy, |d| {
+                kernels::channel_scale_backward(xv, gv, d, h * w, c)
+            })
+        })
+    })???;
+    Ok((tensor(dx, (n, h, w, c))?, tensor(dg, (n, c))?))
+}
+
+/// `dx` of [`AvgPool2CeilCpu`] for an input of `x_dims` (no graph).
+pub fn avg_pool2_ceil_backward(
+    x_dims: (usize, usize, usize, usize),
+    dy: &Tensor,
+) -> Result<Tensor> {
+    let (n, h, w, c) = x_dims;
+    let dy = dy.to_dtype(DType::F32)?;
+    let dx = with_f32(&dy, |d| kernels::avg_pool2_ceil_backward(d, n, h, w, c))?;
+    tensor(dx, (n, h, w, c))
+}
+
 /// ResNet-D's 2x2 ceil-mode average pool (`[N, H, W, C]`) as a candle op.
 #[derive(Clone, Copy, Debug)]
 pub struct AvgPool2CeilCpu;
@@ -573,10 +598,7 @@ impl CustomOp1 for AvgPool2CeilCpu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let (n, h, w, c) = x.dims4()?;
-        let dy = dy.to_dtype(DType::F32)?;
-        let dx = with_f32(&dy, |d| kernels::avg_pool2_ceil_backward(d, n, h, w, c))?;
-        Ok(Some(tensor(dx, (n, h, w, c))?))
+        Ok(Some(avg_pool2_ceil_backward(x.dims4()?, dy)?))
     }
 }
 
@@ -617,16 +639,8 @@ impl CustomOp2 for ChannelScaleCpu {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (n, h, w, c) = x.dims4()?;
-        let dy = dy.to_dtype(DType::F32)?;
-        let (dx, dg) = with_f32(x, |xv| {
-            with_f32(g, |gv| {
-                with_f32(&dy, |d| {
-                    kernels::channel_scale_backward(xv, gv, d, h * w, c)
-                })
-            })
-        })???;
-        Ok((Some(tensor(dx, (n, h, w, c))?), Some(tensor(dg, (n, c))?)))
+        let (dx, dg) = channel_scale_backward(x, g, dy)?;
+        Ok((Some(dx), Some(dg)))
     }
 }
 
