@@ -313,29 +313,47 @@ fn explicit_backward_matches_graph() -> Result<()> {
         .unwrap()
         .with_num_classes(4)
         .with_drop_path_rate(0.1);
-    explicit_matches_graph("regnety_002, drop path", regnet)
+    explicit_matches_graph("regnety_002, drop path", regnet)?;
+    // EfficientNet (SiLU, depthwise-separable and inverted-residual blocks, residual adds
+    // without an activation, the head conv) and EfficientNetV2's edge residual blocks.
+    for name in ["efficientnet_b0", "efficientnetv2_rw_s"] {
+        let cfg = trainer::model::NetConfig::by_name(name)
+            .unwrap()
+            .with_num_classes(3)
+            .with_drop_path_rate(0.2);
+        explicit_matches_graph(&format!("{name}, drop path"), cfg)?;
+    }
+    Ok(())
 }
 
 #[test]
 fn explicit_backward_refuses_what_it_does_not_support() -> Result<()> {
     use trainer::model::BackwardMode;
     let dev = Device::Cpu;
-    let cfg = trainer::model::NetConfig::by_name("efficientnet_b0")
+    let cfg = trainer::model::NetConfig::by_name("vit_tiny_patch16_224")
         .unwrap()
+        .with_img_size(32)
         .with_num_classes(3);
     let vm = VarMap::new();
     let mut m = cfg.build_seeded(&vm, 1, DType::F32, &dev)?;
     m.set_layout(ActivationLayout::Nhwc);
     let x = normal(&[2, 32, 32, 3], 4)?;
-    // Auto falls back to the graph (and would on CUDA too: EfficientNet is not supported).
+    // Auto falls back to the graph (and would on CUDA too: a ViT has no explicit backward).
     let (_, pass) = m.forward_train_pass(&x, 1)?;
     assert!(!pass.is_explicit());
     m.set_backward_mode(BackwardMode::Explicit);
     let err = m
         .forward_train_pass(&x, 1)
         .err()
-        .expect("explicit must refuse EfficientNet");
-    assert!(err.to_string().contains("EfficientNet"), "{err}");
+        .expect("explicit must refuse a ViT");
+    assert!(err.to_string().contains("Vision Transformer"), "{err}");
+    let cfg = ResNetConfig {
+        layers: [1, 1, 1, 1],
+        num_classes: 3,
+        ..ResNetConfig::by_name("resnet18").unwrap()
+    };
+    let mut m = cfg.build_seeded(&VarMap::new(), 1, DType::F32, &dev)?;
+    m.set_backward_mode(BackwardMode::Explicit);
     m.set_layout(ActivationLayout::Nchw);
     let err = m
         .forward_train_pass(&x, 1)

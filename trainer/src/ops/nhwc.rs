@@ -295,6 +295,21 @@ pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
     to_nhwc(&crate::ops::avg_pool2d_ceil(&to_nchw(x)?)?)
 }
 
+/// SiLU for the explicit pass ([`crate::ops::silu`]: the CPU kernel for f32 on the CPU,
+/// candle's `silu` elsewhere).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    crate::ops::silu(x)
+}
+
+/// The input gradient of [`silu`] at `x`.
+pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    if is_cpu_fast(x) {
+        return cpu::silu_backward(x, dy);
+    }
+    let g = vjp(&[x], dy, |t| silu(&t[0]))?;
+    Ok(g.into_iter().next().expect("one gradient"))
+}
+
 /// The gradients of [`channel_scale`] at `(x, gate)`: `(dx, dgate)` (`dgate` `[N, C]` f32 on
 /// the CPU fast path, the gate's dtype elsewhere).
 pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -37,11 +37,7 @@ impl CustomOp1 for SiluCpu {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let dy = dy.to_dtype(DType::F32)?;
-        let dx = super::cpu::with_f32(x, |xv| {
-            super::cpu::with_f32(&dy, |d| kernels::silu_backward(xv, d))
-        })??;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        Ok(Some(super::cpu::silu_backward(x, dy)?))
     }
 }
 

@@ -20,10 +20,11 @@
 //! excitation (`[N, C]` tensors: the module's 1x1 convs or 1-D conv, ReLU, sigmoid) goes through
 //! candle's autograd, from a fresh variable for the pooled input.
 //!
-//! Supported: the channels-last ResNet-style networks (ResNet, ResNeXt, ResNet-D and its pooled
-//! shortcut, SE-ResNet, SENet, ECA-ResNet, RegNetY; basic or bottleneck blocks, any stem, with or
-//! without the max-pool, stochastic depth). EfficientNet (SiLU, blocks without a residual, the
-//! head conv) and the ViTs use the graph.
+//! Supported: every channels-last convolutional network here (ResNet, ResNeXt, ResNet-D and its
+//! pooled shortcut, SE-ResNet, SENet, ECA-ResNet, RegNetY, EfficientNet and EfficientNetV2:
+//! basic, bottleneck, inverted-residual and edge blocks, blocks with or without a residual and
+//! with or without an activation after the add, ReLU or SiLU, any stem, with or without the
+//! max-pool, a head conv, stochastic depth). The ViTs use the graph.
 
 use candle_core::backprop::GradStore;
 use candle_core::{bail, Result, Tensor, Var};
@@ -31,6 +32,7 @@ use candle_core::{bail, Result, Tensor, Var};
 use super::{ActivationLayout, BatchNorm2d, Block, BlockAttn, Conv, Ctx, ResNet, Stem, Trunk};
 use crate::model::drop_path_mask;
 use crate::ops::nhwc::{self, AddReluSaved, BnSaved, ConvSaved, MaxPoolSaved};
+use crate::ops::Activation;
 
 /// How [`ResNet::forward_train_pass`] computes gradients.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -73,7 +75,7 @@ enum Inner<'a> {
     Graph,
     Explicit {
         model: &'a ResNet,
-        tape: Tape,
+        tape: Box<Tape>,
         features: Var,
     },
 }
@@ -111,7 +113,7 @@ impl TrainPass<'_> {
                     bail!("explicit backward: the loss does not depend on this pass's logits")
                 };
                 hook(&mut grads)?;
-                model.backward_tape(tape, &d_features, &mut grads, hook)?;
+                model.backward_tape(*tape, &d_features, &mut grads, hook)?;
                 Ok(grads)
             }
         }
@@ -123,10 +125,12 @@ impl TrainPass<'_> {
     }
 }
 
-/// A conv followed by BatchNorm (+ ReLU).
+/// A conv followed by BatchNorm (+ ReLU, or + SiLU).
 struct ConvBnTape {
     conv: ConvSaved,
     bn: BnSaved,
+    /// The BatchNorm's output when a SiLU follows (its backward needs the input).
+    silu_input: Option<Tensor>,
 }
 
 /// Channel attention: its input, the pooled input as the small graph's leaf, and the gate.
@@ -137,13 +141,23 @@ struct AttnTape {
     gate: Tensor,
 }
 
+/// How a block ends.
+enum BlockOut {
+    /// `relu(branch * scale + shortcut)` (ResNet, RegNet).
+    AddRelu(AddReluSaved),
+    /// `branch * scale + shortcut` (EfficientNet's residual blocks); the drop-path scales.
+    Add(Option<Tensor>),
+    /// The branch alone (EfficientNet's blocks that change shape).
+    Branch,
+}
+
 struct BlockTape {
     branch: Vec<ConvBnTape>,
     attn: Option<AttnTape>,
     shortcut: Option<ConvBnTape>,
     /// The input of ResNet-D's shortcut pool.
     pool_input: Option<Tensor>,
-    out: AddReluSaved,
+    out: BlockOut,
 }
 
 struct Tape {
@@ -152,20 +166,39 @@ struct Tape {
     /// The stem's max-pool (not RegNet's).
     pool: Option<MaxPoolSaved>,
     blocks: Vec<BlockTape>,
+    /// EfficientNet's head conv-BN-SiLU.
+    head: Option<ConvBnTape>,
     /// The input of the global average pool.
     trunk_out: Tensor,
 }
 
-fn conv_bn(conv: &Conv, bn: &BatchNorm2d, x: &Tensor, relu: bool) -> Result<(Tensor, ConvBnTape)> {
+/// The activation of a conv-BN pair: the network's (`silu`: SiLU, else ReLU) when `act`.
+fn activation(act: bool, silu: bool) -> Activation {
+    match (act, silu) {
+        (false, _) => Activation::Identity,
+        (true, false) => Activation::Relu,
+        (true, true) => Activation::Silu,
+    }
+}
+
+fn conv_bn(
+    conv: &Conv,
+    bn: &BatchNorm2d,
+    x: &Tensor,
+    act: Activation,
+) -> Result<(Tensor, ConvBnTape)> {
     let (c, conv_t) = nhwc::conv2d_train(x, &conv.weight, conv.stride, conv.padding, conv.groups)?;
-    let (y, bn_t) = nhwc::batch_norm_train(&c, bn, relu)?;
-    Ok((
-        y,
-        ConvBnTape {
-            conv: conv_t,
-            bn: bn_t,
-        },
-    ))
+    let (y, bn_t) = nhwc::batch_norm_train(&c, bn, act == Activation::Relu)?;
+    let (y, silu_input) = match act {
+        Activation::Silu => (nhwc::silu(&y)?, Some(y)),
+        _ => (y, None),
+    };
+    let tape = ConvBnTape {
+        conv: conv_t,
+        bn: bn_t,
+        silu_input,
+    };
+    Ok((y, tape))
 }
 
 /// Backward through a conv-BN pair; puts the weight, gamma and beta gradients in `grads` and
@@ -178,7 +211,11 @@ fn conv_bn_backward(
     need_dx: bool,
     grads: &mut GradStore,
 ) -> Result<Option<Tensor>> {
-    let (dc, dgamma, dbeta) = nhwc::batch_norm_backward(&t.bn, bn, dy)?;
+    let dy = match &t.silu_input {
+        Some(x) => nhwc::silu_backward(x, dy)?,
+        None => dy.clone(),
+    };
+    let (dc, dgamma, dbeta) = nhwc::batch_norm_backward(&t.bn, bn, &dy)?;
     drop(t.bn);
     grads.insert(bn.weight(), dgamma);
     grads.insert(bn.bias(), dbeta);
@@ -189,13 +226,13 @@ fn conv_bn_backward(
 
 /// Channel attention's forward: the pool and the product as kernels, the gate on a small graph
 /// from the pooled input.
-fn attn_forward(attn: &BlockAttn, x: &Tensor) -> Result<(Tensor, AttnTape)> {
+fn attn_forward(attn: &BlockAttn, x: &Tensor, silu: bool) -> Result<(Tensor, AttnTape)> {
     let pooled = Var::from_tensor(&nhwc::global_avg_pool(x)?)?;
     let ctx = Ctx {
         train: true,
         drop_path_seed: None,
         nhwc: true,
-        silu: false,
+        silu,
     };
     let gate = attn.gate_nhwc(pooled.as_tensor(), x.dtype(), ctx)?;
     let y = nhwc::channel_scale(x, &gate.detach())?;
@@ -233,19 +270,36 @@ fn attn_backward(
 }
 
 impl Block {
-    fn forward_tape(&self, x: &Tensor, drop_path_seed: Option<u64>) -> Result<(Tensor, BlockTape)> {
+    /// `silu`: the network's activation is SiLU (EfficientNet), else ReLU.
+    fn forward_tape(
+        &self,
+        x: &Tensor,
+        drop_path_seed: Option<u64>,
+        silu: bool,
+    ) -> Result<(Tensor, BlockTape)> {
         let mut ys = x.clone();
         let mut branch = Vec::with_capacity(self.branch.len());
         let mut attn = None;
         for (i, (conv, bn)) in self.branch.iter().enumerate() {
-            let (y, t) = conv_bn(conv, bn, &ys, i + 1 < self.branch.len())?;
+            let act = activation(i + 1 < self.branch.len(), silu);
+            let (y, t) = conv_bn(conv, bn, &ys, act)?;
             branch.push(t);
             ys = y;
             if let (Some(a), true) = (&self.se, i == self.attn_after) {
-                let (y, t) = attn_forward(a, &ys)?;
+                let (y, t) = attn_forward(a, &ys, silu)?;
                 attn = Some(t);
                 ys = y;
             }
+        }
+        if !self.residual {
+            let tape = BlockTape {
+                branch,
+                attn,
+                shortcut: None,
+                pool_input: None,
+                out: BlockOut::Branch,
+            };
+            return Ok((ys, tape));
         }
         let mask = if self.drop_prob > 0.0 {
             let Some(seed) = drop_path_seed else {
@@ -265,13 +319,22 @@ impl Block {
                     Some(x) => nhwc::avg_pool2d_ceil(x)?,
                     None => x.clone(),
                 };
-                let (y, t) = conv_bn(&d.conv, &d.bn, &pooled, false)?;
+                let (y, t) = conv_bn(&d.conv, &d.bn, &pooled, Activation::Identity)?;
                 (y, Some(t))
             }
             None => (x.clone(), None),
         };
-        // Stochastic depth's scaling is folded into the add.
-        let (out, out_t) = nhwc::add_relu_train(&ys, &shortcut_out, mask.as_ref())?;
+        let (out, out_t) = if self.act_after_add {
+            // Stochastic depth's scaling is folded into the add.
+            let (y, t) = nhwc::add_relu_train(&ys, &shortcut_out, mask.as_ref())?;
+            (y, BlockOut::AddRelu(t))
+        } else {
+            let scaled = match &mask {
+                Some(m) => ys.broadcast_mul(m)?,
+                None => ys,
+            };
+            ((scaled + shortcut_out)?, BlockOut::Add(mask))
+        };
         let tape = BlockTape {
             branch,
             attn,
@@ -283,25 +346,32 @@ impl Block {
     }
 
     fn backward_tape(&self, t: BlockTape, dy: &Tensor, grads: &mut GradStore) -> Result<Tensor> {
-        let (d_branch, d_shortcut) = nhwc::add_relu_backward(&t.out, dy)?;
-        drop(t.out);
+        let (d_branch, d_shortcut) = match t.out {
+            BlockOut::AddRelu(saved) => {
+                let (db, ds) = nhwc::add_relu_backward(&saved, dy)?;
+                (db, Some(ds))
+            }
+            BlockOut::Add(Some(mask)) => (dy.broadcast_mul(&mask)?, Some(dy.clone())),
+            BlockOut::Add(None) => (dy.clone(), Some(dy.clone())),
+            BlockOut::Branch => (dy.clone(), None),
+        };
         let misfit = || {
             candle_core::Error::Msg(format!(
                 "explicit backward: block {} tape does not fit the block",
                 self.index
             ))
         };
-        let d_shortcut = match (&self.downsample, t.shortcut) {
-            (Some(d), Some(st)) => {
+        let d_shortcut = match (&self.downsample, t.shortcut, d_shortcut) {
+            (None, None, d_shortcut) => d_shortcut,
+            (Some(d), Some(st), Some(d_shortcut)) => {
                 let dp = conv_bn_backward(st, &d.conv, &d.bn, &d_shortcut, true, grads)?
                     .expect("need_dx gives dx");
-                match (d.avg_pool, &t.pool_input) {
+                Some(match (d.avg_pool, &t.pool_input) {
                     (true, Some(x)) => nhwc::avg_pool2d_ceil_backward(x, &dp)?,
                     (false, None) => dp,
                     _ => return Err(misfit()),
-                }
+                })
             }
-            (None, None) => d_shortcut,
             _ => return Err(misfit()),
         };
         let mut attn = t.attn;
@@ -316,7 +386,10 @@ impl Block {
             }
             d = conv_bn_backward(lt, conv, bn, &d, true, grads)?.expect("need_dx gives dx");
         }
-        d + d_shortcut
+        match d_shortcut {
+            Some(ds) => d + ds,
+            None => Ok(d),
+        }
     }
 }
 
@@ -334,16 +407,11 @@ impl ResNet {
 
     /// Why the explicit backward cannot run this network, if it cannot.
     pub fn explicit_backward_unsupported(&self) -> Option<&'static str> {
-        let Trunk::Conv(t) = &self.trunk else {
+        if !matches!(self.trunk, Trunk::Conv(_)) {
             return Some("a Vision Transformer has no explicit backward");
-        };
+        }
         if self.layout != ActivationLayout::Nhwc {
             return Some("it needs the channels-last layout");
-        }
-        let efficientnet =
-            t.silu || t.head.is_some() || t.blocks.iter().any(|b| !b.residual || !b.act_after_add);
-        if efficientnet {
-            return Some("EfficientNet's blocks are not supported");
         }
         None
     }
@@ -390,7 +458,7 @@ impl ResNet {
         let logits = candle_nn::Module::forward(&self.fc, features.as_tensor())?;
         let inner = Inner::Explicit {
             model: self,
-            tape,
+            tape: Box::new(tape),
             features,
         };
         Ok((logits, TrainPass { inner }))
@@ -400,19 +468,20 @@ impl ResNet {
         let trunk = self.conv_trunk()?;
         let mut stem = Vec::new();
         let mut ys = xs.clone();
+        let act = activation(true, trunk.silu);
         match &trunk.stem {
             Stem::Single(conv) => {
-                let (y, t) = conv_bn(conv, &trunk.bn1, &ys, true)?;
+                let (y, t) = conv_bn(conv, &trunk.bn1, &ys, act)?;
                 stem.push(t);
                 ys = y;
             }
             Stem::Deep(pairs, last) => {
                 for (conv, bn) in pairs {
-                    let (y, t) = conv_bn(conv, bn, &ys, true)?;
+                    let (y, t) = conv_bn(conv, bn, &ys, act)?;
                     stem.push(t);
                     ys = y;
                 }
-                let (y, t) = conv_bn(last, &trunk.bn1, &ys, true)?;
+                let (y, t) = conv_bn(last, &trunk.bn1, &ys, act)?;
                 stem.push(t);
                 ys = y;
             }
@@ -426,14 +495,23 @@ impl ResNet {
         };
         let mut blocks = Vec::with_capacity(trunk.blocks.len());
         for block in &trunk.blocks {
-            let (y, t) = block.forward_tape(&ys, Some(drop_path_seed))?;
+            let (y, t) = block.forward_tape(&ys, Some(drop_path_seed), trunk.silu)?;
             blocks.push(t);
             ys = y;
         }
+        let head = match &trunk.head {
+            Some((conv, bn)) => {
+                let (y, t) = conv_bn(conv, bn, &ys, act)?;
+                ys = y;
+                Some(t)
+            }
+            None => None,
+        };
         Ok(Tape {
             stem,
             pool,
             blocks,
+            head,
             trunk_out: ys,
         })
     }
@@ -449,11 +527,19 @@ impl ResNet {
             stem,
             pool,
             mut blocks,
+            head,
             trunk_out,
         } = tape;
         let trunk = self.conv_trunk()?;
         let mut d = nhwc::global_avg_pool_backward(&trunk_out, d_features)?;
         drop(trunk_out);
+        match (&trunk.head, head) {
+            (Some((conv, bn)), Some(t)) => {
+                d = conv_bn_backward(t, conv, bn, &d, true, grads)?.expect("need_dx gives dx");
+            }
+            (None, None) => {}
+            _ => bail!("explicit backward: the tape's head does not fit the network"),
+        }
         for block in trunk.blocks.iter().rev() {
             let Some(t) = blocks.pop() else {
                 bail!("explicit backward: the tape has fewer blocks than the network")

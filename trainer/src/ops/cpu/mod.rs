@@ -554,6 +554,13 @@ impl CustomOp1 for GlobalAvgPoolCpu {
     }
 }
 
+/// The SiLU gradient at `x` (no graph).
+pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dy = dy.to_dtype(DType::F32)?;
+    let dx = with_f32(x, |xv| with_f32(&dy, |d| kernels::silu_backward(xv, d)))??;
+    tensor(dx, x.shape())
+}
+
 /// `(dx, dgate)` of [`ChannelScaleCpu`] at `(x, gate)` (no graph).
 pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let (n, h, w, c) = x.dims4()?;
