@@ -295,6 +295,16 @@ pub fn avg_pool2d_ceil(x: &Tensor) -> Result<Tensor> {
     to_nhwc(&crate::ops::avg_pool2d_ceil(&to_nchw(x)?)?)
 }
 
+/// `a + b` for the explicit pass (no graph): one parallel pass on the CPU fast path (candle's
+/// add runs on its own spinning thread pool beside rayon's), candle's add elsewhere.
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if is_cpu_fast(a) && b.dtype() == DType::F32 && a.dims() == b.dims() {
+        let y = cpu::with_f32(a, |av| cpu::with_f32(b, |bv| cpu::kernels::add(av, bv)))??;
+        return Tensor::from_vec(y, a.shape(), a.device());
+    }
+    a + b
+}
+
 /// SiLU for the explicit pass ([`crate::ops::silu`]: the CPU kernel for f32 on the CPU,
 /// candle's `silu` elsewhere).
 pub fn silu(x: &Tensor) -> Result<Tensor> {

@@ -265,8 +265,7 @@ fn attn_backward(
         bail!("explicit backward: channel attention gave no gradient for its pooled input")
     };
     let dx_pool = nhwc::global_avg_pool_backward(&t.x, dpooled)?;
-    let dx_pool = dx_pool.to_dtype(dx.dtype())?;
-    dx + dx_pool
+    nhwc::add(&dx, &dx_pool.to_dtype(dx.dtype())?)
 }
 
 impl Block {
@@ -387,7 +386,7 @@ impl Block {
             d = conv_bn_backward(lt, conv, bn, &d, true, grads)?.expect("need_dx gives dx");
         }
         match d_shortcut {
-            Some(ds) => d + ds,
+            Some(ds) => nhwc::add(&d, &ds),
             None => Ok(d),
         }
     }

@@ -568,6 +568,19 @@ pub fn gap_backward(dy: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
     dx
 }
 
+/// `a + b`, in parallel chunks (the explicit backward's sums where two gradient paths meet).
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(SILU_CHUNK)
+        .zip(a.par_chunks(SILU_CHUNK).zip(b.par_chunks(SILU_CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = a + b;
+            }
+        });
+    y
+}
+
 /// `relu(a * scale[sample] + b)` (`scale` per sample, stochastic depth; `None`: `relu(a + b)`).
 pub fn add_relu_forward(
     a: &[f32],
