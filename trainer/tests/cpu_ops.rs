@@ -412,10 +412,10 @@ fn pooling_and_the_residual_add_match_the_reference() -> Result<()> {
     Ok(())
 }
 
-/// One training step of a small channels-last ResNet (the explicit backward), EfficientNet-B0
-/// (depthwise convs, candle's graph backward) and ViT-Ti (the fused row ops) through the
-/// kernels, in rayon pools of 1, 2 and 3 threads: the logits and every gradient are the same
-/// bits.
+/// One training step of a small channels-last ResNet and EfficientNet-B0 (the explicit backward;
+/// depthwise convs, SiLU, squeeze-excite) and ViT-Ti (candle's graph with the fused row ops)
+/// through the kernels, in rayon pools of 1, 2 and 3 threads: the logits and every gradient are
+/// the same bits.
 #[test]
 fn results_do_not_depend_on_the_thread_count() -> Result<()> {
     use trainer::model::{ActivationLayout, BackwardMode, NetConfig, ResNetConfig};
