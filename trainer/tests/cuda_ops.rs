@@ -360,6 +360,28 @@ fn pooling_and_add_relu_match_cpu() -> Result<()> {
             2e-2,
         )?;
     }
+
+    // Channel attention's gate (bf16 on the GPU, f32 on the CPU), both gradients.
+    let (xg, xc) = pair(&[3, 6, 5, 40], &dev, 1.0)?;
+    let (gg0, gc0) = pair(&[3, 40], &dev, 1.0)?;
+    let (xvg, xvc, gvg, gvc) = (
+        Var::from_tensor(&xg)?,
+        Var::from_tensor(&xc)?,
+        Var::from_tensor(&gg0)?,
+        Var::from_tensor(&gc0)?,
+    );
+    let yg = nhwc::channel_scale(xvg.as_tensor(), gvg.as_tensor())?;
+    let yc = nhwc::channel_scale(xvc.as_tensor(), gvc.as_tensor())?;
+    assert_close("channel scale forward", &yg, &yc, 1e-2)?;
+    let (gg, gc) = backward_pair(&yg, &yc, &dev)?;
+    for (what, vg, vc) in [("dx", &xvg, &xvc), ("dgate", &gvg, &gvc)] {
+        assert_close(
+            &format!("channel scale {what}"),
+            gg.get(vg.as_tensor()).expect("grad"),
+            gc.get(vc.as_tensor()).expect("grad"),
+            2e-2,
+        )?;
+    }
     Ok(())
 }
 

@@ -34,6 +34,9 @@
 //! * Global average pool forward (f32): `HW * 2^-23 * max|x|`, the worst-case accumulation error
 //!   of `HW` f32 additions in either order; backward `2^-7` relative (`dy / HW` against candle's
 //!   `dy * (1 / HW)`, then a bf16 rounding).
+//! * Channel attention's gate `x * g[n, c]`: output and `dx` exact (the f32 product of two bf16
+//!   values is exact, then one rounding); `dg` (f32 sums of `HW` products) within
+//!   `HW * 2^-23 * max|x * dy|` of f64 sums.
 //!
 //! The emulation compiles with `-ffp-contract=off`, so `x * scale + shift` rounds twice as in
 //! candle. NVRTC fuses multiply-adds by default: on a GPU `bn_apply` may then differ from the CPU
@@ -120,7 +123,7 @@ fn kname(base: &str, v: usize) -> String {
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 26] = [
+const MIRRORED: [(&str, &str); 29] = [
     (
         "src/cuda/bn.rs",
         "const TX: usize = 32; const TY: usize = 8; const FX: usize = 32; const FY: usize = 32;",
@@ -290,6 +293,28 @@ const MIRRORED: [(&str, &str); 26] = [
          let mut lb = f.builder();
          lb.arg(&yp).arg(&dyp).arg(&sp).arg(&per_vec).arg(&dsp).arg(&dbp);
          unsafe { lb.launch(per_sample_cfg(per_sample / v, n_samples)?) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let v = width(c, &[xp, yp]);
+         let f = kernels::func(dev, MODULE, if v == 8 { \"chan_scale_v8\" } else { \"chan_scale_v1\" })?;
+         let (hwi, ci) = (hw as i32, c as i32);
+         let mut b = f.builder();
+         b.arg(&xp).arg(&gp).arg(&hwi).arg(&ci).arg(&yp);
+         unsafe { b.launch(per_sample_cfg(hw * c / v, n)?) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "chan_scale_launch(&dev, (xp, gp, yp), (n, h * w, c))?;",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "chan_scale_launch(&dev, (dyp, gp, dxp), (n, h * w, c))?;
+         let f = kernels::func(&dev, MODULE, \"chan_scale_dg\")?;
+         let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+         let mut b = f.builder();
+         b.arg(&xp).arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dgp);
+         unsafe { b.launch(grid_1d(n * c, 256)) }",
     ),
 ];
 
@@ -989,6 +1014,63 @@ fn add_relu_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Resul
     Ok(())
 }
 
+/// Channel attention's gate `x * g[n, c]` and its backward: the product and `dx` bit for bit the
+/// bf16 rounding of the exact f32 product (candle's bf16 multiply), `dg` (f32 sums over the
+/// sample's pixels in pixel order) within `HW * 2^-23 * max|x * dy|` of the f64 sums.
+fn chan_scale_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
+    let [n, h, w, c] = shape;
+    let (hw, len) = (h * w, n * h * w * c);
+    let v = width(c, 8, 1);
+    println!("channel scale: x [{n}, {h}, {w}, {c}], {v} channel(s) per thread");
+    let mut rng = Rng(seed);
+    let x = bf16_vec(len, || rng.normal());
+    let g = bf16_vec(n * c, || 0.5 + 0.3 * rng.normal());
+    let dy = bf16_vec(len, || rng.normal());
+    let mut s = Script::new(root, &format!("chan_scale {n}x{h}x{w}x{c}"));
+    s.load_bf16("x", &x);
+    s.load_bf16("g", &g);
+    s.load_bf16("dy", &dy);
+    s.alloc("y", len * 2);
+    let cfg = per_sample_cfg(hw * c / v, n);
+    s.launch(
+        &kname("chan_scale", v),
+        cfg,
+        &[p("x"), p("g"), i(hw), i(c), p("y")],
+    );
+    s.alloc("dx", len * 2);
+    s.launch(
+        &kname("chan_scale", v),
+        cfg,
+        &[p("dy"), p("g"), i(hw), i(c), p("dx")],
+    );
+    s.alloc("dg", n * c * 4);
+    let args = [p("x"), p("dy"), i(n), i(hw), i(c), p("dg")];
+    s.launch("chan_scale_dg", grid_1d(n * c, 256), &args);
+    s.save("y");
+    s.save("dx");
+    s.save("dg");
+    s.run(exe);
+
+    let (xw, gw, dyw) = (widen(&x), widen(&g), widen(&dy));
+    let gate = |k: usize| gw[(k / (hw * c)) * c + k % c];
+    let y: Vec<f32> = (0..len).map(|k| xw[k] * gate(k)).collect();
+    exact("y", &s.bf16("y"), &y);
+    let dx: Vec<f32> = (0..len).map(|k| dyw[k] * gate(k)).collect();
+    exact("dx", &s.bf16("dx"), &dx);
+    let mut dg = vec![0f64; n * c];
+    let mut max_term = 0f32;
+    for k in 0..len {
+        let t = xw[k] * dyw[k];
+        max_term = max_term.max(t.abs());
+        dg[(k / (hw * c)) * c + k % c] += t as f64;
+    }
+    let dg: Vec<f32> = dg.iter().map(|&v| v as f32).collect();
+    let max_dg = dg.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let abs = hw as f32 * f32::EPSILON * max_term / max_dg;
+    close("dg", &s.f32("dg"), &dg, 0.0, abs);
+    Ok(())
+}
+
 /// Stochastic depth folded into the add: `relu(bf16(a * scale[n]) + b)` and its backward, bit
 /// for bit the unfused bf16 multiply followed by `add_relu_fwd` / `relu_bwd` and a multiply.
 fn add_relu_scaled_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
@@ -1150,6 +1232,8 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
     add_relu_case(&exe, root, [2, 5, 6, 32], 17)?;
     add_relu_scaled_case(&exe, root, [6, 5, 7, 12], 12)?;
     add_relu_scaled_case(&exe, root, [5, 3, 3, 16], 18)?;
+    chan_scale_case(&exe, root, [3, 7, 5, 40], 19)?;
+    chan_scale_case(&exe, root, [2, 5, 3, 12], 20)?;
     println!(
         "emulated launches and references: {:.1} s",
         t.elapsed().as_secs_f32()

@@ -9,6 +9,8 @@
 //!   in f32).
 //! * `relu(a + b)` for the end of a residual block, one pass; its backward masks the gradient by
 //!   `y > 0` and hands the same tensor to both inputs.
+//! * Channel attention's gate `x * g[n, c]` (squeeze-excite, ECA), one pass; its backward the
+//!   same kernel on `dy` and a per-(sample, channel) sum of `x * dy` in f32.
 //!
 //! Each thread handles 8 adjacent values (16-byte loads and stores) when the channel count (the
 //! element count for the plain add + ReLU) is a multiple of 8 and every buffer is 16-byte
@@ -268,6 +270,51 @@ extern "C" __global__ void relu_scaled_bwd_v1(const bf16* y, const bf16* dy, con
 extern "C" __global__ void relu_scaled_bwd_v8(const bf16* y, const bf16* dy, const bf16* scale,
                                               int per_vec, bf16* d_short, bf16* d_branch) {
     relu_scaled_bwd_t<8>(y, dy, scale, per_vec, d_short, d_branch);
+}
+
+// Channel attention's gate: y[n, pixel, c] = x[n, pixel, c] * g[n, c], the f32 product of two
+// bf16 values (exact) rounded once to bf16, as candle's bf16 multiply. One sample per grid row;
+// thread i of sample n handles channels (i % G) * V.. of pixel i / G. With x = dy it is also the
+// input gradient.
+template <int V>
+__device__ __forceinline__ void chan_scale_t(const bf16* x, const bf16* g, int HW, int C,
+                                             bf16* y) {
+    int G = C / V;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= HW * G) return;
+    int n = blockIdx.y;
+    int c = (i % G) * V;
+    size_t o = (size_t)n * HW * C + (size_t)i * V;
+    float v[V];
+    load_bf<V>(x + o, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] *= bf2f(g[(size_t)n * C + c + j]);
+    store_bf<V>(y + o, v);
+}
+
+extern "C" __global__ void chan_scale_v1(const bf16* x, const bf16* g, int HW, int C, bf16* y) {
+    chan_scale_t<1>(x, g, HW, C, y);
+}
+
+extern "C" __global__ void chan_scale_v8(const bf16* x, const bf16* g, int HW, int C, bf16* y) {
+    chan_scale_t<8>(x, g, HW, C, y);
+}
+
+// The gate's gradient dg[n, c] = sum over the sample's pixels of x * dy, in f32 in pixel order:
+// one thread per (sample, channel), as gap_fwd.
+extern "C" __global__ void chan_scale_dg(const bf16* x, const bf16* dy, int N, int HW, int C,
+                                         float* dg) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= N * C) return;
+    int c = i % C;
+    int n = i / C;
+    size_t base = (size_t)n * HW * C + c;
+    float acc = 0.f;
+    for (int j = 0; j < HW; ++j) {
+        size_t o = base + (size_t)j * C;
+        acc += bf2f(x[o]) * bf2f(dy[o]);
+    }
+    dg[i] = acc;
 }
 "#,
 };
@@ -633,6 +680,124 @@ pub fn add_relu_scaled_backward(
     Ok((
         tensor_from_storage(d_branch, y.shape().clone()),
         tensor_from_storage(d_short, y.shape().clone()),
+    ))
+}
+
+/// Channel attention's gate `x * gate[n, c]` for a bf16 NHWC `x` and a bf16 `[N, C]` gate (one
+/// pass; candle's broadcast multiply gives the same bits); the backward is
+/// [`channel_scale_backward`].
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelScale;
+
+impl CustomOp2 for ChannelScale {
+    fn name(&self) -> &'static str {
+        "channel-scale"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("channel-scale: CUDA only (trainer::ops::nhwc has the CPU path)")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        g: &CudaStorage,
+        gl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        bf16_input(x, self.name())?;
+        bf16_input(g, self.name())?;
+        let (n, h, w, c) = xl.shape().dims4()?;
+        if gl.shape().dims() != [n, c] {
+            bail!(
+                "channel-scale: gate {:?} does not fit input {:?} (expected [{n}, {c}])",
+                gl.shape(),
+                xl.shape()
+            )
+        }
+        let len = n * h * w * c;
+        let dev = x.device().clone();
+        let y = unsafe { alloc_storage(&dev, DType::BF16, len) }?;
+        let (xp, gp) = (storage_ptr(x, xl)?, storage_ptr(g, gl)?);
+        let yp = storage_ptr(&y, &Layout::contiguous(len))?;
+        let _t = super::profile::scope(&dev, "channel scale forward");
+        chan_scale_launch(&dev, (xp, gp, yp), (n, h * w, c))?;
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dg) = channel_scale_backward(x, g, dy)?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+/// `y = x * g[n, c]` over `(samples, pixels, channels)`, from device pointers `(x, g, y)`.
+fn chan_scale_launch(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    (xp, gp, yp): (u64, u64, u64),
+    (n, hw, c): (usize, usize, usize),
+) -> Result<()> {
+    let v = width(c, &[xp, yp]);
+    let f = kernels::func(
+        dev,
+        MODULE,
+        if v == 8 {
+            "chan_scale_v8"
+        } else {
+            "chan_scale_v1"
+        },
+    )?;
+    let (hwi, ci) = (hw as i32, c as i32);
+    let mut b = f.builder();
+    b.arg(&xp).arg(&gp).arg(&hwi).arg(&ci).arg(&yp);
+    unsafe { b.launch(per_sample_cfg(hw * c / v, n)?) }.map_err(candle_core::Error::wrap)?;
+    Ok(())
+}
+
+/// The gradients of [`ChannelScale`] at `(x, gate)` from `dy`: `dx = dy * gate` (bf16) and
+/// `dgate[n, c]`, the f32 sum over the sample's pixels of `x * dy`, returned in bf16.
+pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let x = x.to_dtype(DType::BF16)?.contiguous()?;
+    let gate = gate.to_dtype(DType::BF16)?.contiguous()?;
+    let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
+    let (n, h, w, c) = x.dims4()?;
+    if gate.dims() != [n, c] || dy.dims() != x.dims() {
+        bail!(
+            "channel-scale backward: input {:?}, gate {:?}, gradient {:?}",
+            x.dims(),
+            gate.dims(),
+            dy.dims()
+        )
+    }
+    let len = n * h * w * c;
+    let dev = cuda_device(&x)?;
+    let dx = unsafe { alloc_storage(&dev, DType::BF16, len) }?;
+    let dg = unsafe { alloc_storage(&dev, DType::F32, n * c) }?;
+    let dxp = storage_ptr(&dx, &Layout::contiguous(len))?;
+    let dgp = storage_ptr(&dg, &Layout::contiguous(n * c))?;
+    let (xp, gp, dyp) = (device_ptr(&x)?, device_ptr(&gate)?, device_ptr(&dy)?);
+    let _t = super::profile::scope(&dev, "channel scale backward");
+    chan_scale_launch(&dev, (dyp, gp, dxp), (n, h * w, c))?;
+    let f = kernels::func(&dev, MODULE, "chan_scale_dg")?;
+    let (ni, hwi, ci) = (n as i32, (h * w) as i32, c as i32);
+    let mut b = f.builder();
+    b.arg(&xp).arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dgp);
+    unsafe { b.launch(grid_1d(n * c, 256)) }.map_err(candle_core::Error::wrap)?;
+    Ok((
+        tensor_from_storage(dx, x.shape().clone()),
+        tensor_from_storage(dg, (n, c)).to_dtype(DType::BF16)?,
     ))
 }
 

@@ -217,12 +217,19 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// Channel attention's gate (squeeze-excite, ECA): every pixel of sample `b` multiplied by
-/// `gate[b]`, channel by channel. One pass each way on the CPU fast path (the gate's gradient
-/// summed per sample, not through candle's strided reduce); elsewhere a broadcast multiply.
+/// `gate[b]`, channel by channel. One pass each way on the fast paths (CUDA bf16 with a bf16
+/// gate, CPU f32 with an f32 gate; the gate's gradient summed per sample, not through candle's
+/// strided reduce); elsewhere a broadcast multiply.
 ///
 /// # Shapes
 /// - `x`: `[N, H, W, C]`; `gate`: `[N, C]`; returns `[N, H, W, C]` in the dtype of `x`
 pub fn channel_scale(x: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if is_cuda_fast(x) && gate.dtype() == DType::BF16 {
+        return x
+            .contiguous()?
+            .apply_op2(&gate.contiguous()?, crate::cuda::pool::ChannelScale);
+    }
     if is_cpu_fast(x) && gate.dtype() == DType::F32 {
         return x
             .contiguous()?
@@ -320,9 +327,13 @@ pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     Ok(g.into_iter().next().expect("one gradient"))
 }
 
-/// The gradients of [`channel_scale`] at `(x, gate)`: `(dx, dgate)` (`dgate` `[N, C]` f32 on
-/// the CPU fast path, the gate's dtype elsewhere).
+/// The gradients of [`channel_scale`] at `(x, gate)`: `(dx, dgate)` (`dgate` `[N, C]` in the
+/// gate's dtype).
 pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if is_cuda_fast(x) && gate.dtype() == DType::BF16 {
+        return crate::cuda::pool::channel_scale_backward(x, gate, dy);
+    }
     if is_cpu_fast(x) && gate.dtype() == DType::F32 {
         return cpu::channel_scale_backward(x, gate, dy);
     }
