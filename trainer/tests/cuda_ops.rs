@@ -382,6 +382,16 @@ fn pooling_and_add_relu_match_cpu() -> Result<()> {
             2e-2,
         )?;
     }
+
+    // SiLU's gradient (the explicit pass's), bf16 kernel against the CPU kernel.
+    let (xg, xc) = pair(&[2, 5, 5, 48], &dev, 3.0)?;
+    let (dg, dc) = pair(&[2, 5, 5, 48], &dev, 1.0)?;
+    assert_close(
+        "silu dx",
+        &nhwc::silu_backward(&xg, &dg)?,
+        &nhwc::silu_backward(&xc, &dc)?,
+        1e-2,
+    )?;
     Ok(())
 }
 

@@ -37,6 +37,8 @@
 //! * Channel attention's gate `x * g[n, c]`: output and `dx` exact (the f32 product of two bf16
 //!   values is exact, then one rounding); `dg` (f32 sums of `HW` products) within
 //!   `HW * 2^-23 * max|x * dy|` of f64 sums.
+//! * SiLU's gradient: `2^-7` relative (one bf16 rounding) plus `2^-12` of the largest gradient
+//!   (`expf` and the f32 `1 - s` against candle's SiLU backward in f32).
 //!
 //! The emulation compiles with `-ffp-contract=off`, so `x * scale + shift` rounds twice as in
 //! candle. NVRTC fuses multiply-adds by default: on a GPU `bn_apply` may then differ from the CPU
@@ -123,7 +125,7 @@ fn kname(base: &str, v: usize) -> String {
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 29] = [
+const MIRRORED: [(&str, &str); 30] = [
     (
         "src/cuda/bn.rs",
         "const TX: usize = 32; const TY: usize = 8; const FX: usize = 32; const FY: usize = 32;",
@@ -315,6 +317,15 @@ const MIRRORED: [(&str, &str); 29] = [
          let mut b = f.builder();
          b.arg(&xp).arg(&dyp).arg(&ni).arg(&hwi).arg(&ci).arg(&dgp);
          unsafe { b.launch(grid_1d(n * c, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let v = width(n, &[xp, dyp, dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { \"silu_bwd_v8\" } else { \"silu_bwd_v1\" })?;
+         let nv = (n / v) as i64;
+         let mut b = f.builder();
+         b.arg(&xp).arg(&dyp).arg(&nv).arg(&dxp);
+         unsafe { b.launch(grid_1d(n / v, 256)) }",
     ),
 ];
 
@@ -1071,6 +1082,36 @@ fn chan_scale_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Res
     Ok(())
 }
 
+/// SiLU's gradient from its input against candle's SiLU backward on the same values in f32:
+/// within one bf16 rounding (`2^-7` relative) plus `2^-12` of the largest gradient (the f32
+/// `1 - s` for large |x| and `expf` against candle's formula).
+fn silu_bwd_case(exe: &Path, root: &Path, len: usize, seed: u64) -> Result<()> {
+    let v = width(len, 8, 1);
+    println!("silu backward: {len} values, {v} per thread");
+    let mut rng = Rng(seed);
+    let x = bf16_vec(len, || 3.0 * rng.normal());
+    let dy = bf16_vec(len, || rng.normal());
+    let mut s = Script::new(root, &format!("silu_bwd {len}"));
+    s.load_bf16("x", &x);
+    s.load_bf16("dy", &dy);
+    s.alloc("dx", len * 2);
+    s.launch(
+        &kname("silu_bwd", v),
+        grid_1d(len / v, 256),
+        &[p("x"), p("dy"), l(len / v), p("dx")],
+    );
+    s.save("dx");
+    s.run(exe);
+
+    let xv = var(&widen(&x), &[len]);
+    let y = xv.as_tensor().silu()?;
+    let dyt = Tensor::from_vec(widen(&dy), len, &Device::Cpu)?;
+    let grads = (&y * &dyt)?.sum_all()?.backward()?;
+    let dx = host(grads.get(xv.as_tensor()).unwrap());
+    close_bf16("dx", &s.bf16("dx"), &dx, 1.0 / 128.0, 1.0 / 4096.0);
+    Ok(())
+}
+
 /// Stochastic depth folded into the add: `relu(bf16(a * scale[n]) + b)` and its backward, bit
 /// for bit the unfused bf16 multiply followed by `add_relu_fwd` / `relu_bwd` and a multiply.
 fn add_relu_scaled_case(exe: &Path, root: &Path, shape: [usize; 4], seed: u64) -> Result<()> {
@@ -1234,6 +1275,8 @@ fn emulated_cuda_kernels_match_cpu_references() -> Result<()> {
     add_relu_scaled_case(&exe, root, [5, 3, 3, 16], 18)?;
     chan_scale_case(&exe, root, [3, 7, 5, 40], 19)?;
     chan_scale_case(&exe, root, [2, 5, 3, 12], 20)?;
+    silu_bwd_case(&exe, root, 4000, 21)?;
+    silu_bwd_case(&exe, root, 1001, 22)?;
     println!(
         "emulated launches and references: {:.1} s",
         t.elapsed().as_secs_f32()
