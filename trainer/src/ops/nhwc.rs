@@ -312,13 +312,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a + b
 }
 
-/// SiLU for the explicit pass ([`crate::ops::silu`]: the CPU kernel for f32 on the CPU,
-/// candle's `silu` elsewhere).
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    crate::ops::silu(x)
-}
-
-/// The input gradient of [`silu`] at `x`: one pass on the fast paths (CUDA bf16, CPU f32).
+/// The input gradient of [`crate::ops::silu`] at `x`: one pass on the fast paths (CUDA bf16, CPU f32).
 pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if is_cuda_fast(x) {
@@ -327,7 +321,7 @@ pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     if is_cpu_fast(x) {
         return cpu::silu_backward(x, dy);
     }
-    let g = vjp(&[x], dy, |t| silu(&t[0]))?;
+    let g = vjp(&[x], dy, |t| crate::ops::silu(&t[0]))?;
     Ok(g.into_iter().next().expect("one gradient"))
 }
 

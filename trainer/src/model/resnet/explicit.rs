@@ -190,7 +190,7 @@ fn conv_bn(
     let (c, conv_t) = nhwc::conv2d_train(x, &conv.weight, conv.stride, conv.padding, conv.groups)?;
     let (y, bn_t) = nhwc::batch_norm_train(&c, bn, act == Activation::Relu)?;
     let (y, silu_input) = match act {
-        Activation::Silu => (nhwc::silu(&y)?, Some(y)),
+        Activation::Silu => (crate::ops::silu(&y)?, Some(y)),
         _ => (y, None),
     };
     let tape = ConvBnTape {
