@@ -591,14 +591,19 @@ impl Eca {
         Ok(Self { weight })
     }
 
-    /// The gate `[N, C]` from the pooled input `[N, C]`; the 1-D conv and the sigmoid in f32
-    /// for half-precision activations (f64 for f64), the gate in `dtype`.
-    fn gate(&self, pooled: &Tensor, dtype: DType) -> Result<Tensor> {
-        let (n, c) = pooled.dims2()?;
-        let dt = match dtype {
+    /// The dtype of the mean, the 1-D conv and the sigmoid: f32 for half-precision activations,
+    /// f64 for f64.
+    fn stat_dtype(dtype: DType) -> DType {
+        match dtype {
             DType::F64 => DType::F64,
             _ => DType::F32,
-        };
+        }
+    }
+
+    /// The gate `[N, C]` in `dtype` from the pooled input `[N, C]` (see [`Eca::stat_dtype`]).
+    fn gate(&self, pooled: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (n, c) = pooled.dims2()?;
+        let dt = Self::stat_dtype(dtype);
         let k = self.weight.dim(2)?;
         let w = self.weight.to_dtype(dt)?;
         let y = pooled
@@ -613,11 +618,8 @@ impl Eca {
     /// NCHW: the gate from the spatial mean, then the product.
     fn forward_nchw(&self, xs: &Tensor) -> Result<Tensor> {
         let (n, c, _, _) = xs.dims4()?;
-        let dt = match xs.dtype() {
-            DType::F64 => DType::F64,
-            _ => DType::F32,
-        };
-        let gate = self.gate(&xs.to_dtype(dt)?.mean((2, 3))?, xs.dtype())?;
+        let mean = xs.to_dtype(Self::stat_dtype(xs.dtype()))?.mean((2, 3))?;
+        let gate = self.gate(&mean, xs.dtype())?;
         xs.broadcast_mul(&gate.reshape((n, c, 1, 1))?)
     }
 }

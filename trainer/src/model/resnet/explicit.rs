@@ -332,7 +332,7 @@ impl Block {
                 Some(m) => ys.broadcast_mul(m)?,
                 None => ys,
             };
-            ((scaled + shortcut_out)?, BlockOut::Add(mask))
+            (nhwc::add(&scaled, &shortcut_out)?, BlockOut::Add(mask))
         };
         let tape = BlockTape {
             branch,

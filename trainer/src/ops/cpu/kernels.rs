@@ -387,8 +387,8 @@ pub fn avg_pool2_ceil_backward(dy: &[f32], n: usize, h: usize, w: usize, c: usiz
     dx
 }
 
-/// Elements per parallel task of the SiLU kernels.
-const SILU_CHUNK: usize = 1 << 14;
+/// Elements per parallel task of the element-wise kernels (SiLU, the add).
+const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 /// `e^x` in f32 within about 2 ulp (Cody-Waite reduction to `r = x - n ln 2`, Cephes' `expf`
 /// polynomial, `2^n` from the exponent bits), branch-free so that loops over it vectorise
@@ -480,15 +480,18 @@ pub fn silu_in_place(v: &mut [f32]) {
 /// SiLU, `x * sigmoid(x)`, in parallel chunks.
 pub fn silu_forward(x: &[f32]) -> Vec<f32> {
     let mut y = x.to_vec();
-    y.par_chunks_mut(SILU_CHUNK).for_each(silu_slice);
+    y.par_chunks_mut(ELEMENTWISE_CHUNK).for_each(silu_slice);
     y
 }
 
 /// The SiLU gradient `dy * s (1 + x (1 - s))`, `s = sigmoid(x)`, from the input.
 pub fn silu_backward(x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(SILU_CHUNK)
-        .zip(x.par_chunks(SILU_CHUNK).zip(dy.par_chunks(SILU_CHUNK)))
+    dx.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(
+            x.par_chunks(ELEMENTWISE_CHUNK)
+                .zip(dy.par_chunks(ELEMENTWISE_CHUNK)),
+        )
         .for_each(|(o, (x, d))| silu_grad_slice(x, d, o));
     dx
 }
@@ -572,11 +575,15 @@ pub fn gap_backward(dy: &[f32], n: usize, hw: usize, c: usize) -> Vec<f32> {
     dx
 }
 
-/// `a + b`, in parallel chunks (the explicit backward's sums where two gradient paths meet).
+/// `a + b`, in parallel chunks (the explicit pass: sums where two gradient paths meet, the
+/// residual add of blocks without a ReLU after it).
 pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut y = vec![0f32; a.len()];
-    y.par_chunks_mut(SILU_CHUNK)
-        .zip(a.par_chunks(SILU_CHUNK).zip(b.par_chunks(SILU_CHUNK)))
+    y.par_chunks_mut(ELEMENTWISE_CHUNK)
+        .zip(
+            a.par_chunks(ELEMENTWISE_CHUNK)
+                .zip(b.par_chunks(ELEMENTWISE_CHUNK)),
+        )
         .for_each(|(o, (a, b))| {
             for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
                 *o = a + b;
