@@ -125,7 +125,7 @@ fn kname(base: &str, v: usize) -> String {
 /// Source text the replayed launches below mirror (compared without whitespace): the geometry
 /// helpers, and each launch's arguments and configuration. A change there fails
 /// `launch_code_matches_the_mirror` until this file follows it.
-const MIRRORED: [(&str, &str); 30] = [
+const MIRRORED: [(&str, &str); 31] = [
     (
         "src/cuda/bn.rs",
         "const TX: usize = 32; const TY: usize = 8; const FX: usize = 32; const FY: usize = 32;",
@@ -269,12 +269,17 @@ const MIRRORED: [(&str, &str); 30] = [
     ),
     (
         "src/cuda/pool.rs",
-        "let v = width(n, &[yp, dyp, dxp]);
-         let f = kernels::func(&dev, MODULE, if v == 8 { \"relu_bwd_v8\" } else { \"relu_bwd_v1\" })?;
+        "let v = width(n, &[sp, dyp, dxp]);
+         let f = kernels::func(&dev, MODULE, if v == 8 { names[0] } else { names[1] })?;
          let nv = (n / v) as i64;
          let mut b = f.builder();
-         b.arg(&yp).arg(&dyp).arg(&nv).arg(&dxp);
+         b.arg(&sp).arg(&dyp).arg(&nv).arg(&dxp);
          unsafe { b.launch(grid_1d(n / v, 256)) }",
+    ),
+    (
+        "src/cuda/pool.rs",
+        "let names = [\"relu_bwd_v8\", \"relu_bwd_v1\"];
+         let g = elementwise_grad(y, dy, names, \"add+relu backward\")?;",
     ),
     (
         "src/cuda/pool.rs",
@@ -320,12 +325,7 @@ const MIRRORED: [(&str, &str); 30] = [
     ),
     (
         "src/cuda/pool.rs",
-        "let v = width(n, &[xp, dyp, dxp]);
-         let f = kernels::func(&dev, MODULE, if v == 8 { \"silu_bwd_v8\" } else { \"silu_bwd_v1\" })?;
-         let nv = (n / v) as i64;
-         let mut b = f.builder();
-         b.arg(&xp).arg(&dyp).arg(&nv).arg(&dxp);
-         unsafe { b.launch(grid_1d(n / v, 256)) }",
+        "elementwise_grad(&x, dy, [\"silu_bwd_v8\", \"silu_bwd_v1\"], \"silu backward\")",
     ),
 ];
 

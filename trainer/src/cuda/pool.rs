@@ -618,24 +618,8 @@ impl CustomOp2 for AddRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
-        let n = y.elem_count();
-        let dev = cuda_device(y)?;
-        let dx = unsafe { alloc_storage(&dev, DType::BF16, n) }?;
-        let dxp = storage_ptr(&dx, &Layout::contiguous(n))?;
-        let (yp, dyp) = (device_ptr(y)?, device_ptr(&dy)?);
-        let _t = super::profile::scope(&dev, "add+relu backward");
-        let v = width(n, &[yp, dyp, dxp]);
-        let f = kernels::func(
-            &dev,
-            MODULE,
-            if v == 8 { "relu_bwd_v8" } else { "relu_bwd_v1" },
-        )?;
-        let nv = (n / v) as i64;
-        let mut b = f.builder();
-        b.arg(&yp).arg(&dyp).arg(&nv).arg(&dxp);
-        unsafe { b.launch(grid_1d(n / v, 256)) }.map_err(candle_core::Error::wrap)?;
-        let g = tensor_from_storage(dx, y.shape().clone());
+        let names = ["relu_bwd_v8", "relu_bwd_v1"];
+        let g = elementwise_grad(y, dy, names, "add+relu backward")?;
         Ok((Some(g.clone()), Some(g)))
     }
 }
@@ -832,31 +816,39 @@ pub fn channel_scale_backward(x: &Tensor, gate: &Tensor, dy: &Tensor) -> Result<
 /// SiLU backward is about six tensor operations).
 pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::BF16)?.contiguous()?;
+    elementwise_grad(&x, dy, ["silu_bwd_v8", "silu_bwd_v1"], "silu backward")
+}
+
+/// `dx` from a saved bf16 tensor `saved` (an output or an input of the layer) and `dy`, by an
+/// element-wise kernel over `nv` vectors of 8 values (`names[0]`) or of 1 (`names[1]`)
+/// taking `(saved, dy, nv, dx)`.
+fn elementwise_grad(
+    saved: &Tensor,
+    dy: &Tensor,
+    names: [&'static str; 2],
+    what: &'static str,
+) -> Result<Tensor> {
     let dy = dy.to_dtype(DType::BF16)?.contiguous()?;
-    if x.shape() != dy.shape() {
+    if saved.shape() != dy.shape() {
         bail!(
-            "silu backward: input {:?} and gradient {:?} differ",
-            x.dims(),
+            "{what}: saved tensor {:?} and gradient {:?} differ",
+            saved.dims(),
             dy.dims()
         )
     }
-    let n = x.elem_count();
-    let dev = cuda_device(&x)?;
+    let n = saved.elem_count();
+    let dev = cuda_device(saved)?;
     let dx = unsafe { alloc_storage(&dev, DType::BF16, n) }?;
     let dxp = storage_ptr(&dx, &Layout::contiguous(n))?;
-    let (xp, dyp) = (device_ptr(&x)?, device_ptr(&dy)?);
-    let _t = super::profile::scope(&dev, "silu backward");
-    let v = width(n, &[xp, dyp, dxp]);
-    let f = kernels::func(
-        &dev,
-        MODULE,
-        if v == 8 { "silu_bwd_v8" } else { "silu_bwd_v1" },
-    )?;
+    let (sp, dyp) = (device_ptr(saved)?, device_ptr(&dy)?);
+    let _t = super::profile::scope(&dev, what);
+    let v = width(n, &[sp, dyp, dxp]);
+    let f = kernels::func(&dev, MODULE, if v == 8 { names[0] } else { names[1] })?;
     let nv = (n / v) as i64;
     let mut b = f.builder();
-    b.arg(&xp).arg(&dyp).arg(&nv).arg(&dxp);
+    b.arg(&sp).arg(&dyp).arg(&nv).arg(&dxp);
     unsafe { b.launch(grid_1d(n / v, 256)) }.map_err(candle_core::Error::wrap)?;
-    Ok(tensor_from_storage(dx, x.shape().clone()))
+    Ok(tensor_from_storage(dx, saved.shape().clone()))
 }
 
 /// `(samples, values per sample)` after checking `a`, `b` and `scale` fit together.
