@@ -13,21 +13,25 @@ mkdir -p "$OUT"
 . scripts/gpu/libs.sh
 models=${1:-efficientnet_b0 regnety_040 vit_small_patch16_224}
 batch=${BATCH:-256} size=${SIZE:-224} steps=${STEPS:-10} warmup=${WARMUP:-3} t=${T_RUN:-75}
+# Our train-bench on model $1, log to $OUT/models-$1-$2.log, extra arguments after: prints its
+# last line (the JSON figures when it worked).
+ours_run() {
+  local m=$1 tag=$2
+  shift 2
+  timeout "$t" "$BIN/train-bench" --model "$m" --device cuda --batch-size "$batch" \
+    --size "$size" --steps "$steps" --warmup "$warmup" "$@" 2> "$OUT/models-$m-$tag.log" | tail -1
+  tail -3 "$OUT/models-$m-$tag.log" >&2
+}
 for m in $models; do
   echo "=== models.sh: $m (batch $batch, $size px)"
-  ours=$(timeout "$t" "$BIN/train-bench" --model "$m" --device cuda --batch-size "$batch" \
-    --size "$size" --steps "$steps" --warmup "$warmup" 2> "$OUT/models-$m-ours.log" | tail -1)
-  echo "ours (exit $?): $ours"
-  tail -3 "$OUT/models-$m-ours.log"
+  ours=$(ours_run "$m" ours)
+  echo "ours: $ours"
   if ! "$PY" -c 'import json,sys; json.loads(sys.argv[1])' "$ours" 2>/dev/null; then
     # The default backward (explicit for the convnets) failed: measure candle's graph instead,
     # and keep the failure's log for the fix.
     echo "=== models.sh: $m again with --backward graph"
-    ours=$(timeout "$t" "$BIN/train-bench" --model "$m" --device cuda --batch-size "$batch" \
-      --size "$size" --steps "$steps" --warmup "$warmup" --backward graph \
-      2> "$OUT/models-$m-ours-graph.log" | tail -1)
-    echo "ours, graph backward (exit $?): $ours"
-    tail -3 "$OUT/models-$m-ours-graph.log"
+    ours=$(ours_run "$m" ours-graph --backward graph)
+    echo "ours, graph backward: $ours"
   fi
   theirs=$(MT_BATCH=$batch MT_SIZE=$size MT_STEPS=$steps MT_WARMUP=$warmup timeout "$t" \
     "$PY" scripts/gpu/models_torch.py "$m" 2> "$OUT/models-$m-torch.log" | tail -1)
